@@ -1,0 +1,32 @@
+"""jaxllm: a language-model library in JAX written as pure functions."""
+
+from jaxllm.checkpoint import load_checkpoint, save_checkpoint
+from jaxllm.config import ModelConfig
+from jaxllm.errors import CheckpointError, ConfigError, GenerationError, JaxllmError, TokenizerError
+from jaxllm.generate import GenerationResult, generate, generate_tokens
+from jaxllm.kvcache import KVCache, init_cache
+from jaxllm.model import forward, init_params
+from jaxllm.sampling import SamplingParams
+from jaxllm.tokenizer import Tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "GenerationError",
+    "GenerationResult",
+    "JaxllmError",
+    "KVCache",
+    "ModelConfig",
+    "SamplingParams",
+    "Tokenizer",
+    "TokenizerError",
+    "forward",
+    "generate",
+    "generate_tokens",
+    "init_cache",
+    "init_params",
+    "load_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,142 @@
+"""Model directories: params + config + tokenizer, in formats that never execute code.
+
+    DIR/config.json          {"format": "jaxllm", "version": 1, "model": {...ModelConfig...}}
+    DIR/params.safetensors   the params pytree, keys joined with "." ("layers.wq")
+    DIR/tokenizer.model      the SentencePiece model
+
+Loading checks every array against the shapes the config implies, so a directory whose
+parts disagree (or a config that is not the one expected) fails with one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors)
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from jaxllm.config import ModelConfig
+from jaxllm.errors import CheckpointError, ConfigError, TokenizerError
+from jaxllm.model import param_shapes
+from jaxllm.tokenizer import Tokenizer
+
+FORMAT, VERSION = "jaxllm", 1
+CONFIG_FILE, PARAMS_FILE, TOKENIZER_FILE = "config.json", "params.safetensors", "tokenizer.model"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Nested dicts -> {"a.b": leaf}."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(flat: dict[str, object]) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Writes to a temporary name and renames, so a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(directory: str | os.PathLike, params: dict, cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> Path:
+    """Saves params (pulled to host), the config and the tokenizer model into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {k: np.asarray(v) for k, v in flatten(jax.device_get(params)).items()}
+    _write_atomic(directory / PARAMS_FILE, lambda p: save_file(arrays, str(p), metadata={"format": FORMAT}))
+    if tokenizer is not None:
+        _write_atomic(directory / TOKENIZER_FILE, tokenizer.save)
+    meta = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict()}
+    _write_atomic(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    return directory
+
+
+def load_config(directory: str | os.PathLike) -> ModelConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {directory}")
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: not a jaxllm checkpoint directory") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is unreadable or corrupt ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
+        raise CheckpointError(f"{path} is not a jaxllm checkpoint config")
+    try:
+        return ModelConfig.from_dict(meta["model"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_checkpoint(
+    directory: str | os.PathLike, expect_config: ModelConfig | None = None
+) -> tuple[dict, ModelConfig, Tokenizer | None]:
+    """-> (params, cfg, tokenizer or None). Every array is checked against the config's shapes.
+
+    With `expect_config`, a checkpoint saved with any other config is refused, naming the fields.
+    """
+    directory = Path(directory)
+    cfg = load_config(directory)
+    if expect_config is not None and expect_config != cfg:
+        diffs = [
+            f"{k}={v!r} (expected {expect_config.to_dict()[k]!r})"
+            for k, v in cfg.to_dict().items()
+            if expect_config.to_dict()[k] != v
+        ]
+        raise CheckpointError(f"checkpoint {directory} was made for a different config: {', '.join(diffs)}")
+
+    try:
+        flat = load_file(str(directory / PARAMS_FILE))
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory / PARAMS_FILE} is missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{directory / PARAMS_FILE} is corrupt ({e})") from None
+
+    expected = flatten(param_shapes(cfg))
+    missing, unexpected = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory / PARAMS_FILE} does not match its config: missing {missing or 'nothing'}, "
+            f"unexpected {unexpected or 'nothing'}"
+        )
+    for name, spec in expected.items():
+        if tuple(flat[name].shape) != tuple(spec.shape):
+            raise CheckpointError(
+                f"{directory / PARAMS_FILE}: {name} has shape {tuple(flat[name].shape)}, "
+                f"the config implies {tuple(spec.shape)}"
+            )
+    params = unflatten({k: jax.numpy.asarray(v, dtype=cfg.param_dtype) for k, v in flat.items()})
+
+    tokenizer = None
+    if (directory / TOKENIZER_FILE).exists():
+        try:
+            tokenizer = Tokenizer.load(directory / TOKENIZER_FILE)
+        except TokenizerError as e:
+            raise CheckpointError(f"{directory / TOKENIZER_FILE}: {e}") from None
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise CheckpointError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is only {cfg.vocab_size}"
+            )
+    return params, cfg, tokenizer

@@ -1,0 +1,25 @@
+"""Errors meant for people: one line that names the problem.
+
+The CLIs catch `JaxllmError`, print its message and exit with code 2; anything else
+is a bug and keeps its traceback.
+"""
+
+
+class JaxllmError(Exception):
+    """Base class for every error jaxllm raises on bad input."""
+
+
+class ConfigError(JaxllmError, ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+class CheckpointError(JaxllmError):
+    """A checkpoint directory is missing, corrupt, or made for another config."""
+
+
+class TokenizerError(JaxllmError):
+    """A tokenizer model cannot be trained or loaded."""
+
+
+class GenerationError(JaxllmError, ValueError):
+    """Generation was asked for something it cannot do (e.g. a prompt longer than the context)."""

@@ -1,0 +1,172 @@
+"""A Llama-style decoder as pure functions over a params pytree.
+
+Legend: B batch, T tokens in this call, S cache slots, V vocab, D d_model, L layers,
+H query heads, K kv heads, E head dim, F d_ff.
+
+    params = {
+        "embed":      [V, D],
+        "layers": {                      # stacked on a leading L axis, run with lax.scan
+            "attn_norm": [L, D],
+            "wq": [L, D, H*E], "wk": [L, D, K*E], "wv": [L, D, K*E], "wo": [L, H*E, D],
+            "mlp_norm":  [L, D],
+            "w_gate": [L, D, F], "w_up": [L, D, F], "w_down": [L, F, D],
+        },
+        "final_norm": [D],
+        "lm_head":    [D, V],            # absent when cfg.tie_embeddings
+    }
+
+One `forward` serves training (no cache), prefill and decode (with a cache). Positions
+are given explicitly per token; -1 marks padding, which no query ever attends to.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm import kvcache
+from jaxllm.attention import attend
+from jaxllm.config import ModelConfig
+from jaxllm.kvcache import KVCache
+
+Params = dict
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+    """Random init: normal(0.02); output projections scaled by 1/sqrt(2L) (GPT-2)."""
+    D, F, L, V = cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.vocab_size
+    HE, KE = cfg.n_heads * cfg.dim_per_head, cfg.n_kv_heads * cfg.dim_per_head
+    dtype = jnp.dtype(cfg.param_dtype)
+    keys = iter(jax.random.split(key, 9))
+
+    def normal(shape, std=0.02):
+        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    out_std = 0.02 / (2 * L) ** 0.5
+    params = {
+        "embed": normal((V, D)),
+        "layers": {
+            "attn_norm": jnp.ones((L, D), dtype),
+            "wq": normal((L, D, HE)),
+            "wk": normal((L, D, KE)),
+            "wv": normal((L, D, KE)),
+            "wo": normal((L, HE, D), out_std),
+            "mlp_norm": jnp.ones((L, D), dtype),
+            "w_gate": normal((L, D, F)),
+            "w_up": normal((L, D, F)),
+            "w_down": normal((L, F, D), out_std),
+        },
+        "final_norm": jnp.ones((D,), dtype),
+    }
+    if not cfg.tie_embeddings:
+        params["lm_head"] = normal((D, V))
+    return params
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """The params tree as `jax.ShapeDtypeStruct`s, without allocating anything."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+# ---------------------------------------------------------------------------- building blocks
+
+
+def linear(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """The model's one matmul: x [..., Din] @ w [Din, Dout] in `dtype`."""
+    return jnp.einsum("...i,io->...o", x.astype(dtype), w.astype(dtype))
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Normalizes in float32 and returns x's dtype (as Llama does)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, "rotate half" layout (HF Llama). x: [B, T, N, E], positions: [B, T]."""
+    E = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E))  # [E/2]
+    angles = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
+    cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _qkv(x, lp, cfg: ModelConfig, positions):
+    """x: [B, T, D] -> q [B, T, H, E], k/v [B, T, K, E] (RoPE applied to q and k)."""
+    B, T, _ = x.shape
+    dt = cfg.compute_dtype
+    h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
+    q = linear(h, lp["wq"], dt).reshape(B, T, cfg.n_heads, cfg.dim_per_head)
+    k = linear(h, lp["wk"], dt).reshape(B, T, cfg.n_kv_heads, cfg.dim_per_head)
+    v = linear(h, lp["wv"], dt).reshape(B, T, cfg.n_kv_heads, cfg.dim_per_head)
+    return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+
+
+def _finish_block(x, attn, lp, cfg: ModelConfig):
+    """Attention output projection, residual, then the SwiGLU MLP and its residual."""
+    B, T = x.shape[:2]
+    dt = cfg.compute_dtype
+    x = x + linear(attn.reshape(B, T, -1), lp["wo"], dt)
+    h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
+    gated = jax.nn.silu(linear(h, lp["w_gate"], dt)) * linear(h, lp["w_up"], dt)
+    return x + linear(gated, lp["w_down"], dt)
+
+
+# ---------------------------------------------------------------------------- forward
+
+
+def hidden_states(
+    params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None
+) -> tuple[jax.Array, KVCache | None]:
+    """tokens, positions: [B, T] -> final-normed hidden states [B, T, D] and the updated cache.
+
+    With a cache, the T new tokens are written at `cache.cursor` and attend to every
+    filled slot; the cursor then moves on by T.
+    """
+    x = params["embed"][tokens].astype(cfg.compute_dtype)
+
+    if cache is None:
+
+        def layer(x, lp):
+            q, k, v = _qkv(x, lp, cfg, positions)
+            return _finish_block(x, attend(q, k, v, positions, positions), lp, cfg), None
+
+        x, _ = jax.lax.scan(layer, x, params["layers"])
+    else:
+        cache = kvcache.write_positions(cache, positions)
+
+        def layer(carry, lp):
+            x, k_all, v_all, i = carry
+            q, k, v = _qkv(x, lp, cfg, positions)
+            k_all = kvcache.write_layer(k_all, k, i, cache.cursor)
+            v_all = kvcache.write_layer(v_all, v, i, cache.cursor)
+            attn = attend(q, k_all[i], v_all[i], positions, cache.pos)
+            return (_finish_block(x, attn, lp, cfg), k_all, v_all, i + 1), None
+
+        init = (x, cache.k, cache.v, jnp.zeros((), jnp.int32))
+        (x, k_all, v_all, _), _ = jax.lax.scan(layer, init, params["layers"])
+        cache = kvcache.advance(KVCache(k=k_all, v=v_all, pos=cache.pos, cursor=cache.cursor), tokens.shape[1])
+
+    return rms_norm(x, params["final_norm"], cfg.norm_eps), cache
+
+
+def unembed(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    """h: [..., D] -> float32 logits [..., V] (the embedding matrix when tied)."""
+    if cfg.tie_embeddings:
+        w, spec = params["embed"], "...d,vd->...v"
+    else:
+        w, spec = params["lm_head"], "...d,dv->...v"
+    dt = cfg.compute_dtype
+    return jnp.einsum(spec, h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+
+def forward(
+    params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None
+) -> tuple[jax.Array, KVCache | None]:
+    """tokens, positions: [B, T] int -> (logits [B, T, V] float32, updated cache or None).
+
+    Pure: composes with `jax.jit` (cfg static), `jax.vmap` and `jax.grad`.
+    """
+    h, cache = hidden_states(params, cfg, tokens, positions, cache)
+    return unembed(params, cfg, h), cache

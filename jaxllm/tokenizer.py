@@ -1,0 +1,288 @@
+"""SentencePiece tokenizer: train, load, encode/decode, special tokens, token bytes, streaming.
+
+Two promises hold everything else up:
+
+* exact round trip: `decode(encode(s)) == s` for any text. Tokenizers trained here use
+  identity normalization, keep every whitespace, and fall back to bytes for characters
+  outside the vocabulary, so nothing is ever UNK or rewritten.
+* text is text: a user typing "<s>" or a chat marker gets those characters, never the
+  special id, unless the caller asks for special tokens to be parsed
+  (`encode(..., parse_special=True)`). Special tokens are SentencePiece *control*
+  symbols, which SentencePiece itself never matches in raw text.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from jaxllm.errors import TokenizerError
+
+# Pieces matched as plain text before the learned vocabulary: newlines and tabs are
+# everywhere in code but never inside a SentencePiece training "sentence" (one line).
+WHITESPACE_SYMBOLS = ("\n", "\t", "\r")
+DEFAULT_SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+class Tokenizer:
+    """A SentencePiece model plus the conventions jaxllm relies on."""
+
+    def __init__(self, model_proto: bytes):
+        self._proto = bytes(model_proto)
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.load_from_serialized_proto(self._proto)
+        except Exception as e:  # sentencepiece raises RuntimeError / OSError for bad bytes
+            raise TokenizerError(f"not a valid SentencePiece model ({e})") from None
+        self.vocab_size = self.sp.get_piece_size()
+        self.special_tokens = {
+            self.sp.id_to_piece(i): i
+            for i in range(self.vocab_size)
+            if self.sp.is_control(i) or self.sp.is_unknown(i)
+        }
+        self._special_ids = frozenset(self.special_tokens.values())
+        names = sorted(self.special_tokens, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, names))) if names else None
+        self._strips_dummy_prefix = _adds_dummy_prefix(self._proto)
+        self._token_bytes: tuple[np.ndarray, np.ndarray] | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Loads a `.model` file, or `tokenizer.model` inside a directory."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.model"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise TokenizerError(f"tokenizer model not found: {path}") from None
+        except OSError as e:
+            raise TokenizerError(f"cannot read tokenizer model {path}: {e}") from None
+        return cls(data)
+
+    @classmethod
+    def train(
+        cls,
+        input_files: Sequence[str | os.PathLike] | str | os.PathLike,
+        out_prefix: str | os.PathLike,
+        vocab_size: int,
+        model_type: str = "bpe",
+        special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+        character_coverage: float = 0.9995,
+        max_sentences: int = 2_000_000,
+        verbose: bool = False,
+    ) -> "Tokenizer":
+        """Trains a BPE or unigram model on text files and writes `out_prefix.model`.
+
+        Settings for exact round trips on code and multilingual text: identity normalization
+        (no NFKC), whitespace kept as it is, whitespace-only pieces allowed, digits split,
+        byte fallback on. Ids 0-3 are <unk>, <s>, </s>, <pad>; `special_tokens` follow
+        as control symbols (single ids, never matched in plain text).
+        """
+        if model_type not in ("bpe", "unigram"):
+            raise TokenizerError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+        if isinstance(input_files, (str, os.PathLike)):
+            input_files = [input_files]
+        files = [Path(f) for f in input_files]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise TokenizerError(f"tokenizer training file(s) not found: {', '.join(missing)}")
+        out_prefix = Path(out_prefix)
+        out_prefix.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=_lines(files),
+                model_prefix=str(out_prefix),
+                vocab_size=vocab_size,
+                model_type=model_type,
+                character_coverage=character_coverage,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                add_dummy_prefix=False,
+                allow_whitespace_only_pieces=True,
+                split_digits=True,
+                byte_fallback=True,
+                unk_id=0,
+                bos_id=1,
+                eos_id=2,
+                pad_id=3,
+                control_symbols=list(special_tokens),
+                user_defined_symbols=list(WHITESPACE_SYMBOLS),
+                input_sentence_size=max_sentences,
+                shuffle_input_sentence=True,
+                max_sentence_length=16384,
+                num_threads=os.cpu_count() or 1,
+                minloglevel=0 if verbose else 2,
+            )
+        except RuntimeError as e:
+            raise TokenizerError(f"tokenizer training failed: {str(e).strip().splitlines()[-1]}") from None
+        return cls.load(f"{out_prefix}.model")
+
+    def serialized(self) -> bytes:
+        """The model file's bytes (what `load` reads back)."""
+        return self._proto
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_bytes(self._proto)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the model, for caches keyed by tokenizer."""
+        return hashlib.sha256(self._proto).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ special ids
+
+    def _id_or_none(self, value: int) -> int | None:
+        return value if value >= 0 else None
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._id_or_none(self.sp.bos_id())
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._id_or_none(self.sp.eos_id())
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._id_or_none(self.sp.pad_id())
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._id_or_none(self.sp.unk_id())
+
+    def token_id(self, piece: str) -> int:
+        """The id of a special token or piece; a clear error if the vocabulary lacks it."""
+        if piece in self.special_tokens:
+            return self.special_tokens[piece]
+        i = self.sp.piece_to_id(piece)
+        if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i):
+            raise TokenizerError(f"token {piece!r} is not in the vocabulary")
+        return i
+
+    # ------------------------------------------------------------------ encode / decode
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False, parse_special: bool = False) -> list[int]:
+        """Text -> ids. With `parse_special`, special-token strings in the text become their ids."""
+        if parse_special and self._special_re is not None:
+            ids: list[int] = []
+            pos = 0
+            for m in self._special_re.finditer(text):
+                ids += self.sp.encode(text[pos : m.start()]) if m.start() > pos else []
+                ids.append(self.special_tokens[m.group()])
+                pos = m.end()
+            ids += self.sp.encode(text[pos:]) if pos < len(text) else []
+        else:
+            ids = self.sp.encode(text)
+        if add_bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        if add_eos and self.eos_id is not None:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        """Ids -> text. Special tokens are dropped, or written out with `skip_special=False`."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise TokenizerError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+        if skip_special:
+            return self.sp.decode([i for i in ids if i not in self._special_ids])
+        parts, run = [], []
+        for i in ids:
+            if i in self._special_ids:
+                parts += [self.sp.decode(run), self.sp.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join(parts + [self.sp.decode(run)])
+
+    def encode_batch(self, texts: Sequence[str], **kwargs) -> list[list[int]]:
+        return [self.encode(t, **kwargs) for t in texts]
+
+    def decode_batch(self, batch: Sequence[Iterable[int]], **kwargs) -> list[str]:
+        return [self.decode(ids, **kwargs) for ids in batch]
+
+    # ------------------------------------------------------------------ bytes
+
+    def token_bytes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each id's exact output bytes: `table: [V, max_len] uint8`, `lengths: [V] int32`.
+
+        "▁" is a space, a byte-fallback piece "<0xAB>" is that one byte, and control and
+        unknown pieces are empty. Used for stop strings and constraints inside the loop.
+        """
+        if self._token_bytes is None:
+            pieces = [self._piece_bytes(i) for i in range(self.vocab_size)]
+            lengths = np.array([len(p) for p in pieces], dtype=np.int32)
+            table = np.zeros((self.vocab_size, max(1, int(lengths.max()))), dtype=np.uint8)
+            for i, p in enumerate(pieces):
+                table[i, : len(p)] = np.frombuffer(p, dtype=np.uint8)
+            self._token_bytes = (table, lengths)
+        return self._token_bytes
+
+    def _piece_bytes(self, i: int) -> bytes:
+        if self.sp.is_byte(i):
+            return bytes([int(self.sp.id_to_piece(i)[3:5], 16)])
+        if self.sp.is_control(i) or self.sp.is_unknown(i) or self.sp.is_unused(i):
+            return b""
+        return self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8")
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Incremental detokenization: feed ids as they come, get text that never splits a character.
+
+    The concatenation of every `push` and the final `flush` equals `decode` of all the ids.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._table, self._lengths = tokenizer.token_bytes()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._strip_first_space = tokenizer._strips_dummy_prefix
+        self._started = False
+
+    def push(self, ids: Iterable[int]) -> str:
+        data = b"".join(self._table[i, : self._lengths[i]].tobytes() for i in ids)
+        if data and not self._started:
+            self._started = True
+            if self._strip_first_space and data.startswith(b" "):
+                data = data[1:]
+        return self._utf8.decode(data)
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+def _lines(files: Sequence[Path]) -> Iterator[str]:
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                line = line.rstrip("\n")
+                if line:
+                    yield line
+
+
+def _adds_dummy_prefix(proto: bytes) -> bool:
+    """Whether decode drops the first piece's leading space (Llama-style models do)."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+
+        model = sentencepiece_model_pb2.ModelProto()
+        model.ParseFromString(proto)
+        return bool(model.normalizer_spec.add_dummy_prefix)
+    except Exception:  # protobuf missing or too old: fall back to asking the model
+        sp = spm.SentencePieceProcessor()
+        sp.load_from_serialized_proto(proto)
+        pieces = sp.encode("a", out_type=str)
+        return bool(pieces) and pieces[0].startswith("\u2581")
