@@ -1,0 +1,81 @@
+"""Shared fixtures: one tiny tokenizer, one tiny model config, compiled once per session.
+
+Compile time dominates the suite on CPU, so every test uses the same few shapes and the
+persistent compilation cache keeps programs between runs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import jax
+import pytest
+
+from jaxllm import ModelConfig, Tokenizer, init_params
+from jaxllm.compilation import enable_persistent_cache
+
+REPO = Path(__file__).resolve().parent.parent
+enable_persistent_cache(os.environ.get("JAXLLM_TEST_CACHE", REPO / ".jax_cache"))
+
+WORDS = "the of and to in is was for on that with as by at from it an be this which or are".split()
+CODE = [
+    "def {f}(x, y):\n    return x {op} y\n",
+    "for i in range({n}):\n\tprint(i, '{w}')\n",
+    "class {F}:\n    def __init__(self):\n        self.{w} = {n}\n",
+    "if {w} == {n}:  # check\n    {f}({w})\n",
+]
+MULTILINGUAL = ["こんにちは世界", "日本語のテキストです。", "Grüße aus Köln", "Привет, мир", "emoji 🎉 ok", "数字 12345"]
+
+
+def make_corpus(path: Path, seed: int = 0, lines: int = 3000) -> Path:
+    """A deterministic mix of prose, code and a little multilingual text."""
+    rng = random.Random(seed)
+    parts = []
+    for _ in range(lines):
+        kind = rng.random()
+        if kind < 0.5:
+            parts.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 15))) + ".\n")
+        elif kind < 0.9:
+            parts.append(
+                rng.choice(CODE).format(
+                    f=rng.choice(["add", "mul", "f", "go"]),
+                    F=rng.choice(["Foo", "Bar"]),
+                    op=rng.choice("+-*/"),
+                    n=rng.randint(0, 999),
+                    w=rng.choice(WORDS),
+                )
+            )
+        else:
+            parts.append(rng.choice(MULTILINGUAL) + "\n")
+    path.write_text("".join(parts), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus, tmp_path_factory) -> Tokenizer:
+    return Tokenizer.train([corpus], tmp_path_factory.mktemp("tok") / "tok", vocab_size=512, model_type="bpe")
+
+
+def tiny_config(vocab_size: int, **overrides) -> ModelConfig:
+    values = dict(vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128)
+    return ModelConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="session")
+def cfg(tokenizer) -> ModelConfig:
+    return tiny_config(tokenizer.vocab_size)
+
+
+@pytest.fixture(scope="session")
+def params(cfg):
+    # A larger init scale than training's 0.02 so logits are far from uniform and
+    # greedy choices are not decided by rounding.
+    p = init_params(cfg, jax.random.key(0))
+    return jax.tree_util.tree_map(lambda x: x * 5 if x.ndim > 1 else x, p)

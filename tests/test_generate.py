@@ -1,0 +1,120 @@
+"""The decode loop: equals a cache-free reference, batches like single prompts, stops, never recompiles."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import GenerationError, SamplingParams, generate, generate_tokens
+from jaxllm.compilation import CompileCounter
+from jaxllm.generate import bucket, left_pad
+from jaxllm.sampling import choose_next
+from reference import np_greedy
+
+PROMPTS = [[1, 40, 41, 42], [1, 50, 51, 52, 53, 54, 55, 56, 57, 58], [1, 60]]
+
+
+def test_greedy_equals_full_forward_reference(cfg, params):
+    result = generate(params, cfg, PROMPTS[:2], max_new_tokens=12, temperature=0.0, eos_token_id=[])
+    for prompt, got in zip(PROMPTS, result.token_ids):
+        assert got == np_greedy(params, cfg, prompt, 12)
+    assert result.finish_reasons == ["length", "length"]
+
+
+def test_batch_of_ragged_prompts_equals_each_prompt_alone(cfg, params):
+    together = generate(params, cfg, PROMPTS, max_new_tokens=20, temperature=0.0, eos_token_id=[])
+    for prompt, got in zip(PROMPTS, together.token_ids):
+        alone = generate(params, cfg, [prompt], max_new_tokens=20, temperature=0.0, eos_token_id=[])
+        assert got == alone.token_ids[0]
+
+
+def test_eos_stops_only_its_row(cfg, params):
+    free = generate(params, cfg, PROMPTS[:2], max_new_tokens=16, temperature=0.0, eos_token_id=[]).token_ids
+    eos = free[0][5]
+    first = free[0].index(eos)
+    result = generate(params, cfg, PROMPTS[:2], max_new_tokens=16, temperature=0.0, eos_token_id=[eos, 999])
+    assert result.token_ids[0] == free[0][: first + 1]  # EOS kept in the ids
+    assert result.finish_reasons[0] == "eos"
+    if eos not in free[1]:
+        assert result.token_ids[1] == free[1] and result.finish_reasons[1] == "length"
+
+
+def test_max_new_tokens_is_exact_and_does_not_recompile(cfg, params):
+    generate(params, cfg, PROMPTS, max_new_tokens=9, temperature=0.0, eos_token_id=[])
+    with CompileCounter() as c:
+        lengths = [len(t) for n in (5, 13, 16) for t in generate(params, cfg, PROMPTS, max_new_tokens=n, temperature=0.0, eos_token_id=[]).token_ids]
+    assert lengths == [5] * 3 + [13] * 3 + [16] * 3
+    assert c.count == 0
+
+
+def test_changing_temperature_or_seed_does_not_recompile(cfg, params):
+    generate(params, cfg, PROMPTS, max_new_tokens=8, temperature=0.7, seed=1)
+    with CompileCounter() as c:
+        generate(params, cfg, PROMPTS, max_new_tokens=8, temperature=1.3, seed=2)
+        generate(params, cfg, PROMPTS, max_new_tokens=8, temperature=[0.0, 0.5, 2.0], seed=[3, 4, 5])
+    assert c.count == 0
+
+
+def test_same_seed_same_output_whatever_the_batch(cfg, params):
+    kw = dict(max_new_tokens=16, eos_token_id=[], temperature=1.0)
+    alone = generate(params, cfg, [PROMPTS[0]], seed=11, **kw).token_ids[0]
+    again = generate(params, cfg, [PROMPTS[0]], seed=11, **kw).token_ids[0]
+    in_batch = generate(params, cfg, [PROMPTS[1], PROMPTS[0]], seed=[99, 11], temperature=[0.3, 1.0], max_new_tokens=16, eos_token_id=[]).token_ids[1]
+    other_seed = generate(params, cfg, [PROMPTS[0]], seed=12, **kw).token_ids[0]
+    assert alone == again == in_batch
+    assert alone != other_seed
+
+
+def test_temperature_sampling_matches_the_softmax_distribution():
+    # chi-square goodness of fit over many independent rows (one seed each)
+    logits = jnp.log(jnp.asarray([0.5, 0.25, 0.15, 0.07, 0.03]))
+    n, t = 20000, 0.8
+    sampling = SamplingParams.make(n, temperature=t, seed=np.arange(n))
+    tokens = np.asarray(jax.jit(choose_next)(jnp.broadcast_to(logits, (n, 5)), sampling, jnp.int32(0)))
+    expected = np.asarray(jax.nn.softmax(logits / t)) * n
+    chi2 = (((np.bincount(tokens, minlength=5) - expected) ** 2) / expected).sum()
+    assert chi2 < 18.5  # p = 0.001 for 4 degrees of freedom
+    greedy = SamplingParams.make(3, temperature=0.0, seed=0)
+    assert np.all(np.asarray(choose_next(jnp.broadcast_to(logits, (3, 5)), greedy, jnp.int32(0))) == 0)
+
+
+def test_generate_tokens_composes_with_user_jit(cfg, params):
+    tokens, positions = left_pad(PROMPTS, 16, pad_id=0)
+    sampling = SamplingParams.make(3, temperature=0.0, seed=0)
+
+    @jax.jit
+    def user_fn(params, tokens, positions):
+        state = generate_tokens(params, cfg, tokens, positions, sampling, jnp.zeros((0,), jnp.int32), 10, buffer_len=16, chunk=8)
+        return state.tokens, state.length
+
+    out, length = user_fn(params, jnp.asarray(tokens), jnp.asarray(positions))
+    want = generate(params, cfg, PROMPTS, max_new_tokens=10, temperature=0.0, eos_token_id=[]).token_ids
+    assert [np.asarray(out)[r, : int(length[r])].tolist() for r in range(3)] == want
+
+
+def test_text_prompts_with_tokenizer(cfg, params, tokenizer):
+    result = generate(params, cfg, ["def f(x):", "こんにちは"], tokenizer=tokenizer, max_new_tokens=6, temperature=0.0)
+    ids = [tokenizer.encode(p, add_bos=True) for p in ["def f(x):", "こんにちは"]]
+    assert result.num_prompt_tokens == [len(i) for i in ids]
+    by_ids = generate(params, cfg, ids, max_new_tokens=6, temperature=0.0, eos_token_id=tokenizer.eos_id)
+    assert result.token_ids == by_ids.token_ids
+    assert result.texts == [tokenizer.decode(t) for t in by_ids.token_ids]
+
+
+def test_bad_requests_raise_clear_errors(cfg, params):
+    with pytest.raises(GenerationError, match="context"):
+        generate(params, cfg, [[1] * 100], max_new_tokens=cfg.max_seq_len - 50)
+    with pytest.raises(GenerationError, match="temperature"):
+        generate(params, cfg, PROMPTS, temperature=-1.0)
+    with pytest.raises(GenerationError, match="max_new_tokens"):
+        generate(params, cfg, PROMPTS, max_new_tokens=0)
+    with pytest.raises(GenerationError, match="empty"):
+        generate(params, cfg, [[]])
+    with pytest.raises(GenerationError, match="tokenizer"):
+        generate(params, cfg, ["text"])
+
+
+def test_buckets_are_powers_of_two():
+    assert [bucket(n) for n in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]

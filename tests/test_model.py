@@ -1,0 +1,106 @@
+"""The model: numerics against a numpy reference, the cache against a full forward, and JAX transforms."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import forward, init_cache, init_params
+from jaxllm.generate import left_pad
+from reference import np_forward
+from conftest import tiny_config
+
+
+def full_logits(params, cfg, ids):
+    toks = jnp.asarray([ids], jnp.int32)
+    return np.asarray(forward(params, cfg, toks, jnp.arange(len(ids))[None])[0][0])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_forward_matches_numpy_reference(tied):
+    cfg = tiny_config(97, tie_embeddings=tied, n_kv_heads=2)  # GQA: 2 query heads per kv head
+    params = init_params(cfg, jax.random.key(1))
+    params = jax.tree_util.tree_map(lambda x: x * 10 if x.ndim > 1 else x, params)
+    ids = list(np.random.default_rng(0).integers(0, 97, size=11))
+    np.testing.assert_allclose(full_logits(params, cfg, ids), np_forward(params, cfg, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 4, 9])
+def test_incremental_decoding_equals_full_forward(cfg, params, prompt_len):
+    ids = list(np.random.default_rng(prompt_len).integers(4, cfg.vocab_size, size=14))
+    want = full_logits(params, cfg, ids)
+    cache = init_cache(cfg, 1, 24)
+    logits, cache = forward(params, cfg, jnp.asarray([ids[:prompt_len]]), jnp.arange(prompt_len)[None], cache)
+    got = [np.asarray(logits[0])]
+    for t in range(prompt_len, len(ids)):
+        logits, cache = forward(params, cfg, jnp.asarray([[ids[t]]]), jnp.asarray([[t]]), cache)
+        got.append(np.asarray(logits[0]))
+    np.testing.assert_allclose(np.concatenate(got), want, atol=1e-5, rtol=0)
+    assert int(cache.cursor) == len(ids)
+
+
+def test_left_padded_batch_with_cache_equals_each_row_alone(cfg, params):
+    rng = np.random.default_rng(7)
+    prompts = [list(rng.integers(4, cfg.vocab_size, size=n)) for n in (3, 8, 5)]
+    extra = [list(rng.integers(4, cfg.vocab_size, size=4)) for _ in prompts]
+    tokens, positions = left_pad(prompts, 8, pad_id=0)
+    cache = init_cache(cfg, 3, 16)
+    logits, cache = forward(params, cfg, jnp.asarray(tokens), jnp.asarray(positions), cache)
+    steps = [np.asarray(logits)]
+    next_pos = positions.max(axis=1) + 1
+    for t in range(4):
+        col = np.array([[e[t]] for e in extra])
+        logits, cache = forward(params, cfg, jnp.asarray(col), jnp.asarray(next_pos + t)[:, None], cache)
+        steps.append(np.asarray(logits))
+    for row, (p, e) in enumerate(zip(prompts, extra)):
+        want = full_logits(params, cfg, p + e)
+        got = np.concatenate([steps[0][row, 8 - len(p) :]] + [s[row] for s in steps[1:]])
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_padded_full_forward_equals_unpadded(cfg, params):
+    ids = [9, 10, 11, 12, 13]
+    tokens, positions = left_pad([ids], 8, pad_id=3)
+    logits, _ = forward(params, cfg, jnp.asarray(tokens), jnp.asarray(positions))
+    np.testing.assert_allclose(np.asarray(logits[0, 3:]), full_logits(params, cfg, ids), atol=1e-5, rtol=0)
+
+
+def test_grad_matches_finite_differences(cfg):
+    params = init_params(cfg, jax.random.key(3))
+    tokens = jnp.asarray([[5, 9, 17, 33, 2, 8]])
+    positions = jnp.arange(6)[None]
+
+    def loss(p):
+        logits, _ = forward(p, cfg, tokens[:, :-1], positions[:, :-1])
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+    grads = jax.grad(loss)(params)
+    # Directional derivative along a random direction, central differences.
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    direction = treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    eps = 1e-3
+    shifted = lambda s: jax.tree_util.tree_map(lambda p, d: p + s * eps * d, params, direction)
+    numeric = (loss(shifted(1.0)) - loss(shifted(-1.0))) / (2 * eps)
+    analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(direction)))
+    np.testing.assert_allclose(float(analytic), float(numeric), rtol=2e-2)
+
+
+def test_forward_composes_with_jit_and_vmap(cfg, params):
+    tokens = jnp.asarray(np.random.default_rng(1).integers(4, cfg.vocab_size, size=(3, 7)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(7), (3, 7))
+    batched = jax.jit(forward, static_argnames="cfg")(params, cfg, tokens, positions)[0]
+    one = lambda t, p: forward(params, cfg, t[None], p[None])[0][0]
+    mapped = jax.vmap(one)(tokens, positions)
+    np.testing.assert_allclose(np.asarray(mapped), np.asarray(batched), atol=1e-5, rtol=0)
+
+
+def test_bfloat16_compute_stays_close_to_float32(cfg, params):
+    ids = [5, 6, 7, 8, 9, 10, 11]
+    f32 = full_logits(params, cfg, ids)
+    bf16 = full_logits(params, cfg.replace(compute_dtype="bfloat16"), ids)
+    assert np.abs(bf16 - f32).max() < 0.05 * np.abs(f32).max()
+    assert not np.array_equal(bf16, f32)  # the option really changes the arithmetic

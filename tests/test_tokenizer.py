@@ -1,0 +1,135 @@
+"""Tokenizer: exact round trips, special tokens that are never typed by accident, bytes, streaming."""
+
+from __future__ import annotations
+
+import sentencepiece as spm
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from jaxllm import Tokenizer, TokenizerError
+from conftest import MULTILINGUAL
+
+FIXED = MULTILINGUAL + [
+    "def f(x):\n\treturn  x  +\t1\n\n\n",
+    "    indented\n        more\r\n",
+    "  leading and trailing  ",
+    "こんにちは世界",
+    "🎉👍🏽 family: 👨‍👩‍👧",
+    "mixed: abc ДЕЖ 中文 العربية हिन्दी",
+    "<s> </s> <unk> <pad> <|user|> typed by a user",
+    "\x00\x01 control \u200b zero-width",
+    "ﬁ ligature and e\u0301 combining",
+    "",
+]
+# Text a tokenizer must round-trip: everything but lone surrogates (not valid UTF-8).
+any_text = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=200)
+
+
+@pytest.mark.parametrize("text", FIXED)
+def test_round_trip_fixed_strings(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(any_text)
+def test_round_trip_any_text(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert tokenizer.unk_id not in ids  # byte fallback: nothing is unknown
+    assert tokenizer.decode(ids) == text
+
+
+def test_unigram_model_round_trips(corpus, tmp_path):
+    tok = Tokenizer.train([corpus], tmp_path / "uni", vocab_size=400, model_type="unigram")
+    assert tok.sp.get_piece_size() == 400
+    for text in FIXED:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_special_tokens_are_single_ids_only_when_asked(tokenizer):
+    user = tokenizer.special_tokens["<|user|>"]
+    text = "<|user|>hi<|end|>"
+    parsed = tokenizer.encode(text, parse_special=True)
+    assert parsed[0] == user and parsed[-1] == tokenizer.special_tokens["<|end|>"]
+    assert parsed[1:-1] == tokenizer.encode("hi")
+    plain = tokenizer.encode(text)
+    assert not set(plain) & set(tokenizer.special_tokens.values())
+    assert tokenizer.decode(plain) == text
+    assert tokenizer.decode(parsed) == "hi"
+    assert tokenizer.decode(parsed, skip_special=False) == text
+
+
+def test_bos_eos_pad_ids(tokenizer):
+    assert (tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (0, 1, 2, 3)
+    ids = tokenizer.encode("x", add_bos=True, add_eos=True)
+    assert ids[0] == 1 and ids[-1] == 2 and tokenizer.decode(ids) == "x"
+    assert tokenizer.encode("<s>") != [tokenizer.bos_id]
+
+
+@settings(max_examples=100, deadline=None)
+@given(any_text)
+def test_token_bytes_concatenate_to_the_text(tokenizer, text):
+    table, lengths = tokenizer.token_bytes()
+    ids = tokenizer.encode(text)
+    assert b"".join(table[i, : lengths[i]].tobytes() for i in ids) == text.encode("utf-8")
+
+
+def test_token_bytes_of_special_and_byte_pieces(tokenizer):
+    table, lengths = tokenizer.token_bytes()
+    assert table.shape == (tokenizer.vocab_size, lengths.max())
+    assert lengths[tokenizer.eos_id] == 0 and lengths[tokenizer.special_tokens["<|user|>"]] == 0
+    byte_id = tokenizer.sp.piece_to_id("<0xE3>")
+    assert lengths[byte_id] == 1 and table[byte_id, 0] == 0xE3
+
+
+@settings(max_examples=100, deadline=None)
+@given(any_text)
+def test_stream_decoder_never_splits_a_character(tokenizer, text):
+    stream = tokenizer.stream_decoder()
+    pieces = [stream.push([i]) for i in tokenizer.encode(text)] + [stream.flush()]
+    assert all("\ufffd" not in p for p in pieces) or "\ufffd" in text
+    assert "".join(pieces) == text
+
+
+def test_loads_llama_style_model_with_dummy_prefix(corpus, tmp_path):
+    # Llama/Gemma-style settings: a leading "▁" is added on encode and dropped on decode.
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "llama"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, add_dummy_prefix=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, minloglevel=2,
+    )
+    tok = Tokenizer.load(tmp_path / "llama.model")
+    assert tok.sp.encode("hello", out_type=str)[0].startswith("\u2581")
+    for text in ["hello world", "  two spaces", "こんにちは", "a\nb"]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        stream = tok.stream_decoder()
+        assert "".join(stream.push([i]) for i in ids) + stream.flush() == text
+
+
+def test_batch_encode_decode(tokenizer):
+    texts = ["a b", "こんにちは", ""]
+    assert tokenizer.decode_batch(tokenizer.encode_batch(texts)) == texts
+
+
+def test_load_from_directory_and_serialized_bytes(tokenizer, tmp_path):
+    tokenizer.save(tmp_path / "tokenizer.model")
+    again = Tokenizer.load(tmp_path)
+    assert again.fingerprint == tokenizer.fingerprint
+    assert again.encode("def f(x): 42") == tokenizer.encode("def f(x): 42")
+
+
+def test_decode_rejects_ids_outside_the_vocabulary(tokenizer):
+    with pytest.raises(TokenizerError, match="outside the vocabulary"):
+        tokenizer.decode([5, tokenizer.vocab_size])
+
+
+def test_clear_errors(tmp_path, corpus):
+    with pytest.raises(TokenizerError, match="not found"):
+        Tokenizer.load(tmp_path / "missing.model")
+    (tmp_path / "bad.model").write_bytes(b"this is not a model")
+    with pytest.raises(TokenizerError, match="not a valid SentencePiece model"):
+        Tokenizer.load(tmp_path / "bad.model")
+    with pytest.raises(TokenizerError, match="not found"):
+        Tokenizer.train([tmp_path / "nope.txt"], tmp_path / "t", vocab_size=300)
+    with pytest.raises(TokenizerError, match="training failed"):
+        Tokenizer.train([corpus], tmp_path / "t", vocab_size=10)
