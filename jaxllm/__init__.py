@@ -1,12 +1,21 @@
 """jaxllm: a language-model library in JAX written as pure functions."""
 
 from jaxllm.checkpoint import load_checkpoint, save_checkpoint
-from jaxllm.config import ModelConfig
-from jaxllm.errors import CheckpointError, ConfigError, GenerationError, JaxllmError, TokenizerError
-from jaxllm.generate import GenerationResult, generate, generate_tokens
+from jaxllm.config import ModelConfig, TrainConfig
+from jaxllm.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    GenerationError,
+    JaxllmError,
+    TokenizerError,
+    TrainingError,
+)
+from jaxllm.generate import GenerationResult, generate, generate_stream, generate_tokens
 from jaxllm.kvcache import KVCache, init_cache
 from jaxllm.model import forward, init_params
 from jaxllm.sampling import SamplingParams
+from jaxllm.stopping import StopParams
 from jaxllm.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -14,16 +23,21 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "DataError",
     "GenerationError",
     "GenerationResult",
     "JaxllmError",
     "KVCache",
     "ModelConfig",
     "SamplingParams",
+    "StopParams",
     "Tokenizer",
     "TokenizerError",
+    "TrainConfig",
+    "TrainingError",
     "forward",
     "generate",
+    "generate_stream",
     "generate_tokens",
     "init_cache",
     "init_params",

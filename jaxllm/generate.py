@@ -1,22 +1,24 @@
 """Generation: prefill once, then a jit-compiled `lax.scan` decode loop over a preallocated cache.
 
-Legend: B batch, P padded prompt length, N output buffer length, V vocab.
+Legend: B batch, P padded prompt length, N output buffer length, V vocab, A logprob alternatives.
 
     prompts ──left-pad to a bucket──▶ prefill (one forward) ──▶ logits of the next token
     repeat in chunks of `chunk` steps until every row is done:
-        choose_next(logits) ──▶ record token, update stop flags ──▶ forward(token) ──▶ logits
+        choose_next(logits) ──▶ record token, check stops ──▶ forward(token) ──▶ logits
 
 Prompts are left-padded so every row writes the cache at one cursor; prompt and output
 lengths are rounded up to buckets so a new length rarely compiles a new program. Sampling
-values and `max_new_tokens` are traced, so changing them never recompiles.
+values, stop strings' bytes and `max_new_tokens` are traced, so changing them never
+recompiles.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import time
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,28 +28,45 @@ from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
 from jaxllm.kvcache import KVCache, init_cache
 from jaxllm.model import forward, hidden_states, unembed
-from jaxllm.sampling import SamplingParams, choose_next
+from jaxllm.sampling import History, SamplingParams, choose_next, init_history, last_tokens, record
+from jaxllm.stopping import FINISH_REASONS, REPEAT_WINDOW, RUNNING, StopParams, check_stops, cut_at_stop, holdback
 from jaxllm.tokenizer import Tokenizer
 
-FINISH_REASONS = ("", "eos", "length")  # index = finish code; 0 = still running
-RUNNING, EOS, LENGTH = 0, 1, 2
 MIN_PROMPT_BUCKET = 16
+StopFn = Callable[[History], jax.Array]  # the user's predicate: history -> bool [B]
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["logits", "tokens", "length", "finish", "next_pos", "step", "cache"],
+    data_fields=["logits", "history", "finish", "next_pos", "window", "filled", "logprobs", "top_ids", "top_logprobs", "cache"],
     meta_fields=[],
 )
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
-    logits: jax.Array  # [B, V] float32 logits for the next token
-    tokens: jax.Array  # [B, N] int32 generated ids; pad after a row finishes
-    length: jax.Array  # [B] int32 tokens generated per row (EOS included)
-    finish: jax.Array  # [B] int32 finish code (FINISH_REASONS); 0 = running
-    next_pos: jax.Array  # [B] int32 position of the next token fed to the model
-    step: jax.Array  # [] int32 decode steps taken
+    logits: jax.Array  # [B, V] f32 logits for the next token
+    history: History  # prompt block + generated tokens [B, P + N], penalty counts, step
+    finish: jax.Array  # [B] i32 finish code (stopping.FINISH_REASONS); 0 = running
+    next_pos: jax.Array  # [B] i32 position of the next token fed to the model
+    window: jax.Array  # [B, W] u8 last bytes of the output, for stop strings
+    filled: jax.Array  # [B] i32 real bytes in `window`
+    logprobs: jax.Array  # [B, N] f32 log-probability of each chosen token (after processing)
+    top_ids: jax.Array  # [B, N, A] i32 most likely alternatives at each step
+    top_logprobs: jax.Array  # [B, N, A] f32 their log-probabilities
     cache: KVCache
+
+    @property
+    def step(self) -> jax.Array:
+        return self.history.step
+
+    @property
+    def tokens(self) -> jax.Array:
+        """[B, N] generated ids (pad where nothing was generated)."""
+        return self.history.tokens[:, self.history.prompt_len :]
+
+    @property
+    def length(self) -> jax.Array:
+        """[B] tokens generated per row (EOS included)."""
+        return jnp.sum(self.history.valid[:, self.history.prompt_len :], axis=1)
 
 
 # ---------------------------------------------------------------------------- buckets and padding
@@ -74,39 +93,57 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
 
 
 def init_state(
-    params, cfg: ModelConfig, prompt: jax.Array, prompt_pos: jax.Array, buffer_len: int, pad_id: int = 0
+    params, cfg: ModelConfig, prompt: jax.Array, prompt_pos: jax.Array, stops: StopParams,
+    *, buffer_len: int, num_alternatives: int = 0,
 ) -> DecodeState:
     """Prefill: one forward over the left-padded prompt block [B, P] into a fresh cache of P + N slots."""
     B, P = prompt.shape
     cache = init_cache(cfg, B, P + buffer_len)
     h, cache = hidden_states(params, cfg, prompt, prompt_pos, cache)
+    A = num_alternatives
     return DecodeState(
         logits=unembed(params, cfg, h[:, -1]),  # left padding: every row's last token is in column P-1
-        tokens=jnp.full((B, buffer_len), pad_id, jnp.int32),
-        length=jnp.zeros((B,), jnp.int32),
+        history=init_history(prompt, prompt_pos >= 0, buffer_len, cfg.vocab_size),
         finish=jnp.zeros((B,), jnp.int32),
         next_pos=jnp.max(prompt_pos, axis=1) + 1,
-        step=jnp.zeros((), jnp.int32),
+        window=jnp.zeros((B, stops.window), jnp.uint8),
+        filled=jnp.zeros((B,), jnp.int32),
+        logprobs=jnp.zeros((B, buffer_len), jnp.float32),
+        top_ids=jnp.zeros((B, buffer_len, A), jnp.int32),
+        top_logprobs=jnp.zeros((B, buffer_len, A), jnp.float32),
         cache=cache,
     )
 
 
 def decode_step(
-    params, cfg: ModelConfig, state: DecodeState, sampling: SamplingParams, eos_ids: jax.Array, max_new_tokens, pad_id: int = 0
+    params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, stops: StopParams,
+    *, pad_id: int = 0, stop_fn: StopFn | None = None,
 ) -> DecodeState:
-    """One token for every row: choose -> record -> update stops -> forward. Finished rows emit padding."""
+    """One token for every row: choose -> record -> check stops -> forward. Finished rows emit padding."""
     running = state.finish == RUNNING
-    token = jnp.where(running, choose_next(state.logits, sampling, state.step), pad_id)
-    finish = jnp.where(running & jnp.isin(token, eos_ids), EOS, state.finish)
-    finish = jnp.where((finish == RUNNING) & (state.step + 1 >= max_new_tokens), LENGTH, finish)
+    step = state.step
+    token, logprobs = choose_next(state.logits, sp, state.history, stops.eos_ids)
+    token = jnp.where(running, token, pad_id)
+    history = record(state.history, token, running)
+    custom = stop_fn(history) if stop_fn is not None else jnp.zeros_like(running)
+    code, window, filled = check_stops(
+        token, running, step, last_tokens(history, REPEAT_WINDOW, outputs_only=True),
+        state.window, state.filled, stops, custom,
+    )
+    chosen = jnp.take_along_axis(logprobs, token[:, None], axis=1)  # [B, 1]
+    A = state.top_ids.shape[2]
+    top_lp, top_ids = jax.lax.top_k(logprobs, A) if A else (state.top_logprobs[:, 0], state.top_ids[:, 0])
     logits, cache = forward(params, cfg, token[:, None], state.next_pos[:, None], state.cache)
     return DecodeState(
         logits=logits[:, 0],
-        tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step)),
-        length=state.length + running,
-        finish=finish,
+        history=history,
+        finish=jnp.where(running, code, state.finish),
         next_pos=state.next_pos + 1,
-        step=state.step + 1,
+        window=window,
+        filled=filled,
+        logprobs=jax.lax.dynamic_update_slice(state.logprobs, chosen, (0, step)),
+        top_ids=jax.lax.dynamic_update_slice(state.top_ids, top_ids[:, None], (0, step, 0)),
+        top_logprobs=jax.lax.dynamic_update_slice(state.top_logprobs, top_lp[:, None], (0, step, 0)),
         cache=cache,
     )
 
@@ -116,7 +153,8 @@ def all_done(state: DecodeState) -> jax.Array:
 
 
 def decode_chunk(
-    params, cfg: ModelConfig, state: DecodeState, sampling, eos_ids, max_new_tokens, chunk: int, pad_id: int = 0
+    params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, stops: StopParams,
+    *, chunk: int, pad_id: int = 0, stop_fn: StopFn | None = None,
 ) -> DecodeState:
     """`chunk` decode steps as one `lax.scan`; steps after every row is done cost nothing."""
 
@@ -124,7 +162,7 @@ def decode_chunk(
         state = jax.lax.cond(
             all_done(state),
             lambda s: s,
-            lambda s: decode_step(params, cfg, s, sampling, eos_ids, max_new_tokens, pad_id),
+            lambda s: decode_step(params, cfg, s, sp, stops, pad_id=pad_id, stop_fn=stop_fn),
             state,
         )
         return state, None
@@ -133,35 +171,46 @@ def decode_chunk(
 
 
 def generate_tokens(
-    params,
-    cfg: ModelConfig,
-    prompt: jax.Array,
-    prompt_pos: jax.Array,
-    sampling: SamplingParams,
-    eos_ids: jax.Array,
-    max_new_tokens,
-    *,
-    buffer_len: int,
-    chunk: int = 16,
-    pad_id: int = 0,
+    params, cfg: ModelConfig, prompt: jax.Array, prompt_pos: jax.Array, sp: SamplingParams, stops: StopParams,
+    *, buffer_len: int, chunk: int = 16, pad_id: int = 0, num_alternatives: int = 0, stop_fn: StopFn | None = None,
 ) -> DecodeState:
     """The whole generation as one pure function (usable inside a user's `jit`).
 
-    prompt, prompt_pos: [B, P] from `left_pad`; eos_ids: [n] int32 (n may be 0);
-    max_new_tokens: traced scalar <= buffer_len; buffer_len: static, a multiple of chunk.
-    Returns the final state: `tokens [B, N]`, `length [B]`, `finish [B]`.
+    prompt, prompt_pos: [B, P] from `left_pad`; buffer_len: static, >= max_new_tokens.
+    Returns the final state: `.tokens [B, N]`, `.length [B]`, `.finish [B]`, `.logprobs [B, N]`.
     """
-    state = init_state(params, cfg, prompt, prompt_pos, buffer_len, pad_id)
+    state = init_state(params, cfg, prompt, prompt_pos, stops, buffer_len=buffer_len, num_alternatives=num_alternatives)
     return jax.lax.while_loop(
         lambda s: ~all_done(s),
-        lambda s: decode_chunk(params, cfg, s, sampling, eos_ids, max_new_tokens, chunk, pad_id),
+        lambda s: decode_chunk(params, cfg, s, sp, stops, chunk=chunk, pad_id=pad_id, stop_fn=stop_fn),
         state,
     )
 
 
-_init_jit = jax.jit(init_state, static_argnames=("cfg", "buffer_len", "pad_id"))
+class _Compiled:
+    """jit + an explicit cache of compiled programs, so compile time is measured on its own.
+
+    Call with keywords: `program(dynamic_args..., static=dict(...))`.
+    """
+
+    def __init__(self, fn, donate_argnames=()):
+        self._fn, self._donate, self._programs = fn, donate_argnames, {}
+
+    def __call__(self, static: dict, **args):
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        key = (tuple(sorted(static.items())), tree, tuple((x.shape, x.dtype, getattr(x, "weak_type", False)) for x in leaves))
+        compile_s = 0.0
+        if key not in self._programs:
+            t = time.perf_counter()
+            jitted = jax.jit(self._fn, static_argnames=tuple(static), donate_argnames=self._donate)
+            self._programs[key] = jitted.lower(**args, **static).compile()
+            compile_s = time.perf_counter() - t
+        return self._programs[key](**args), compile_s
+
+
+_init_program = _Compiled(init_state)
 # The state (cache included) is donated: each chunk updates the cache in place.
-_chunk_jit = jax.jit(decode_chunk, static_argnames=("cfg", "chunk", "pad_id"), donate_argnames=("state",))
+_chunk_program = _Compiled(decode_chunk, donate_argnames=("state",))
 
 
 # ---------------------------------------------------------------------------- host driver
@@ -169,42 +218,45 @@ _chunk_jit = jax.jit(decode_chunk, static_argnames=("cfg", "chunk", "pad_id"), d
 
 @dataclasses.dataclass
 class GenerationResult:
-    token_ids: list[list[int]]  # generated ids per row (EOS kept, padding dropped)
-    finish_reasons: list[str]  # "eos" or "length"
+    """One entry per output sequence (prompt i's samples are rows i*n .. i*n + n - 1)."""
+
+    token_ids: list[list[int]]  # generated ids (EOS kept, padding dropped)
+    finish_reasons: list[str]  # "eos", "stop", "length", "repetition" or "custom"
     num_prompt_tokens: list[int]
-    texts: list[str] | None = None  # decoded output when a tokenizer was given
-    timing: dict = dataclasses.field(default_factory=dict)  # prefill_s, decode_s (device work, blocked)
+    prompt_index: list[int]  # which prompt each output continues
+    texts: list[str] | None = None  # decoded and cut at the stop string, when a tokenizer was given
+    logprobs: list[list[float]] | None = None  # per generated token, when asked for
+    top_logprobs: list[list[dict[int, float]]] | None = None  # A alternatives per token, when asked for
+    timing: dict = dataclasses.field(default_factory=dict)  # compile_s, prefill_s, decode_s, decode_tokens_per_s
 
 
-def generate(
-    params,
-    cfg: ModelConfig,
-    prompts: Sequence[str] | Sequence[Sequence[int]] | str,
-    *,
-    tokenizer: Tokenizer | None = None,
-    max_new_tokens: int = 64,
-    temperature: float | Sequence[float] = 1.0,
-    seed: int | Sequence[int] | None = None,
-    sampling: SamplingParams | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-    add_bos: bool = True,
-    chunk: int = 16,
-) -> GenerationResult:
-    """Generates continuations for a batch of prompts (strings need `tokenizer`; or lists of ids).
+@dataclasses.dataclass
+class _Request:
+    prompts: list[list[int]]  # one per output row (prompts repeated n times)
+    prompt_index: list[int]
+    sampling: SamplingParams
+    stops: StopParams
+    stop_strings: list[str]
+    buffer_len: int
+    pad_id: int
 
-    EOS defaults to the tokenizer's; pass `eos_token_id=[]` to never stop early.
-    Raises `GenerationError` for input that cannot work (empty prompt, too long for the context).
-    """
-    if isinstance(prompts, str):
+
+def _prepare(
+    cfg: ModelConfig, prompts, tokenizer, *, max_new_tokens, n, stop, eos_token_id, repeat_count, add_bos,
+    parse_special, sampling, sampling_kwargs, chunk,
+) -> _Request:
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
         prompts = [prompts]
     if not prompts:
         raise GenerationError("no prompts given")
     if isinstance(prompts[0], str):
         if tokenizer is None:
             raise GenerationError("text prompts need a tokenizer (or pass token ids)")
-        prompts = [tokenizer.encode(p, add_bos=add_bos) for p in prompts]
+        prompts = [tokenizer.encode(p, add_bos=add_bos, parse_special=parse_special) for p in prompts]
     prompts = [list(map(int, p)) for p in prompts]
-    if max_new_tokens < 1:
+    if not isinstance(n, int) or n < 1:
+        raise GenerationError(f"num_return_sequences must be >= 1, got {n}")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     for i, p in enumerate(prompts):
         if not p:
@@ -217,32 +269,194 @@ def generate(
         if min(p) < 0 or max(p) >= cfg.vocab_size:
             raise GenerationError(f"prompt {i} has token ids outside the vocabulary (size {cfg.vocab_size})")
 
+    rows = [p for p in prompts for _ in range(n)]
+    index = [i for i in range(len(prompts)) for _ in range(n)]
+    B = len(rows)
+    if sampling is None:
+        per_prompt = {k: v for k, v in sampling_kwargs.items() if isinstance(v, (list, tuple)) and k != "bad_words_ids" and k != "allowed_token_ids"}
+        for k, v in per_prompt.items():  # per-prompt lists expand to per-row lists
+            if len(v) != len(prompts):
+                raise GenerationError(f"{k} has {len(v)} values for {len(prompts)} prompts")
+            sampling_kwargs[k] = [v[i] for i in index]
+        sampling = SamplingParams.make(B, cfg.vocab_size, sample_index=[r % n for r in range(B)], **sampling_kwargs)
+    elif sampling.batch != B:
+        raise GenerationError(f"sampling has {sampling.batch} rows, but there are {B} outputs")
+
     if eos_token_id is None:
         eos_token_id = [tokenizer.eos_id] if tokenizer is not None and tokenizer.eos_id is not None else []
-    eos_ids = jnp.asarray(np.atleast_1d(np.asarray(eos_token_id, np.int32)).reshape(-1), jnp.int32)
+    eos = [int(e) for e in np.atleast_1d(np.asarray(eos_token_id, np.int64))]
+    if any(not 0 <= e < cfg.vocab_size for e in eos):
+        raise GenerationError(f"eos_token_id {eos} is outside the vocabulary (size {cfg.vocab_size})")
+    stop = list(stop or [])
+    stops = StopParams.make(
+        B, max_new_tokens, eos, stop, tokenizer.token_bytes() if (stop and tokenizer is not None) else None, repeat_count
+    )
     pad_id = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
-    B = len(prompts)
-    sampling = sampling if sampling is not None else SamplingParams.make(B, temperature, seed)
-    buffer_len = bucket(max_new_tokens, minimum=chunk)
-    tokens, positions = left_pad(prompts, bucket(max(map(len, prompts))), pad_id)
+    return _Request(rows, index, sampling, stops, stop, bucket(max_new_tokens, minimum=chunk), pad_id)
 
+
+def _run(params, cfg, req: _Request, *, chunk, num_alternatives, stop_fn, timing) -> Iterator[DecodeState]:
+    """Prefill, then one jitted chunk at a time until every row is done; yields after each chunk."""
+    tokens, positions = left_pad(req.prompts, bucket(max(map(len, req.prompts))), req.pad_id)
     t0 = time.perf_counter()
-    state = _init_jit(params, cfg, jnp.asarray(tokens), jnp.asarray(positions), buffer_len, pad_id)
+    state, compile_s = _init_program(
+        dict(cfg=cfg, buffer_len=req.buffer_len, num_alternatives=num_alternatives),
+        params=params, prompt=jnp.asarray(tokens), prompt_pos=jnp.asarray(positions), stops=req.stops,
+    )
     state.logits.block_until_ready()
-    t1 = time.perf_counter()
-    limit = jnp.asarray(max_new_tokens, jnp.int32)
+    timing["compile_s"] = compile_s
+    timing["prefill_s"] = time.perf_counter() - t0 - compile_s
+    decode_s = 0.0
     while True:  # one host check per chunk: stop as soon as every row is done
-        state = _chunk_jit(params, cfg, state, sampling, eos_ids, limit, chunk, pad_id)
-        if bool(all_done(state)):
-            break
-    t2 = time.perf_counter()
+        t = time.perf_counter()
+        state, compile_s = _chunk_program(
+            dict(cfg=cfg, chunk=chunk, pad_id=req.pad_id, stop_fn=stop_fn),
+            params=params, state=state, sp=req.sampling, stops=req.stops,
+        )
+        done = bool(all_done(state))  # blocks until the chunk is computed
+        timing["compile_s"] += compile_s
+        decode_s += time.perf_counter() - t - compile_s
+        timing["decode_s"] = decode_s
+        yield state
+        if done:
+            return
 
-    out, lengths, finish = jax.device_get((state.tokens, state.length, state.finish))
+
+_SAMPLING_KEYS = (
+    "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+    "no_repeat_ngram_size", "min_new_tokens", "logit_bias", "allowed_token_ids", "bad_words_ids", "seed",
+)
+
+
+def _split_kwargs(tokenizer, kwargs) -> dict:
+    unknown = sorted(set(kwargs) - set(_SAMPLING_KEYS) - {"bad_words"})
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword argument(s): {', '.join(unknown)}")
+    words = kwargs.pop("bad_words", None)
+    if words:  # strings -> token sequences (as the tokenizer splits them, with and without a leading space)
+        if tokenizer is None:
+            raise GenerationError("bad_words strings need a tokenizer (or pass bad_words_ids)")
+        seqs = {tuple(tokenizer.encode(v)) for w in words for v in (w, " " + w)}
+        kwargs["bad_words_ids"] = list(kwargs.get("bad_words_ids", ())) + [list(s) for s in seqs if s]
+    return kwargs
+
+
+def generate(
+    params,
+    cfg: ModelConfig,
+    prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+    *,
+    tokenizer: Tokenizer | None = None,
+    max_new_tokens: int = 64,
+    num_return_sequences: int = 1,
+    stop: Sequence[str] = (),
+    include_stop_str_in_output: bool = False,
+    eos_token_id: int | Sequence[int] | None = None,
+    repeat_count: int = 0,
+    stop_fn: StopFn | None = None,
+    logprobs: int | None = None,
+    sampling: SamplingParams | None = None,
+    add_bos: bool = True,
+    parse_special: bool = False,
+    chunk: int = 16,
+    **sampling_kwargs,
+) -> GenerationResult:
+    """Generates continuations for a batch of prompts (strings need `tokenizer`; or lists of ids).
+
+    Sampling controls are keyword arguments named as in SAMPLING.md (temperature, top_k, top_p,
+    min_p, repetition_penalty, presence_penalty, frequency_penalty, no_repeat_ngram_size,
+    min_new_tokens, logit_bias, allowed_token_ids, bad_words / bad_words_ids, seed): a scalar
+    for all prompts or a list with one value per prompt. Or pass a ready `sampling`.
+    EOS defaults to the tokenizer's; `eos_token_id=[]` never stops early. `stop` strings end a
+    row even across token boundaries; the text is cut before them unless
+    `include_stop_str_in_output`. `repeat_count` R > 0 ends a row whose last tokens repeat one
+    n-gram R times; `stop_fn(history) -> bool[B]` is a user predicate (a static, pure JAX function).
+    `logprobs=A` returns each token's log-probability and A alternatives.
+    Raises `GenerationError` for input that cannot work (empty prompt, too long for the context).
+    """
+    options = {k: v for k, v in locals().items() if k not in ("params", "cfg", "prompts", "tokenizer", "sampling_kwargs")}
+    *_, result = _generate(params, cfg, prompts, tokenizer, sampling_kwargs, stream=False, **options)
+    return result
+
+
+def generate_stream(params, cfg: ModelConfig, prompts, *, tokenizer: Tokenizer, **kwargs) -> Iterator[tuple[int, object]]:
+    """Like `generate` (same arguments), but yields `(row, text)` pieces as each chunk of steps finishes.
+
+    Pieces never split a UTF-8 character nor reveal the start of a stop string; each row's
+    pieces concatenate to that row's `generate(...).texts[row]`. The last item yielded is
+    `(-1, result)` with the complete `GenerationResult`.
+    """
+    bound = inspect.signature(generate).bind(params, cfg, prompts, tokenizer=tokenizer, **kwargs)
+    bound.apply_defaults()
+    options = dict(bound.arguments)
+    for k in ("params", "cfg", "prompts", "tokenizer"):
+        options.pop(k)
+    sampling_kwargs = options.pop("sampling_kwargs")
+    yield from _generate(params, cfg, prompts, tokenizer, sampling_kwargs, stream=True, **options)
+
+
+def _generate(
+    params, cfg, prompts, tokenizer, sampling_kwargs, *, stream: bool, max_new_tokens, num_return_sequences, stop,
+    include_stop_str_in_output, eos_token_id, repeat_count, stop_fn, logprobs, sampling, add_bos, parse_special, chunk,
+):
+    if logprobs is not None and not 0 <= logprobs <= 20:
+        raise GenerationError(f"logprobs must be in [0, 20], got {logprobs}")
+    include_stop = include_stop_str_in_output
+    req = _prepare(
+        cfg, prompts, tokenizer, max_new_tokens=max_new_tokens, n=num_return_sequences, stop=stop,
+        eos_token_id=eos_token_id, repeat_count=repeat_count, add_bos=add_bos, parse_special=parse_special,
+        sampling=sampling, sampling_kwargs=_split_kwargs(tokenizer, dict(sampling_kwargs)), chunk=chunk,
+    )
+    B = len(req.prompts)
+    timing: dict = {}
+    if stream and tokenizer is None:
+        raise GenerationError("streaming needs a tokenizer")
+    streams = [tokenizer.stream_decoder() for _ in range(B)] if stream else []
+    so_far, shown, seen = [""] * B, [0] * B, [0] * B
+    for state in _run(params, cfg, req, chunk=chunk, num_alternatives=logprobs or 0, stop_fn=stop_fn, timing=timing):
+        if not stream:
+            continue
+        out, lengths, finish = jax.device_get((state.tokens, state.length, state.finish))
+        for r in range(B):
+            so_far[r] += streams[r].push(out[r, seen[r] : lengths[r]].tolist())
+            seen[r] = int(lengths[r])
+            if finish[r] != RUNNING:
+                so_far[r] += streams[r].flush()
+                ready = _final_text(so_far[r], FINISH_REASONS[finish[r]], req.stop_strings, include_stop)
+            else:
+                ready = so_far[r][: len(so_far[r]) - holdback(so_far[r], req.stop_strings)]
+            if len(ready) > shown[r]:
+                yield r, ready[shown[r] :]
+                shown[r] = len(ready)
+    result = _result(state, req, tokenizer, logprobs, include_stop, timing)
+    yield (-1, result) if stream else result
+
+
+def _final_text(text: str, reason: str, stop: Sequence[str], include: bool) -> str:
+    return cut_at_stop(text, stop, include) if reason == "stop" else text
+
+
+def _result(state: DecodeState, req: _Request, tokenizer, logprobs, include_stop, timing) -> GenerationResult:
+    out, lengths, finish, lp, top_ids, top_lp = jax.device_get(
+        (state.tokens, state.length, state.finish, state.logprobs, state.top_ids, state.top_logprobs)
+    )
+    B = len(req.prompts)
     token_ids = [out[r, : lengths[r]].tolist() for r in range(B)]
+    reasons = [FINISH_REASONS[f] for f in finish]
+    texts = None
+    if tokenizer is not None:
+        texts = [_final_text(tokenizer.decode(ids), why, req.stop_strings, include_stop) for ids, why in zip(token_ids, reasons)]
+    generated = int(np.sum(lengths))
+    timing["decode_tokens_per_s"] = generated / timing["decode_s"] if timing.get("decode_s") else 0.0
     return GenerationResult(
         token_ids=token_ids,
-        finish_reasons=[FINISH_REASONS[f] for f in finish],
-        num_prompt_tokens=[len(p) for p in prompts],
-        texts=tokenizer.decode_batch(token_ids) if tokenizer is not None else None,
-        timing={"prefill_s": t1 - t0, "decode_s": t2 - t1},
+        finish_reasons=reasons,
+        num_prompt_tokens=[len(p) for p in req.prompts],
+        prompt_index=req.prompt_index,
+        texts=texts,
+        logprobs=[lp[r, : lengths[r]].tolist() for r in range(B)] if logprobs is not None else None,
+        top_logprobs=[
+            [dict(zip(top_ids[r, t].tolist(), top_lp[r, t].tolist())) for t in range(lengths[r])] for r in range(B)
+        ] if logprobs else None,
+        timing=timing,
     )

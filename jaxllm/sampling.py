@@ -1,10 +1,19 @@
-"""Choosing the next token: per-row sampling values as a pytree of arrays.
+"""Choosing the next token: the logits-processor chain and per-row sampling values.
 
-Every value is a traced [B] array, so one batch can mix settings and changing a value
-never recompiles. Each row has its own PRNG stream (its seed folded with the step), so a
-row's output depends only on its own prompt, settings and seed — not on its batch mates.
+Legend: B batch, V vocab, S history length (prompt block + output buffer), C candidates.
 
-`choose_next` is the single place the decode loop asks for a token.
+The chain, in the order of shared/SAMPLING.md (HF `transformers` semantics):
+
+    raw logits [B, V] float32
+    → bias (allowed_token_ids / single-token bad words: -inf; logit_bias: +b)
+    → multi-token bad words → min_new_tokens (EOS masked)
+    → repetition_penalty → frequency / presence penalty → no_repeat_ngram
+    → temperature == 0: argmax here (greedy)
+    → temperature → top_k → top_p → min_p → sample (Gumbel-max) with the row's key
+
+Every value is a traced per-row array in `SamplingParams`, so one batch can mix settings
+and changing a value never recompiles. Each row has its own PRNG stream (its key folded
+with the step): a row's output depends only on its own prompt, settings and seed.
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import secrets
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,37 +29,152 @@ import numpy as np
 
 from jaxllm.errors import GenerationError
 
+NEG_INF = -jnp.inf
+MAX_NGRAM = 16  # no_repeat_ngram_size is checked for n <= MAX_NGRAM (static loop bound)
+CANDIDATES = 256  # top-k/top-p work on the best C logits; a full sort only when they do not suffice
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["temperature", "seed"], meta_fields=[])
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[
+        "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+        "frequency_penalty", "no_repeat_ngram_size", "min_new_tokens", "key", "bias",
+        "bad_prefix", "bad_prefix_mask", "bad_last", "bad_used",
+    ],
+    meta_fields=[],
+)
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    temperature: jax.Array  # [B] float32; 0 = greedy (argmax), not a division
-    seed: jax.Array  # [B] uint32; a row's stream is fold_in(key(seed), step)
+    temperature: jax.Array  # [B] f32; 0 = greedy (argmax), not a division
+    top_k: jax.Array  # [B] i32; <= 0 or >= V is off
+    top_p: jax.Array  # [B] f32 in (0, 1]; 1 is off
+    min_p: jax.Array  # [B] f32 in [0, 1]; 0 is off
+    repetition_penalty: jax.Array  # [B] f32 > 0; 1 is off
+    presence_penalty: jax.Array  # [B] f32
+    frequency_penalty: jax.Array  # [B] f32
+    no_repeat_ngram_size: jax.Array  # [B] i32 in [0, MAX_NGRAM]; 0 is off
+    min_new_tokens: jax.Array  # [B] i32
+    key: jax.Array  # [B, 2] uint32 raw PRNG key data, one stream per row
+    bias: jax.Array  # [B, V] f32 additive: logit_bias, and -inf for disallowed / banned tokens
+    # Multi-token bad words, shared by all rows: each sequence's first tokens right-aligned in
+    # `bad_prefix` [NB, M] (mask says which columns count), its last token in `bad_last` [NB].
+    bad_prefix: jax.Array  # [NB, M] i32
+    bad_prefix_mask: jax.Array  # [NB, M] bool
+    bad_last: jax.Array  # [NB] i32
+    bad_used: jax.Array  # [NB] bool
+
+    @property
+    def batch(self) -> int:
+        return self.temperature.shape[0]
 
     @classmethod
     def make(
         cls,
         batch: int,
+        vocab_size: int,
+        *,
         temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 0,
+        top_p: float | Sequence[float] = 1.0,
+        min_p: float | Sequence[float] = 0.0,
+        repetition_penalty: float | Sequence[float] = 1.0,
+        presence_penalty: float | Sequence[float] = 0.0,
+        frequency_penalty: float | Sequence[float] = 0.0,
+        no_repeat_ngram_size: int | Sequence[int] = 0,
+        min_new_tokens: int | Sequence[int] = 0,
+        logit_bias: Mapping[int, float] | Sequence[Mapping[int, float]] | None = None,
+        allowed_token_ids: Sequence[int] | None = None,
+        bad_words_ids: Sequence[Sequence[int]] = (),
         seed: int | Sequence[int] | None = None,
+        sample_index: Sequence[int] | None = None,
     ) -> "SamplingParams":
-        """Broadcasts scalars (or checks per-row lists) to [batch] arrays and validates them.
+        """Broadcasts scalars (or checks per-row lists) to [batch] arrays and validates every value.
 
-        `seed=None` draws a fresh random seed (shared by the rows of this call).
+        `seed=None` draws a random seed. Rows with the same seed and different `sample_index`
+        get independent streams (num_return_sequences).
         """
-        temperature = _per_row("temperature", temperature, batch, np.float32)
-        if np.any(~np.isfinite(temperature)) or np.any(temperature < 0):
-            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature.tolist()}")
+        f32, i32 = np.float32, np.int32
+        t = _per_row("temperature", temperature, batch, f32)
+        _check("temperature", t, np.all(t >= 0), ">= 0 (0 = greedy)")
+        k = _per_row("top_k", top_k, batch, i32)
+        p = _per_row("top_p", top_p, batch, f32)
+        _check("top_p", p, np.all((p > 0) & (p <= 1)), "in (0, 1]")
+        mp = _per_row("min_p", min_p, batch, f32)
+        _check("min_p", mp, np.all((mp >= 0) & (mp <= 1)), "in [0, 1]")
+        rp = _per_row("repetition_penalty", repetition_penalty, batch, f32)
+        _check("repetition_penalty", rp, np.all(rp > 0), "> 0 (1 = off)")
+        pp = _per_row("presence_penalty", presence_penalty, batch, f32)
+        fp = _per_row("frequency_penalty", frequency_penalty, batch, f32)
+        for name, v in (("presence_penalty", pp), ("frequency_penalty", fp)):
+            _check(name, v, np.all(np.isfinite(v)), "finite")
+        ng = _per_row("no_repeat_ngram_size", no_repeat_ngram_size, batch, i32)
+        _check("no_repeat_ngram_size", ng, np.all((ng >= 0) & (ng <= MAX_NGRAM)), f"in [0, {MAX_NGRAM}]")
+        mn = _per_row("min_new_tokens", min_new_tokens, batch, i32)
+        _check("min_new_tokens", mn, np.all(mn >= 0), ">= 0")
+
+        bias = np.zeros((batch, vocab_size), f32)
+        if logit_bias:
+            rows = [logit_bias] * batch if isinstance(logit_bias, Mapping) else list(logit_bias)
+            if len(rows) != batch:
+                raise GenerationError(f"logit_bias must be one mapping or one per row ({batch})")
+            for r, row in enumerate(rows):
+                for tok, b in (row or {}).items():
+                    _check_ids("logit_bias", [tok], vocab_size)
+                    if not np.isfinite(b) and b != -np.inf:
+                        raise GenerationError(f"logit_bias for token {tok} must be finite or -inf, got {b}")
+                    bias[r, int(tok)] += b
+        if allowed_token_ids is not None:
+            allowed = list(allowed_token_ids)
+            if not allowed:
+                raise GenerationError("allowed_token_ids must not be empty")
+            _check_ids("allowed_token_ids", allowed, vocab_size)
+            keep = np.zeros(vocab_size, bool)
+            keep[allowed] = True
+            bias[:, ~keep] = -np.inf
+        longer = []
+        for seq in bad_words_ids:
+            seq = list(seq)
+            if not seq:
+                raise GenerationError("bad_words entries must not be empty")
+            _check_ids("bad_words", seq, vocab_size)
+            if len(seq) == 1:  # a single token: simply never allowed
+                bias[:, seq[0]] = -np.inf
+            else:
+                longer.append(seq)
+        nb, m = _bucket(len(longer)), _bucket(max((len(w) - 1 for w in longer), default=1))
+        bad_prefix, bad_mask = np.zeros((nb, m), i32), np.zeros((nb, m), bool)
+        bad_last, bad_used = np.zeros((nb,), i32), np.zeros((nb,), bool)
+        for i, seq in enumerate(longer):
+            bad_prefix[i, m - len(seq) + 1 :], bad_mask[i, m - len(seq) + 1 :] = seq[:-1], True
+            bad_last[i], bad_used[i] = seq[-1], True
+
         if seed is None:
             seed = secrets.randbelow(2**32)
         seeds = _per_row("seed", seed, batch, np.int64)
-        if np.any(seeds < 0):
-            raise GenerationError(f"seed must be >= 0, got {seeds.tolist()}")
-        return cls(temperature=jnp.asarray(temperature), seed=jnp.asarray(seeds % 2**32, jnp.uint32))
+        _check("seed", seeds, np.all(seeds >= 0), ">= 0")
+        index = np.zeros(batch, i32) if sample_index is None else np.asarray(sample_index, i32)
+        keys = jax.vmap(lambda s, i: jax.random.key_data(jax.random.fold_in(jax.random.key(s), i)))(
+            jnp.asarray(seeds % 2**32, jnp.uint32), jnp.asarray(index)
+        )
+        return cls(
+            temperature=jnp.asarray(t), top_k=jnp.asarray(k), top_p=jnp.asarray(p), min_p=jnp.asarray(mp),
+            repetition_penalty=jnp.asarray(rp), presence_penalty=jnp.asarray(pp), frequency_penalty=jnp.asarray(fp),
+            no_repeat_ngram_size=jnp.asarray(ng), min_new_tokens=jnp.asarray(mn), key=keys, bias=jnp.asarray(bias),
+            bad_prefix=jnp.asarray(bad_prefix), bad_prefix_mask=jnp.asarray(bad_mask),
+            bad_last=jnp.asarray(bad_last), bad_used=jnp.asarray(bad_used),
+        )
+
+
+def _bucket(n: int) -> int:
+    """Small power-of-two shapes: changing the bad-word list rarely changes a shape."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _per_row(name: str, value, batch: int, dtype) -> np.ndarray:
-    arr = np.asarray(value, dtype=dtype)
+    try:
+        arr = np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError):
+        raise GenerationError(f"{name} must be a number or one number per row, got {value!r}") from None
     if arr.ndim == 0:
         return np.full((batch,), arr, dtype)
     if arr.shape != (batch,):
@@ -58,14 +182,207 @@ def _per_row(name: str, value, batch: int, dtype) -> np.ndarray:
     return arr
 
 
-def row_keys(sampling: SamplingParams, step: jax.Array) -> jax.Array:
+def _check(name: str, values: np.ndarray, ok, allowed: str) -> None:
+    if not ok or (values.dtype.kind == "f" and not np.all(np.isfinite(values))):
+        bad = values.tolist()
+        raise GenerationError(f"{name} must be {allowed}, got {bad[0] if len(set(bad)) == 1 else bad}")
+
+
+def _check_ids(name: str, ids: Sequence[int], vocab_size: int) -> None:
+    for i in ids:
+        if not 0 <= int(i) < vocab_size:
+            raise GenerationError(f"{name}: token id {i} is outside the vocabulary (size {vocab_size})")
+
+
+# ---------------------------------------------------------------------------- history
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["tokens", "valid", "seen", "counts", "step"], meta_fields=["prompt_len"]
+)
+@dataclasses.dataclass(frozen=True)
+class History:
+    """What penalties and stop checks look at. The decode loop keeps it; processors only read it."""
+
+    tokens: jax.Array  # [B, S] i32 prompt block (P columns) then the output buffer, in order
+    valid: jax.Array  # [B, S] bool real tokens (not padding, already generated)
+    seen: jax.Array  # [B, V] bool token occurs in prompt or output (repetition_penalty)
+    counts: jax.Array  # [B, V] i32 occurrences in the output (frequency / presence)
+    step: jax.Array  # [] i32 tokens generated so far
+    prompt_len: int  # P, static
+
+
+def init_history(prompt: jax.Array, prompt_valid: jax.Array, buffer_len: int, vocab_size: int) -> History:
+    """prompt, prompt_valid: [B, P] -> history with room for `buffer_len` outputs."""
+    B, P = prompt.shape
+    rows = jnp.arange(B)[:, None]
+    return History(
+        tokens=jnp.concatenate([prompt, jnp.zeros((B, buffer_len), jnp.int32)], axis=1),
+        valid=jnp.concatenate([prompt_valid, jnp.zeros((B, buffer_len), bool)], axis=1),
+        seen=jnp.zeros((B, vocab_size), bool).at[rows, prompt].max(prompt_valid),
+        counts=jnp.zeros((B, vocab_size), jnp.int32),
+        step=jnp.zeros((), jnp.int32),
+        prompt_len=P,
+    )
+
+
+def record(history: History, token: jax.Array, active: jax.Array) -> History:
+    """Appends token [B] for the rows where `active` [B] (finished rows record nothing)."""
+    rows = jnp.arange(token.shape[0])
+    at = history.prompt_len + history.step
+    return dataclasses.replace(
+        history,
+        tokens=jax.lax.dynamic_update_slice(history.tokens, token[:, None], (0, at)),
+        valid=jax.lax.dynamic_update_slice(history.valid, active[:, None], (0, at)),
+        seen=history.seen.at[rows, token].max(active),
+        counts=history.counts.at[rows, token].add(active.astype(jnp.int32)),
+        step=history.step + 1,
+    )
+
+
+def last_tokens(history: History, n: int, outputs_only: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The n most recent history tokens and their validity, oldest first: [B, n] each."""
+    end = history.prompt_len + history.step
+    idx = end - n + jnp.arange(n)
+    safe = jnp.clip(idx, 0, history.tokens.shape[1] - 1)
+    first = history.prompt_len if outputs_only else 0
+    return history.tokens[:, safe], history.valid[:, safe] & (idx >= first)
+
+
+# ---------------------------------------------------------------------------- processors (pure, [B, V])
+
+
+def penalize_repetition(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
+    """HF: for tokens already in prompt+output, positive logits / θ, negative logits * θ."""
+    theta = penalty[:, None]
+    return jnp.where(seen, jnp.where(logits > 0, logits / theta, logits * theta), logits)
+
+
+def penalize_frequency_presence(logits, counts, frequency, presence) -> jax.Array:
+    """OpenAI/vLLM: logit -= frequency * count + presence * [count > 0], over output tokens."""
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+
+
+def no_repeat_ngram_mask(history: History, n: jax.Array, vocab_size: int) -> jax.Array:
+    """HF no_repeat_ngram_size: tokens that would complete an n-gram already in prompt+output.
+
+    n: [B] (0 = off). For each history column j, token[j] is banned when the n-1 tokens
+    before it equal the row's last n-1 tokens (all of them real). -> banned [B, V] bool
+    """
+    B, S = history.tokens.shape
+    M = MAX_NGRAM - 1
+    suffix, suffix_ok = last_tokens(history, M)  # [B, M], oldest first
+    match = history.valid
+    for i in range(1, M + 1):  # static: compare tokens[j - i] with the i-th most recent token
+        before = jnp.pad(history.tokens, ((0, 0), (i, 0)))[:, :S]
+        before_ok = jnp.pad(history.valid, ((0, 0), (i, 0)))[:, :S]
+        same = (before == suffix[:, M - i, None]) & before_ok & suffix_ok[:, M - i, None]
+        match = match & (same | (i > n - 1)[:, None])
+    match = match & (n > 0)[:, None]
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, S))
+    return jnp.zeros((B, vocab_size), bool).at[rows, history.tokens].max(match)
+
+
+def bad_words_mask(history: History, sp: SamplingParams, vocab_size: int) -> jax.Array:
+    """Tokens that would complete a multi-token bad word given the row's last tokens. -> [B, V]"""
+    B = history.tokens.shape[0]
+    recent, ok = last_tokens(history, sp.bad_prefix.shape[1])  # [B, M]
+    same = (recent[:, None, :] == sp.bad_prefix[None]) & ok[:, None, :]  # [B, NB, M]
+    hit = jnp.all(same | ~sp.bad_prefix_mask[None], axis=-1) & sp.bad_used[None]  # [B, NB]
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], hit.shape)
+    return jnp.zeros((B, vocab_size), bool).at[rows, sp.bad_last[None, :]].max(hit)
+
+
+def _skip_unless(on: jax.Array, fn, z: jax.Array) -> jax.Array:
+    """Runs fn(z) only when some row needs it: neutral settings cost nothing per step."""
+    return jax.lax.cond(jnp.any(on), fn, lambda z: z, z)
+
+
+def process_logits(logits: jax.Array, sp: SamplingParams, history: History, eos_ids: jax.Array) -> jax.Array:
+    """Everything before the greedy/sampling split: masks, bias, min_new_tokens, penalties. [B, V]"""
+    V = logits.shape[-1]
+    z = logits.astype(jnp.float32) + sp.bias
+    z = _skip_unless(sp.bad_used, lambda z: jnp.where(bad_words_mask(history, sp, V), NEG_INF, z), z)
+    early = history.step < sp.min_new_tokens  # [B]
+    is_eos = jnp.zeros((V,), bool).at[eos_ids].set(True)
+    z = jnp.where(early[:, None] & is_eos[None], NEG_INF, z)
+    z = _skip_unless(sp.repetition_penalty != 1, lambda z: penalize_repetition(z, history.seen, sp.repetition_penalty), z)
+    z = _skip_unless(
+        (sp.frequency_penalty != 0) | (sp.presence_penalty != 0),
+        lambda z: penalize_frequency_presence(z, history.counts, sp.frequency_penalty, sp.presence_penalty),
+        z,
+    )
+    ngram = sp.no_repeat_ngram_size
+    return _skip_unless(ngram > 0, lambda z: jnp.where(no_repeat_ngram_mask(history, ngram, V), NEG_INF, z), z)
+
+
+def _cutoff(z: jax.Array, vals: jax.Array, top_k: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The smallest logit top_k and top_p keep, from `vals` [B, C]: z's C largest, descending.
+
+    -> (tau [B], fits [B]): fits is False where the answer might lie beyond the C candidates.
+    """
+    B, C = vals.shape
+    V = z.shape[-1]
+    rows = jnp.arange(B)
+    k_on = (top_k > 0) & (top_k < V)
+    tau_k = jnp.where(k_on, vals[rows, jnp.clip(top_k - 1, 0, C - 1)], NEG_INF)
+    keep_k = vals >= tau_k[:, None]  # ties at the k-th value are kept (HF)
+    lse_all = jax.nn.logsumexp(z, axis=-1)
+    lse = jnp.where(k_on, jax.nn.logsumexp(jnp.where(keep_k, vals, NEG_INF), axis=-1), lse_all)
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    probs = jnp.where(keep_k, jnp.exp(vals - lse[:, None]), 0.0)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly more probable than each candidate
+    keep_p = keep_k & (before < top_p[:, None])  # includes the token that crosses p
+    tau_p = vals[rows, jnp.maximum(jnp.sum(keep_p, axis=-1) - 1, 0)]
+    p_on = top_p < 1
+    full = C == V
+    fits_k = ~k_on | full | ((top_k <= C) & ~keep_k[:, -1])
+    fits_p = ~p_on | full | ~keep_p[:, -1]
+    return jnp.where(p_on, jnp.maximum(tau_p, tau_k), tau_k), fits_k & fits_p
+
+
+def truncate(z: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """top_k -> top_p -> min_p on temperature-scaled logits z [B, V]; removed tokens become -inf.
+
+    HF semantics: top_k keeps ties at the k-th value; top_p keeps the smallest prefix (by
+    probability, renormalized after top_k) whose mass reaches p, the crossing token
+    included; min_p keeps p_i >= min_p * p_max. Cut-offs are found among the C best logits
+    (`lax.top_k`, no full sort); the vocabulary is sorted only when a row's cut-off could lie
+    beyond them (a very flat distribution with top_p, or top_k > C).
+    """
+    V = z.shape[-1]
+    C = min(CANDIDATES, V)
+    tau, fits = _cutoff(z, jax.lax.top_k(z, C)[0], top_k, top_p)
+    if C < V:
+        tau = jax.lax.cond(jnp.all(fits), lambda: tau, lambda: _cutoff(z, jax.lax.top_k(z, V)[0], top_k, top_p)[0])
+    z_max = jnp.max(z, axis=-1, keepdims=True)
+    keep = (z >= tau[:, None]) & (jnp.exp(z - z_max) >= min_p[:, None])
+    return jnp.where(keep, z, NEG_INF)
+
+
+def row_keys(sp: SamplingParams, step: jax.Array) -> jax.Array:
     """One PRNG key per row for this step: [B] typed keys."""
-    return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(sampling.seed)
+    return jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(sp.key)
 
 
-def choose_next(logits: jax.Array, sampling: SamplingParams, step: jax.Array) -> jax.Array:
-    """logits: [B, V] float32 -> next token ids [B] int32 (greedy where temperature == 0)."""
-    t = sampling.temperature
-    scaled = logits / jnp.where(t > 0, t, 1.0)[:, None]
-    sampled = jax.vmap(jax.random.categorical)(row_keys(sampling, step), scaled)
-    return jnp.where(t > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+def choose_next(
+    logits: jax.Array, sp: SamplingParams, history: History, eos_ids: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """logits: [B, V] -> (token [B] i32, logprobs [B, V] of the distribution it was drawn from).
+
+    The single place the decode loop asks for a token. Greedy rows (temperature 0) take the
+    argmax after penalties; the others are scaled, truncated and sampled with their own key.
+    """
+    z = process_logits(logits, sp, history, eos_ids)
+    t = sp.temperature
+    greedy = t == 0
+
+    def sample(z):
+        scaled = z / jnp.where(greedy, 1.0, t)[:, None]
+        truncated = truncate(scaled, sp.top_k, sp.top_p, sp.min_p)
+        drawn = jax.vmap(jax.random.categorical)(row_keys(sp, history.step), truncated)
+        return jnp.where(greedy[:, None], z, truncated), drawn
+
+    final, drawn = jax.lax.cond(jnp.all(greedy), lambda z: (z, jnp.zeros(z.shape[:1], jnp.int32)), sample, z)
+    token = jnp.where(greedy, jnp.argmax(z, axis=-1), drawn).astype(jnp.int32)
+    return token, jax.nn.log_softmax(final, axis=-1)

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import GenerationError, SamplingParams, generate, generate_tokens
+from jaxllm import GenerationError, SamplingParams, StopParams, generate, generate_tokens
 from jaxllm.compilation import CompileCounter
 from jaxllm.generate import bucket, left_pad
-from jaxllm.sampling import choose_next
+from jaxllm.sampling import choose_next, init_history
 from reference import np_greedy
 
 PROMPTS = [[1, 40, 41, 42], [1, 50, 51, 52, 53, 54, 55, 56, 57, 58], [1, 60]]
@@ -34,7 +34,8 @@ def test_eos_stops_only_its_row(cfg, params):
     free = generate(params, cfg, PROMPTS[:2], max_new_tokens=16, temperature=0.0, eos_token_id=[]).token_ids
     eos = free[0][5]
     first = free[0].index(eos)
-    result = generate(params, cfg, PROMPTS[:2], max_new_tokens=16, temperature=0.0, eos_token_id=[eos, 999])
+    unused = min(set(range(cfg.vocab_size)) - set(free[0]) - set(free[1]))  # a second EOS id that never comes
+    result = generate(params, cfg, PROMPTS[:2], max_new_tokens=16, temperature=0.0, eos_token_id=[eos, unused])
     assert result.token_ids[0] == free[0][: first + 1]  # EOS kept in the ids
     assert result.finish_reasons[0] == "eos"
     if eos not in free[1]:
@@ -71,22 +72,25 @@ def test_temperature_sampling_matches_the_softmax_distribution():
     # chi-square goodness of fit over many independent rows (one seed each)
     logits = jnp.log(jnp.asarray([0.5, 0.25, 0.15, 0.07, 0.03]))
     n, t = 20000, 0.8
-    sampling = SamplingParams.make(n, temperature=t, seed=np.arange(n))
-    tokens = np.asarray(jax.jit(choose_next)(jnp.broadcast_to(logits, (n, 5)), sampling, jnp.int32(0)))
+    sampling = SamplingParams.make(n, 5, temperature=t, seed=np.arange(n))
+    history = init_history(jnp.ones((n, 1), jnp.int32), jnp.zeros((n, 1), bool), 4, 5)
+    no_eos = jnp.zeros((0,), jnp.int32)
+    tokens = np.asarray(jax.jit(choose_next)(jnp.broadcast_to(logits, (n, 5)), sampling, history, no_eos)[0])
     expected = np.asarray(jax.nn.softmax(logits / t)) * n
     chi2 = (((np.bincount(tokens, minlength=5) - expected) ** 2) / expected).sum()
     assert chi2 < 18.5  # p = 0.001 for 4 degrees of freedom
-    greedy = SamplingParams.make(3, temperature=0.0, seed=0)
-    assert np.all(np.asarray(choose_next(jnp.broadcast_to(logits, (3, 5)), greedy, jnp.int32(0))) == 0)
+    greedy = SamplingParams.make(n, 5, temperature=0.0, seed=0)
+    assert np.all(np.asarray(choose_next(jnp.broadcast_to(logits, (n, 5)), greedy, history, no_eos)[0]) == 0)
 
 
 def test_generate_tokens_composes_with_user_jit(cfg, params):
     tokens, positions = left_pad(PROMPTS, 16, pad_id=0)
-    sampling = SamplingParams.make(3, temperature=0.0, seed=0)
+    sampling = SamplingParams.make(3, cfg.vocab_size, temperature=0.0, seed=0)
+    stops = StopParams.make(3, max_new_tokens=10)
 
     @jax.jit
     def user_fn(params, tokens, positions):
-        state = generate_tokens(params, cfg, tokens, positions, sampling, jnp.zeros((0,), jnp.int32), 10, buffer_len=16, chunk=8)
+        state = generate_tokens(params, cfg, tokens, positions, sampling, stops, buffer_len=16, chunk=8)
         return state.tokens, state.length
 
     out, length = user_fn(params, jnp.asarray(tokens), jnp.asarray(positions))
