@@ -1,15 +1,19 @@
 """Sample from a jaxllm checkpoint.
 
     python sample.py --prompt "def fibonacci(n):" --max_new_tokens 64 --temperature 0.8 --seed 0
-    python sample.py --checkpoint out/run1 --prompt "a" --prompt "b"      # a batch of two
+    python sample.py --checkpoint out/run1 --prompt "a" --prompt "b" --top_p 0.9 --format jsonl
+    python sample.py --chat --system "You are terse." --prompt "Name a prime." --stream
 
-Without --checkpoint, the model bundled with the package is used. Bad input exits with
-code 2 and one line naming the problem.
+Flags are named as in shared/SAMPLING.md (hyphenated aliases work too). Without
+--checkpoint, the model bundled with the package is used. Bad input exits with code 2 and
+one line naming the problem.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -21,58 +25,164 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _flag(p, name, **kw):
+    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    p.add_argument(*names, dest=name, **kw)
+
+
+# flag -> (test, what is allowed); checked once, at the boundary
+RANGES = {
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "min_new_tokens": (lambda v: v >= 0, ">= 0"),
+    "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "repetition_penalty": (lambda v: v > 0, "> 0 (1 = off)"),
+    "presence_penalty": (math.isfinite, "a finite number"),
+    "frequency_penalty": (math.isfinite, "a finite number"),
+    "no_repeat_ngram_size": (lambda v: 0 <= v <= 16, "in [0, 16]"),
+    "seed": (lambda v: v is None or v >= 0, ">= 0"),
+    "num_return_sequences": (lambda v: v >= 1, ">= 1"),
+    "logprobs": (lambda v: v is None or 0 <= v <= 20, "in [0, 20]"),
+    "stop_on_repetition": (lambda v: v == 0 or v >= 2, "0 (off) or >= 2"),
+}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(prog="sample.py", description="Generate text from a jaxllm checkpoint.")
-    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the bundled model)")
-    p.add_argument("--prompt", action="append", default=None, help="prompt text; repeat for a batch")
-    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=64, help="tokens to generate (>= 1)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; must be >= 0")
-    p.add_argument("--seed", type=int, default=None, help="PRNG seed (>= 0); default: random")
-    p.add_argument("--no_compile_cache", action="store_true", help="do not keep compiled programs on disk")
+    _flag(p, "checkpoint", default=None, help="checkpoint directory (default: the bundled model)")
+    _flag(p, "prompt", action="append", default=[], help="prompt text; repeat for a batch")
+    _flag(p, "prompt_file", action="append", default=[], help="a file whose whole text is one prompt; repeatable")
+    _flag(p, "max_new_tokens", type=int, default=64, help="tokens to generate (>= 1)")
+    _flag(p, "min_new_tokens", type=int, default=0, help="EOS is masked until this many tokens")
+    _flag(p, "temperature", type=float, default=0.8, help="0 = greedy")
+    _flag(p, "top_k", type=int, default=0, help="keep the k most likely tokens (<= 0: off)")
+    _flag(p, "top_p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    _flag(p, "min_p", type=float, default=0.0, help="keep tokens with p >= min_p * p_max")
+    _flag(p, "repetition_penalty", type=float, default=1.0, help="> 0; 1 is off")
+    _flag(p, "presence_penalty", type=float, default=0.0)
+    _flag(p, "frequency_penalty", type=float, default=0.0)
+    _flag(p, "no_repeat_ngram_size", type=int, default=0, help="never repeat an n-gram of this size")
+    _flag(p, "bad_words", action="append", default=[], help="a string never to generate; repeatable")
+    _flag(p, "logit_bias", action="append", default=[], help="ID=BIAS, repeatable, or a JSON object")
+    _flag(p, "allowed_token_ids", default=None, help="comma-separated ids: only these may be generated")
+    _flag(p, "stop", action="append", default=[], help="stop string; repeatable")
+    _flag(p, "include_stop_str_in_output", action="store_true")
+    _flag(p, "eos_token_id", type=int, action="append", default=None, help="EOS id(s) (default: the tokenizer's)")
+    _flag(p, "stop_on_repetition", type=int, default=0, help="end a row repeating one n-gram this many times")
+    _flag(p, "seed", type=int, default=None, help="PRNG seed (default: random)")
+    p.add_argument("--num_return_sequences", "--num-return-sequences", "--n", dest="num_return_sequences", type=int, default=1)
+    _flag(p, "logprobs", type=int, nargs="?", const=0, default=None, help="report log-probabilities (and N alternatives)")
+    _flag(p, "stream", action="store_true", help="print text as it is generated")
+    _flag(p, "system", default=None, help="system prompt (implies --chat)")
+    _flag(p, "few_shot", default=None, help="JSONL file of examples, e.g. {\"input\": ..., \"output\": ...} (implies --chat)")
+    _flag(p, "chat", nargs="?", const="auto", default=None, choices=["auto", "jaxllm", "llama2", "plain"], help="wrap prompts in a chat template")
+    _flag(p, "format", choices=["text", "jsonl"], default="text")
+    _flag(p, "no_compile_cache", action="store_true", help="do not keep compiled programs on disk")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        p.error(f"argument --max_new_tokens: must be >= 1, got {args.max_new_tokens}")
-    if not args.temperature >= 0:  # also catches nan
-        p.error(f"argument --temperature: must be >= 0 (0 = greedy), got {args.temperature}")
-    if args.seed is not None and args.seed < 0:
-        p.error(f"argument --seed: must be >= 0, got {args.seed}")
+    for name, (ok, allowed) in RANGES.items():
+        value = getattr(args, name)
+        if not ok(value) or (isinstance(value, float) and math.isnan(value)):
+            p.error(f"argument --{name}: must be {allowed}, got {value}")
+    try:
+        args.logit_bias = _parse_logit_bias(args.logit_bias)
+        args.allowed_token_ids = [int(x) for x in args.allowed_token_ids.split(",")] if args.allowed_token_ids else None
+    except ValueError as e:
+        p.error(str(e))
+    if args.stream and (len(args.prompt) + len(args.prompt_file) > 1 or args.num_return_sequences > 1 or args.format != "text"):
+        p.error("argument --stream: works with one prompt, --num_return_sequences 1 and --format text")
     return args
+
+
+def _parse_logit_bias(items: list[str]) -> dict[int, float]:
+    bias: dict[int, float] = {}
+    for item in items:
+        try:
+            pairs = json.loads(item).items() if item.lstrip().startswith("{") else [item.replace(":", "=").split("=", 1)]
+            for tok, b in pairs:
+                bias[int(tok)] = float(b)
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(f"argument --logit_bias: expected ID=BIAS or a JSON object, got {item!r}") from None
+    return bias
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import jaxllm  # after parsing: --help and flag errors stay instant
+    from jaxllm import chat
     from jaxllm.compilation import enable_persistent_cache
 
     if not args.no_compile_cache:
         enable_persistent_cache()
-    checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
     try:
+        prompts = list(args.prompt)
+        for f in args.prompt_file:
+            try:
+                prompts.append(Path(f).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as e:
+                raise jaxllm.GenerationError(f"argument --prompt_file: cannot read {f} ({getattr(e, 'strerror', None) or e})") from None
+        prompts = prompts or [""]
+        checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
         if args.checkpoint is None and not checkpoint.exists():
-            raise jaxllm.CheckpointError(
-                f"no --checkpoint given and the bundled model is missing ({checkpoint}); pass --checkpoint DIR"
-            )
+            raise jaxllm.CheckpointError(f"no --checkpoint given and the bundled model is missing ({checkpoint})")
         params, cfg, tokenizer = jaxllm.load_checkpoint(checkpoint)
         if tokenizer is None:
             raise jaxllm.CheckpointError(f"{checkpoint} has no tokenizer.model, so text prompts cannot be encoded")
-        prompts = args.prompt or [""]
-        result = jaxllm.generate(
-            params,
-            cfg,
-            prompts,
-            tokenizer=tokenizer,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            seed=args.seed,
+
+        eos = args.eos_token_id if args.eos_token_id is not None else ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+        stop = list(args.stop)
+        inputs = prompts
+        if args.chat or args.system or args.few_shot:
+            template = args.chat or "auto"
+            few_shot = chat.load_few_shot(args.few_shot) if args.few_shot else []
+            inputs = [chat.build_prompt(tokenizer, p, system=args.system, few_shot=few_shot, template=template) for p in prompts]
+            end_ids, end_strings = chat.end_of_turn(tokenizer, template)
+            eos, stop = eos + [i for i in end_ids if i not in eos], stop + end_strings
+
+        kwargs = dict(
+            tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_return_sequences,
+            stop=stop, include_stop_str_in_output=args.include_stop_str_in_output, eos_token_id=eos,
+            repeat_count=args.stop_on_repetition, logprobs=args.logprobs, min_new_tokens=args.min_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+            bad_words=args.bad_words, logit_bias=args.logit_bias, allowed_token_ids=args.allowed_token_ids, seed=args.seed,
         )
+        if args.stream:
+            print(prompts[0], end="", flush=True)
+            for row, piece in jaxllm.generate_stream(params, cfg, inputs, **kwargs):
+                if row >= 0:
+                    print(piece, end="", flush=True)
+            print()
+            return 0
+        result = jaxllm.generate(params, cfg, inputs, **kwargs)
     except jaxllm.JaxllmError as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
-    for i, (prompt, text) in enumerate(zip(prompts, result.texts)):
-        if i:
-            print("\n" + "-" * 40)
-        print(prompt + text)
+    _print(result, prompts, args)
     return 0
+
+
+def _print(result, prompts: list[str], args) -> None:
+    for i, (ids, text, why) in enumerate(zip(result.token_ids, result.texts, result.finish_reasons)):
+        prompt = prompts[result.prompt_index[i]]
+        if args.format == "jsonl":
+            record = {
+                "prompt": prompt, "text": text, "token_ids": ids, "finish_reason": why,
+                "num_prompt_tokens": result.num_prompt_tokens[i], "num_generated_tokens": len(ids),
+                "timing": {k: round(v, 6) for k, v in result.timing.items()},
+            }
+            if args.num_return_sequences > 1:
+                record["index"] = i % args.num_return_sequences
+            if result.logprobs is not None:
+                record["logprobs"] = result.logprobs[i]
+            if result.top_logprobs is not None:
+                record["top_logprobs"] = [{str(k): v for k, v in d.items()} for d in result.top_logprobs[i]]
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            if i:
+                print("\n" + "-" * 40)
+            print(prompt + text)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from jaxllm import generate, save_checkpoint
+from jaxllm.chat import build_prompt
 from conftest import REPO
 
 
@@ -29,6 +31,32 @@ def test_prints_the_same_completion_as_the_library(checkpoint, cfg, params, toke
     assert proc.stdout == "def f(x):" + want[0] + "\n\n" + "-" * 40 + "\nfor i" + want[1] + "\n"
 
 
+def test_jsonl_with_sampling_flags_matches_the_library(checkpoint, cfg, params, tokenizer, tmp_path):
+    (tmp_path / "p.txt").write_text("class Foo:\n")
+    flags = dict(max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.9, min_p=0.01, repetition_penalty=1.2,
+                 presence_penalty=0.1, frequency_penalty=0.1, no_repeat_ngram_size=3, seed=4)
+    args = [x for k, v in flags.items() for x in (f"--{k}", v)]
+    proc = run("--checkpoint", checkpoint, "--prompt_file", tmp_path / "p.txt", "--format", "jsonl", "--n", 2, "--logprobs", 2, *args)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    want = generate(params, cfg, ["class Foo:\n"], tokenizer=tokenizer, num_return_sequences=2, logprobs=2, **flags)
+    assert [r["token_ids"] for r in rows] == want.token_ids and [r["text"] for r in rows] == want.texts
+    assert [r["index"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["prompt"] == "class Foo:\n" and r["num_generated_tokens"] == len(r["token_ids"]) == len(r["logprobs"])
+        assert r["finish_reason"] in ("eos", "length") and set(r["timing"]) == {"compile_s", "prefill_s", "decode_s", "decode_tokens_per_s"}
+        assert all(len(alt) == 2 for alt in r["top_logprobs"])
+
+
+def test_chat_and_stream(checkpoint, cfg, params, tokenizer):
+    proc = run("--checkpoint", checkpoint, "--system", "Be brief.", "--prompt", "hi", "--stream", "--max_new_tokens", 12, "--temperature", 0)
+    assert proc.returncode == 0, proc.stderr
+    ids = build_prompt(tokenizer, "hi", system="Be brief.")
+    eos = [tokenizer.eos_id, tokenizer.special_tokens["<|end|>"]]
+    want = generate(params, cfg, [ids], tokenizer=tokenizer, max_new_tokens=12, temperature=0.0, eos_token_id=eos).texts[0]
+    assert proc.stdout == "hi" + want + "\n"
+
+
 @pytest.mark.parametrize(
     "args,named",
     [
@@ -37,6 +65,16 @@ def test_prints_the_same_completion_as_the_library(checkpoint, cfg, params, toke
         (["--max_new_tokens", "0"], "--max_new_tokens"),
         (["--seed", "-3"], "--seed"),
         (["--max_new_tokens", "many"], "--max_new_tokens"),
+        (["--top_p", "1.5"], "--top_p"),
+        (["--top_p", "0"], "--top_p"),
+        (["--min_p", "2"], "--min_p"),
+        (["--repetition_penalty", "0"], "--repetition_penalty"),
+        (["--no_repeat_ngram_size", "99"], "--no_repeat_ngram_size"),
+        (["--logit_bias", "abc"], "--logit_bias"),
+        (["--logprobs", "50"], "--logprobs"),
+        (["--prompt_file", "/nonexistent/p.txt"], "--prompt_file"),
+        (["--stream", "--prompt", "y"], "--stream"),
+        (["--chat", "chatml"], "--chat"),
         (["--bogus"], "--bogus"),
     ],
 )
