@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +89,185 @@ class ModelConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"config {path} must hold a JSON object")
         return cls.from_dict(values.get("model", values))
+
+
+# ---------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train: data, optimizer, schedule, evaluation, checkpoints, device mesh.
+
+    Sentinels instead of None keep every field typed for command-line overrides:
+    "" means "not given" for strings, 0 means "off" or "derive it" where noted.
+    """
+
+    # data
+    data: str = "stdlib"  # "stdlib" (Python's own library source), or comma-separated files/dirs/globs
+    data_limit_mb: float = 0.0  # read at most this many MB of the corpus (seeded document order); 0 = all
+    data_dir: str = ""  # where token shards go; "" = OUT_DIR/data
+    tokenizer: str = ""  # a tokenizer.model to use; "" = train one on the corpus (vocab = model.vocab_size)
+    val_fraction: float = 0.02  # share of corpus bytes held out, by whole documents
+    seq_len: int = 0  # tokens per training window; 0 = model.max_seq_len
+    # optimization
+    batch_size: int = 32  # sequences per optimizer step, across all devices and hosts
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide by it)
+    max_steps: int = 1000
+    max_minutes: float = 0.0  # stop (evaluate, save) once the run is this old; 0 = no limit
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # on matrices only; norms are never decayed
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clipping; 0 = off
+    seed: int = 0  # params init and batch order
+    # evaluation, logging, checkpoints
+    eval_every: int = 200  # steps between validation evals (and at the end); 0 = only at the end
+    eval_batches: int = 8  # batches of batch_size windows per eval, spread evenly over the val split
+    log_every: int = 10  # steps between metrics lines (and NaN checks)
+    save_every: int = 500  # steps between checkpoints (and at the end); 0 = only at the end
+    keep: int = 3  # most recent checkpoints kept under OUT_DIR/state, besides the best by val loss
+    # devices
+    fsdp: int = 1  # size of the mesh's fsdp axis (params sharded over it); data axis = devices // fsdp
+
+    def __post_init__(self):
+        positive = ("batch_size", "grad_accum", "max_steps", "eval_batches", "log_every", "keep", "fsdp")
+        non_negative = ("seq_len", "warmup_steps", "seed", "eval_every", "save_every")
+        for name in positive + non_negative:
+            value = getattr(self, name)
+            low = 1 if name in positive else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, low, high in (
+            ("lr", 0.0, 1.0),
+            ("min_lr_ratio", 0.0, 1.0),
+            ("weight_decay", 0.0, 10.0),
+            ("beta1", 0.0, 1.0),
+            ("beta2", 0.0, 1.0),
+            ("adam_eps", 0.0, 1.0),
+            ("grad_clip", 0.0, float("inf")),
+            ("data_limit_mb", 0.0, float("inf")),
+            ("max_minutes", 0.0, float("inf")),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+                raise ConfigError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if self.lr == 0.0:
+            raise ConfigError("lr must be > 0")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        if not self.data:
+            raise ConfigError('data must name a corpus ("stdlib", or files/dirs/globs)')
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown train config field(s): {', '.join(unknown)}")
+        # JSON has one number type: accept 3 for a float field, never 3.5 for an int field.
+        fixed = {}
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                value = values[f.name]
+                if isinstance(f.default, float) and isinstance(value, int) and not isinstance(value, bool):
+                    value = float(value)
+                fixed[f.name] = value
+        return cls(**fixed)
+
+
+PRESET_KEYS = ("description", "_comment", "model", "train")
+
+
+def load_preset(path: str | Path) -> tuple[ModelConfig, TrainConfig, str]:
+    """A preset file -> (model config, train config, its description).
+
+    {"description": "...", "model": {...ModelConfig...}, "train": {...TrainConfig...}}
+    """
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
+        raise ConfigError(f'config {path} must be a JSON object with a "model" section')
+    unknown = sorted(set(values) - set(PRESET_KEYS))
+    if unknown:
+        raise ConfigError(f"config {path}: unknown section(s) {', '.join(unknown)} (allowed: {', '.join(PRESET_KEYS)})")
+    train = values.get("train", {})
+    if not isinstance(train, dict):
+        raise ConfigError(f'config {path}: "train" must be a JSON object')
+    try:
+        return ModelConfig.from_dict(values["model"]), TrainConfig.from_dict(train), values.get("description", "")
+    except ConfigError as e:
+        raise ConfigError(f"config {path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------- command-line overrides
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+_PARSERS = {int: int, float: float, str: str, bool: _parse_bool}
+
+
+def _parse(name: str, text: str, kind) -> Any:
+    """One override value, typed by the dataclass annotation (never eval'd)."""
+    args = typing.get_args(kind)
+    if type(None) in args:  # Optional[X]: "none" / "null" give None
+        if text.lower() in ("none", "null"):
+            return None
+        kind = next(a for a in args if a is not type(None))
+    try:
+        return _PARSERS[kind](text)
+    except ValueError:
+        raise ConfigError(f"--{name} expects {kind.__name__}, got {text!r}") from None
+
+
+def apply_overrides(
+    model: ModelConfig, train: TrainConfig, args: list[str]
+) -> tuple[ModelConfig, TrainConfig]:
+    """Applies `--field=value` / `--field value` pairs to whichever config owns the field.
+
+    Values are parsed by each field's declared type; an unknown field, a missing value or
+    a value of the wrong type raises ConfigError naming it.
+    """
+    model_types, train_types = typing.get_type_hints(ModelConfig), typing.get_type_hints(TrainConfig)
+    model_changes: dict[str, Any] = {}
+    train_changes: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r} (overrides look like --field=value)")
+        name, eq, value = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{name} needs a value")
+            value, i = args[i + 1], i + 1
+        i += 1
+        if name in model_types:
+            model_changes[name] = _parse(name, value, model_types[name])
+        elif name in train_types:
+            train_changes[name] = _parse(name, value, train_types[name])
+        else:
+            raise ConfigError(f"unknown config field --{name}")
+    return model.replace(**model_changes), train.replace(**train_changes)

@@ -23,3 +23,11 @@ class TokenizerError(JaxllmError):
 
 class GenerationError(JaxllmError, ValueError):
     """Generation was asked for something it cannot do (e.g. a prompt longer than the context)."""
+
+
+class DataError(JaxllmError, ValueError):
+    """A corpus cannot be found, read or split, or prepared token shards do not match."""
+
+
+class TrainingError(JaxllmError):
+    """Training cannot go on: the loss became NaN/inf, or a resume does not match the run."""
