@@ -1,0 +1,381 @@
+"""A training run on the host: data, state, the step loop, evals, checkpoints, metrics.
+
+    OUT_DIR/
+      run.json                       the model and train configs the run was started with
+      data/                          token shards (+ tokenizer.model when trained here)
+      state/<step>/                  Orbax checkpoints (TrainState + meta): the last `keep`
+                                     and the best by val loss
+      config.json params.safetensors tokenizer.model
+                                     the model directory: `sample.py --checkpoint OUT_DIR`
+      metrics.jsonl                  one JSON object per logged step
+      loss.png                       the loss curves, written at the end
+
+The loop never waits on the device between log points: metrics stay on device until a
+flush, which is also where a NaN/inf loss is caught. Orbax writes each checkpoint under a
+temporary name and renames it when complete, so a run killed mid-save resumes from the
+previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from jaxllm import data, training
+from jaxllm.checkpoint import save_checkpoint
+from jaxllm.config import ModelConfig, TrainConfig
+from jaxllm.errors import CheckpointError, ConfigError, TrainingError
+from jaxllm.plot import loss_curve
+from jaxllm.tokenizer import Tokenizer
+
+RUN_FILE, METRICS_FILE, PLOT_FILE, STATE_DIR = "run.json", "metrics.jsonl", "loss.png", "state"
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int  # last step taken
+    stop_reason: str  # "max_steps", "max_minutes" or "stop_at"
+    losses: dict[int, float]  # step -> train loss, for the steps this call ran
+    evals: dict[int, dict]  # step -> {"val_loss", "val_ppl", "val_bpb"}
+    best_step: int | None  # the step whose params the model directory holds at the end
+
+
+# ---------------------------------------------------------------------------- run directory
+
+
+def read_run(out_dir: str | os.PathLike) -> tuple[ModelConfig, TrainConfig]:
+    """The configs a run in `out_dir` was started with (for `--resume` without `--config`)."""
+    path = Path(out_dir) / RUN_FILE
+    try:
+        values = json.loads(path.read_text())
+        return ModelConfig.from_dict(values["model"]), TrainConfig.from_dict(values["train"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: {out_dir} holds no run to resume") from None
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"{path} is unreadable or corrupt ({e})") from None
+
+
+def _config_diff(a: ModelConfig, b: ModelConfig) -> str:
+    da, db = a.to_dict(), b.to_dict()
+    return ", ".join(f"{k}={db[k]!r} (run has {da[k]!r})" for k in da if da[k] != db[k])
+
+
+def _manager(state_dir: Path, keep: int) -> ocp.CheckpointManager:
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+        [
+            ocp.checkpoint_managers.LatestN(n=keep),
+            # BestN keeps the largest metric values: rank by minus the val loss.
+            ocp.checkpoint_managers.BestN(
+                get_metric_fn=lambda m: -m["val_loss"], n=1, keep_checkpoints_without_metrics=False
+            ),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, cleanup_tmp_directories=True, create=True)
+    return ocp.CheckpointManager(state_dir, options=options)
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, abstract: training.TrainState) -> tuple[training.TrainState, dict]:
+    try:
+        out = mngr.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
+        )
+        return out["state"], dict(out["meta"])
+    except Exception as e:  # Orbax and TensorStore raise many types for a damaged checkpoint
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"checkpoint {mngr.directory / str(step)} is unreadable or corrupt ({type(e).__name__}: {first})"
+        ) from None
+
+
+def _trim_metrics(path: Path, after_step: int) -> list[dict]:
+    """Drops records past `after_step` (written by the run being resumed after its last
+    checkpoint) and returns those kept."""
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if record.get("step", 0) <= after_step:
+            kept.append(record)
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def write_plot(out_dir: str | os.PathLike) -> Path:
+    """loss.png from metrics.jsonl: train loss per logged step, val loss per eval."""
+    out_dir = Path(out_dir)
+    records = [json.loads(line) for line in (out_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
+    series = {
+        "train": ([r["step"] for r in records if "loss" in r], [r["loss"] for r in records if "loss" in r]),
+        "val": ([r["step"] for r in records if "val_loss" in r], [r["val_loss"] for r in records if "val_loss" in r]),
+    }
+    loss_curve(out_dir / PLOT_FILE, series)
+    return out_dir / PLOT_FILE
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def run(
+    cfg: ModelConfig,
+    tcfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    stop_at: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Trains `cfg` as `tcfg` says, writing everything under `out_dir` (see the module doc).
+
+    `resume` continues from the latest checkpoint with the same batches an uninterrupted
+    run would have seen. `stop_at` ends the run after that step (evaluated and saved) as if
+    it had been interrupted, without changing the schedule.
+    """
+    started = time.monotonic()
+    training.maybe_initialize_distributed()
+    pid, hosts = jax.process_index(), jax.process_count()
+    lead = pid == 0
+    say = log or (lambda msg: tqdm.write(msg))
+    if not lead:
+        say = lambda msg: None  # noqa: E731
+    out_dir = Path(out_dir).absolute()
+    state_dir = out_dir / STATE_DIR
+
+    # ---- validate the request before any heavy work
+    seq_len = tcfg.seq_len or cfg.max_seq_len
+    if seq_len > cfg.max_seq_len:
+        raise ConfigError(f"seq_len {seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    mesh = training.make_mesh(tcfg.fsdp)
+    micro = tcfg.batch_size // tcfg.grad_accum
+    if micro % mesh.size or micro % hosts:
+        raise ConfigError(
+            f"batch_size / grad_accum = {micro} rows must divide over {mesh.size} devices and {hosts} hosts"
+        )
+    has_state = state_dir.is_dir() and any(p.name.isdigit() for p in state_dir.iterdir())
+    if resume:
+        run_cfg, _ = read_run(out_dir)
+        if run_cfg != cfg:
+            raise ConfigError(f"--resume: the model config differs from the run in {out_dir}: {_config_diff(run_cfg, cfg)}")
+        if not has_state:
+            raise CheckpointError(f"--resume: no checkpoint in {state_dir}")
+    elif has_state:
+        raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out_dir")
+    if lead:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / RUN_FILE).write_text(json.dumps({"model": cfg.to_dict(), "train": tcfg.to_dict()}, indent=2) + "\n")
+
+    # ---- data (the lead host prepares; the others read what it wrote: OUT_DIR is shared)
+    data_dir = Path(tcfg.data_dir) if tcfg.data_dir else out_dir / "data"
+    given = Tokenizer.load(tcfg.tokenizer) if tcfg.tokenizer else None
+
+    def prepare():
+        return data.prepare(
+            tcfg.data,
+            data_dir,
+            tokenizer=given,
+            vocab_size=cfg.vocab_size,
+            val_fraction=tcfg.val_fraction,
+            limit_mb=tcfg.data_limit_mb,
+            log=say,
+        )
+
+    if lead:
+        tokenizer, splits = prepare()
+    if hosts > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxllm: data prepared")
+    if not lead:
+        tokenizer, splits = prepare()
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
+    train_tokens, val_split = splits["train"].tokens, splits["val"]
+    say(
+        f"data: {len(train_tokens):,} train / {len(val_split.tokens):,} val tokens "
+        f"({val_split.bytes_per_token:.2f} bytes/token); {mesh.size} device(s) {dict(mesh.shape)}, {hosts} host(s)"
+    )
+
+    # ---- state: fresh, or restored with the sharding it will run with
+    key = jax.random.key(tcfg.seed)
+    shapes = jax.eval_shape(lambda k: training.init_state(cfg, tcfg, k), key)
+    shardings = training.state_shardings(shapes, mesh)
+    abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    mngr = _manager(state_dir, tcfg.keep)
+    try:
+        best_val, best_step, last_saved = math.inf, None, None
+        if resume:
+            start = mngr.latest_step()
+            state, meta = _restore(mngr, start, abstract)
+            if meta.get("tokenizer") != tokenizer.fingerprint:
+                raise CheckpointError(f"--resume: the tokenizer in {data_dir} is not the one the checkpoint was trained with")
+            best_val, best_step, last_saved = meta.get("best_val_loss", math.inf), meta.get("best_step"), start
+            say(f"resumed from step {start}")
+        else:
+            start = 0
+            state = jax.jit(lambda k: training.init_state(cfg, tcfg, k), out_shardings=shardings)(key)
+        say(f"model: {training.count_params(state.params):,} params; training steps {start}..{tcfg.max_steps}")
+
+        step_fn = training.compile_step(cfg, tcfg, mesh, shardings)
+        eval_fn = training.compile_eval(cfg, mesh, shardings.params)
+        batch_sh, eval_sh = training.batch_sharding(mesh), training.batch_sharding(mesh, accumulated=False)
+        metrics_path = out_dir / METRICS_FILE
+        if lead:
+            _trim_metrics(metrics_path, start)
+
+        def evaluate(params) -> dict:
+            total = jnp.zeros((), jnp.float32)
+            batches = data.eval_batches(val_split.tokens, seq_len, micro, tcfg.eval_batches, pid, hosts)
+            for b in batches:
+                total = total + eval_fn(params, training.global_batch(b, eval_sh))
+            loss = float(total) / (tcfg.eval_batches * micro * seq_len)
+            return {
+                "val_loss": loss,
+                "val_ppl": math.exp(min(loss, 700.0)),
+                "val_bpb": data.bits_per_byte(loss, val_split),
+            }
+
+        def save(step: int, val_loss: float) -> None:
+            nonlocal best_val, best_step, last_saved
+            if val_loss < best_val:
+                best_val, best_step = val_loss, step
+            meta = {
+                "step": step,
+                "data_position": step,  # batches are a function of (seed, step)
+                "seed": tcfg.seed,
+                "tokenizer": tokenizer.fingerprint,
+                "val_loss": val_loss,
+                "best_val_loss": best_val,
+                "best_step": best_step,
+            }
+            args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+            mngr.save(step, args=args, metrics={"val_loss": val_loss}, force=True)
+            params = host_params(state.params)
+            if lead:
+                write_model_dir(out_dir, params, cfg, tokenizer)
+            last_saved = step
+
+        losses: dict[int, float] = {}
+        evals: dict[int, dict] = {}
+        pending: list[tuple[int, dict]] = []
+        tokens_per_step = tcfg.batch_size * seq_len
+        clock = {"t": time.monotonic(), "step": start}
+
+        def flush(step: int) -> dict:
+            """Pulls the pending metrics to the host; stops the run on a NaN/inf loss."""
+            fetched = jax.device_get(pending)
+            pending.clear()
+            for s, m in fetched:
+                if not math.isfinite(float(m["loss"])) or not math.isfinite(float(m["grad_norm"])):
+                    where = f"step {last_saved} in {state_dir}" if last_saved is not None else "none saved yet"
+                    raise TrainingError(
+                        f"loss became {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {s}; "
+                        f"stopped without saving. Last good checkpoint: {where}. Try a lower --lr or --grad_clip"
+                    )
+                losses[s] = float(m["loss"])
+            now = time.monotonic()
+            rate = (step - clock["step"]) * tokens_per_step / max(now - clock["t"], 1e-9)
+            clock.update(t=now, step=step)
+            last = fetched[-1][1]
+            return {
+                "step": step,
+                "loss": float(np.mean([float(m["loss"]) for _, m in fetched])),
+                "lr": float(last["lr"]),
+                "grad_norm": float(last["grad_norm"]),
+                "tokens_per_s": round(rate, 1),
+                "elapsed_s": round(now - started, 2),
+            }
+
+        bar = tqdm(total=tcfg.max_steps, initial=start, unit="step", disable=not (progress and lead), dynamic_ncols=True)
+        step, reason = start, "max_steps"
+        try:
+            while step < tcfg.max_steps:
+                local = data.train_batch(train_tokens, tcfg.seed, step, seq_len, tcfg.batch_size, tcfg.grad_accum, pid, hosts)
+                state, m = step_fn(state, training.global_batch(local, batch_sh))
+                step += 1
+                pending.append((step, m))
+                bar.update(1)
+                at_log = step % tcfg.log_every == 0
+                if at_log and tcfg.max_minutes and _agree(time.monotonic() - started > tcfg.max_minutes * 60):
+                    reason = "max_minutes"
+                if stop_at is not None and step >= stop_at:
+                    reason = "stop_at"
+                last = step == tcfg.max_steps or reason != "max_steps"
+                do_save = last or (tcfg.save_every and step % tcfg.save_every == 0)
+                do_eval = do_save or (tcfg.eval_every and step % tcfg.eval_every == 0)
+                if not (at_log or do_eval or last):
+                    continue
+                record = flush(step)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.3g}", refresh=False)
+                if do_eval:
+                    record.update(evaluate(state.params))
+                    evals[step] = {k: record[k] for k in ("val_loss", "val_ppl", "val_bpb")}
+                    say(
+                        f"step {step}: loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}, "
+                        f"val bpb {record['val_bpb']:.4f}"
+                    )
+                    clock["t"] = time.monotonic()  # eval time is not training throughput
+                if do_save:
+                    save(step, record["val_loss"])
+                if lead:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                if last:
+                    break
+        finally:
+            bar.close()
+            mngr.wait_until_finished()
+
+        if best_step is not None and best_step != step:
+            # The model directory ends with the best params by val loss, not the (overfit) last.
+            best_state, _ = _restore(mngr, best_step, abstract)
+            params = host_params(best_state.params)
+            if lead:
+                write_model_dir(out_dir, params, cfg, tokenizer)
+            say(f"the model directory holds step {best_step} (best val loss {best_val:.4f})")
+    finally:
+        mngr.close()
+    if lead:
+        write_plot(out_dir)
+    say(f"done at step {step} ({reason}) in {time.monotonic() - started:.0f}s; sample with: python sample.py --checkpoint {out_dir}")
+    return RunResult(step, reason, losses, evals, best_step)
+
+
+def host_params(params: dict) -> dict:
+    """Params as numpy arrays on every host (a collective when they span several hosts)."""
+    if jax.process_count() == 1:
+        return jax.device_get(params)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(params, tiled=True)
+
+
+def write_model_dir(out_dir: Path, params: dict, cfg: ModelConfig, tokenizer: Tokenizer) -> None:
+    """The sample.py-ready directory, params (host numpy) stored in the model's `param_dtype`."""
+    dtype = jnp.dtype(cfg.param_dtype)
+    save_checkpoint(out_dir, jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), params), cfg, tokenizer)
+
+
+def _agree(flag: bool) -> bool:
+    """The lead host's decision, on every host (so all hosts stop at the same step)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
