@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     import jaxllm  # after parsing: --help and flag errors stay instant
     from jaxllm import chat
     from jaxllm.compilation import enable_persistent_cache
+    from jaxllm.generate import decode_params
 
     if not args.no_compile_cache:
         enable_persistent_cache()
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
         if args.checkpoint is None and not checkpoint.exists():
             raise jaxllm.CheckpointError(f"no --checkpoint given and the bundled model is missing ({checkpoint})")
         params, cfg, tokenizer = jaxllm.load_checkpoint(checkpoint)
+        params = decode_params(params)  # once, not per call (and the stacked copy is freed)
         if tokenizer is None:
             raise jaxllm.CheckpointError(f"{checkpoint} has no tokenizer.model, so text prompts cannot be encoded")
 

@@ -117,6 +117,37 @@ def _finish_block(x, attn, lp, cfg: ModelConfig):
 # ---------------------------------------------------------------------------- forward
 
 
+def unstack_layers(params: Params) -> Params:
+    """The same params with `layers` as a list of per-layer dicts.
+
+    `forward` then runs the layers as an unrolled Python loop instead of a `lax.scan`. Decoding
+    is bound by reading the weights, and XLA copies each layer's slice out of the stacked
+    arrays before its matmuls inside a scan, reading every weight twice and writing it once
+    more; separate arrays are read once. Costs compile time proportional to depth.
+    """
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    return {**params, "layers": [jax.tree_util.tree_map(lambda w: w[i], layers) for i in range(n)]}
+
+
+def _run_layers(layer, carry, layers):
+    """carry = layer(carry, lp, i) for every layer: a `lax.scan` over stacked params (i traced),
+    or a Python loop when `layers` is a list (i static; see `unstack_layers`)."""
+    if isinstance(layers, (list, tuple)):
+        for i, lp in enumerate(layers):
+            carry = layer(carry, lp, i)
+        return carry
+
+    def body(state, lp):
+        carry, i = state
+        return (layer(carry, lp, i), i + 1), None
+
+    (carry, _), _ = jax.lax.scan(body, (carry, jnp.zeros((), jnp.int32)), layers)
+    return carry
+
+
 def hidden_states(
     params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None
 ) -> tuple[jax.Array, KVCache | None]:
@@ -129,24 +160,23 @@ def hidden_states(
 
     if cache is None:
 
-        def layer(x, lp):
+        def layer(x, lp, i):
             q, k, v = _qkv(x, lp, cfg, positions)
-            return _finish_block(x, attend(q, k, v, positions, positions), lp, cfg), None
+            return _finish_block(x, attend(q, k, v, positions, positions), lp, cfg)
 
-        x, _ = jax.lax.scan(layer, x, params["layers"])
+        x = _run_layers(layer, x, params["layers"])
     else:
         cache = kvcache.write_positions(cache, positions)
 
-        def layer(carry, lp):
-            x, k_all, v_all, i = carry
+        def layer(carry, lp, i):
+            x, k_all, v_all = carry
             q, k, v = _qkv(x, lp, cfg, positions)
             k_all = kvcache.write_layer(k_all, k, i, cache.cursor)
             v_all = kvcache.write_layer(v_all, v, i, cache.cursor)
             attn = attend(q, k_all[i], v_all[i], positions, cache.pos)
-            return (_finish_block(x, attn, lp, cfg), k_all, v_all, i + 1), None
+            return _finish_block(x, attn, lp, cfg), k_all, v_all
 
-        init = (x, cache.k, cache.v, jnp.zeros((), jnp.int32))
-        (x, k_all, v_all, _), _ = jax.lax.scan(layer, init, params["layers"])
+        x, k_all, v_all = _run_layers(layer, (x, cache.k, cache.v), params["layers"])
         cache = kvcache.advance(KVCache(k=k_all, v=v_all, pos=cache.pos, cursor=cache.cursor), tokens.shape[1])
 
     return rms_norm(x, params["final_norm"], cfg.norm_eps), cache

@@ -104,3 +104,17 @@ def test_bfloat16_compute_stays_close_to_float32(cfg, params):
     bf16 = full_logits(params, cfg.replace(compute_dtype="bfloat16"), ids)
     assert np.abs(bf16 - f32).max() < 0.05 * np.abs(f32).max()
     assert not np.array_equal(bf16, f32)  # the option really changes the arithmetic
+
+
+def test_unstacked_layers_give_the_same_logits_and_cache(cfg, params):
+    from jaxllm.model import unstack_layers
+
+    ids = jnp.asarray([[5, 6, 7, 8, 9]])
+    pos = jnp.arange(5)[None]
+    flat = unstack_layers(params)
+    assert isinstance(flat["layers"], list) and len(flat["layers"]) == cfg.n_layers
+    np.testing.assert_allclose(np.asarray(forward(flat, cfg, ids, pos)[0]), np.asarray(forward(params, cfg, ids, pos)[0]), atol=1e-5)
+    a = forward(params, cfg, ids, pos, init_cache(cfg, 1, 8))
+    b = forward(flat, cfg, ids, pos, init_cache(cfg, 1, 8))
+    np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a[1].k), np.asarray(b[1].k), atol=1e-5)
