@@ -1,4 +1,4 @@
-"""Greedy decode speed: jaxllm vs transformers (LlamaForCausalLM), against a memory-bandwidth roofline.
+"""Decode speed: jaxllm vs transformers (LlamaForCausalLM), against a memory-bandwidth roofline.
 
 Run from the repository root:
 
@@ -6,6 +6,11 @@ Run from the repository root:
     python benchmarks/decode.py --reps 2 --configs tiny --batches 1
     python benchmarks/decode.py --no_reference       # jaxllm only (no torch/transformers needed)
     python benchmarks/decode.py --markdown           # also print rows for benchmarks/RESULTS.md
+    python benchmarks/decode.py --modes greedy        # skip the sampling-chain rows
+
+Modes: "greedy", and "chain" = top_k 50 + top_p 0.95 + repetition_penalty 1.1 sampling at
+temperature 1 (the same settings for transformers' generate(do_sample=True)). The summary
+prints what the chain costs over greedy decoding.
 
 Both libraries get random-init float32 weights of the same shapes and the same random
 prompt ids; EOS is disabled so every row decodes exactly --new_tokens tokens. Times are
@@ -15,13 +20,17 @@ Columns: "dec" is decode-only tokens/s (B * new_tokens / decode time; for transf
 decode time is generate() minus one separately timed prefill forward), "e2e" is end-to-end
 tokens/s including prefill. The roofline is B * bandwidth / bytes read per decode step, where
 a step reads every parameter once (fp32) plus the whole KV cache: jaxllm attends over all its
-preallocated slots (bucket(prompt) + bucket(new_tokens)), not only the filled ones.
+preallocated slots (bucket(prompt) + bucket(new_tokens)), not only the filled ones. (Only B
+rows of the embedding table are really read, so the roofline is slightly pessimistic.)
+
+On a small shared machine, check the printed load average: other processes skew the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import os
 import platform
 import time
@@ -31,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxllm
-from jaxllm.generate import bucket
+from jaxllm.generate import bucket, decode_params
 
 CONFIGS = {
     "tiny": dict(vocab_size=8000, d_model=256, n_layers=4, n_heads=8, n_kv_heads=8, d_ff=688),
@@ -39,6 +48,11 @@ CONFIGS = {
 }
 MAX_SEQ_LEN = 1024
 CHUNK = 16  # jaxllm.generate's default decode chunk; sets the output buffer bucket
+CHAIN = dict(top_k=50, top_p=0.95, repetition_penalty=1.1)
+MODES = {  # mode -> (jaxllm generate kwargs, transformers generate kwargs)
+    "greedy": (dict(temperature=0.0), dict(do_sample=False)),
+    "chain": (dict(temperature=1.0, **CHAIN), dict(do_sample=True, temperature=1.0, **CHAIN)),
+}
 
 
 def measure_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
@@ -59,9 +73,9 @@ def measure_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
     return max(best.values())
 
 
-def bench_jaxllm(cfg: jaxllm.ModelConfig, prompts: np.ndarray, new_tokens: int, reps: int) -> dict:
-    params = jaxllm.init_params(cfg, jax.random.key(0))
-    kwargs = dict(max_new_tokens=new_tokens, temperature=0.0, seed=0, eos_token_id=[], chunk=CHUNK)
+def bench_jaxllm(cfg: jaxllm.ModelConfig, prompts: np.ndarray, new_tokens: int, reps: int, mode: str) -> dict:
+    params = decode_params(jaxllm.init_params(cfg, jax.random.key(0)))  # laid out once, as sample.py does
+    kwargs = dict(max_new_tokens=new_tokens, seed=0, eos_token_id=[], chunk=CHUNK, **MODES[mode][0])
     ids = prompts.tolist()
     result = jaxllm.generate(params, cfg, ids, **kwargs)  # warm-up: compiles prefill and decode chunk
     assert all(len(t) == new_tokens for t in result.token_ids), "expected exactly new_tokens per row"
@@ -77,7 +91,7 @@ def bench_jaxllm(cfg: jaxllm.ModelConfig, prompts: np.ndarray, new_tokens: int, 
                 tokens=np.asarray(result.token_ids))
 
 
-def bench_transformers(spec: dict, prompts: np.ndarray, new_tokens: int, reps: int) -> dict:
+def bench_transformers(spec: dict, prompts: np.ndarray, new_tokens: int, reps: int, mode: str) -> dict:
     import torch
     import transformers
 
@@ -88,10 +102,11 @@ def bench_transformers(spec: dict, prompts: np.ndarray, new_tokens: int, reps: i
         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).float().eval()
-    input_ids = torch.as_tensor(prompts, dtype=torch.long)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU machine, compare GPU with GPU
+    model = transformers.LlamaForCausalLM(config).float().eval().to(device)
+    input_ids = torch.as_tensor(prompts, dtype=torch.long, device=device)
     mask = torch.ones_like(input_ids)
-    gen = dict(attention_mask=mask, do_sample=False, eos_token_id=None, pad_token_id=0)
+    gen = dict(attention_mask=mask, eos_token_id=None, pad_token_id=0, **MODES[mode][1])
     with torch.inference_mode():
         model.generate(input_ids, max_new_tokens=8, min_new_tokens=8, **gen)  # warm-up
         total, prefill = [], []
@@ -101,9 +116,11 @@ def bench_transformers(spec: dict, prompts: np.ndarray, new_tokens: int, reps: i
             total.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             model(input_ids, attention_mask=mask, use_cache=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
             prefill.append(time.perf_counter() - t0)
     assert out.shape[1] == prompts.shape[1] + new_tokens, out.shape
-    return dict(e2e_s=min(total), prefill_s=min(prefill), tokens=out[:, prompts.shape[1]:].numpy())
+    return dict(e2e_s=min(total), prefill_s=min(prefill), tokens=out[:, prompts.shape[1]:].cpu().numpy())
 
 
 def fmt(x, spec=".1f"):
@@ -117,6 +134,7 @@ def main():
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--prompt_len", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--modes", default="greedy,chain", help="greedy and/or chain (top_k 50, top_p 0.95, repetition_penalty 1.1)")
     ap.add_argument("--no_reference", action="store_true", help="skip the transformers reference")
     ap.add_argument("--markdown", action="store_true", help="also print a markdown block for RESULTS.md")
     args = ap.parse_args()
@@ -135,32 +153,38 @@ def main():
             reference = False
     machine = f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     print(f"machine: {machine}; jax backend {jax.default_backend()}; " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"greedy, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, best of {args.reps} after a warm-up")
+    print(f"modes {args.modes}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, best of {args.reps} after a warm-up")
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        print(f"warning: 1-min load average is {load_before:.1f} before starting: other processes share the CPUs, "
+              "so timings (transformers' OpenMP threads especially) will be noisy")
     bandwidth = measure_bandwidth()
 
-    header = ["config", "batch", "jax dec tok/s", "jax e2e tok/s", "jax prefill ms", "HF dec tok/s",
+    header = ["config", "mode", "batch", "jax dec tok/s", "jax e2e tok/s", "jax prefill ms", "HF dec tok/s",
               "HF e2e tok/s", "ratio dec", "ratio e2e", "roofline tok/s", "% roofline"]
     rows = []
+    speeds = {}
     slots = bucket(args.prompt_len) + bucket(args.new_tokens, minimum=CHUNK)  # what jaxllm.generate allocates
     for name in args.configs.split(","):
         spec = CONFIGS[name]
         cfg = jaxllm.ModelConfig(**spec, max_seq_len=MAX_SEQ_LEN)
-        for B in map(int, args.batches.split(",")):
+        for B, mode in itertools.product(map(int, args.batches.split(",")), args.modes.split(",")):
             prompts = np.random.default_rng(B).integers(1, cfg.vocab_size, (B, args.prompt_len))
             n = B * args.new_tokens
-            print(f"[{name} B={B}] jaxllm ...", flush=True)
-            j = bench_jaxllm(cfg, prompts, args.new_tokens, args.reps)
+            print(f"[{name} {mode} B={B}] jaxllm ...", flush=True)
+            j = bench_jaxllm(cfg, prompts, args.new_tokens, args.reps, mode)
             kv_bytes = cfg.n_layers * B * slots * cfg.n_kv_heads * cfg.dim_per_head * 2 * 4
             roofline = B * bandwidth * 1e9 / (j["param_bytes"] + kv_bytes)
             jax_dec, jax_e2e = n / j["decode_s"], n / j["e2e_s"]
+            speeds[(name, B, mode)] = jax_dec
             hf_dec = hf_e2e = None
             if reference:
-                print(f"[{name} B={B}] transformers ...", flush=True)
-                h = bench_transformers(spec, prompts, args.new_tokens, args.reps)
+                print(f"[{name} {mode} B={B}] transformers ...", flush=True)
+                h = bench_transformers(spec, prompts, args.new_tokens, args.reps, mode)
                 hf_dec, hf_e2e = n / (h["e2e_s"] - h["prefill_s"]), n / h["e2e_s"]
             print(f"[{name} B={B}] params {j['param_bytes'] / 1e6:.1f} MB + KV {kv_bytes / 1e6:.1f} MB "
                   f"({slots} slots) per step", flush=True)
-            rows.append([name, str(B), fmt(jax_dec), fmt(jax_e2e), fmt(j["prefill_s"] * 1e3),
+            rows.append([name, mode, str(B), fmt(jax_dec), fmt(jax_e2e), fmt(j["prefill_s"] * 1e3),
                          fmt(hf_dec), fmt(hf_e2e), fmt(hf_dec and jax_dec / hf_dec, ".2f"),
                          fmt(hf_e2e and jax_e2e / hf_e2e, ".2f"), fmt(roofline), fmt(100 * jax_dec / roofline)])
 
@@ -169,16 +193,24 @@ def main():
     for r in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
     print("ratio = jaxllm / transformers (>1: jaxllm faster); % roofline uses jaxllm decode tok/s")
+    costs = [f"{c} B={b}: +{100 * (speeds[(c, b, 'greedy')] / v - 1):.0f}%"
+             for (c, b, m), v in speeds.items() if m == "chain" and (c, b, "greedy") in speeds]
+    if costs:
+        print("sampling chain cost over greedy (jaxllm decode): " + ", ".join(costs))
+    load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+    print(load)
 
     if args.markdown:
         today = datetime.date.today().isoformat()
         print(f"\n### {today}: {machine}; " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-        print(f"\nGreedy, fp32, prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.reps}; "
-              f"measured read bandwidth {bandwidth:.1f} GB/s.\n")
+        print(f"\nfp32, prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.reps}; "
+              f"measured read bandwidth {bandwidth:.1f} GB/s; {load}.\n")
         print("| " + " | ".join(header) + " |")
-        print("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")
+        print("|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|")
         for r in rows:
             print("| " + " | ".join(r) + " |")
+        if costs:
+            print("\nSampling chain cost over greedy (jaxllm decode): " + ", ".join(costs) + ".")
 
 
 if __name__ == "__main__":
