@@ -30,6 +30,8 @@ def _flag(p, name, **kw):
     p.add_argument(*names, dest=name, **kw)
 
 
+# Built-in defaults of the flags a Hugging Face generation_config.json may set instead.
+DEFAULTS = dict(max_new_tokens=64, temperature=0.8, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0)
 # flag -> (test, what is allowed); checked once, at the boundary
 RANGES = {
     "max_new_tokens": (lambda v: v >= 1, ">= 1"),
@@ -50,19 +52,19 @@ RANGES = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(prog="sample.py", description="Generate text from a jaxllm checkpoint.")
-    _flag(p, "checkpoint", default=None, help="checkpoint directory (default: the bundled model)")
+    _flag(p, "checkpoint", default=None, help="a jaxllm checkpoint or a Hugging Face Llama-family directory (default: the bundled model)")
     _flag(p, "prompt", action="append", default=[], help="prompt text; repeat for a batch")
     _flag(p, "prompt_file", action="append", default=[], help="a file whose whole text is one prompt; repeatable")
-    _flag(p, "max_new_tokens", type=int, default=64, help="tokens to generate (>= 1)")
+    _flag(p, "max_new_tokens", type=int, default=None, help="tokens to generate (>= 1)")
     _flag(p, "min_new_tokens", type=int, default=0, help="EOS is masked until this many tokens")
-    _flag(p, "temperature", type=float, default=0.8, help="0 = greedy")
-    _flag(p, "top_k", type=int, default=0, help="keep the k most likely tokens (<= 0: off)")
-    _flag(p, "top_p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
-    _flag(p, "min_p", type=float, default=0.0, help="keep tokens with p >= min_p * p_max")
-    _flag(p, "repetition_penalty", type=float, default=1.0, help="> 0; 1 is off")
+    _flag(p, "temperature", type=float, default=None, help="0 = greedy")
+    _flag(p, "top_k", type=int, default=None, help="keep the k most likely tokens (<= 0: off)")
+    _flag(p, "top_p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    _flag(p, "min_p", type=float, default=None, help="keep tokens with p >= min_p * p_max")
+    _flag(p, "repetition_penalty", type=float, default=None, help="> 0; 1 is off")
     _flag(p, "presence_penalty", type=float, default=0.0)
     _flag(p, "frequency_penalty", type=float, default=0.0)
-    _flag(p, "no_repeat_ngram_size", type=int, default=0, help="never repeat an n-gram of this size")
+    _flag(p, "no_repeat_ngram_size", type=int, default=None, help="never repeat an n-gram of this size")
     _flag(p, "bad_words", action="append", default=[], help="a string never to generate; repeatable")
     _flag(p, "logit_bias", action="append", default=[], help="ID=BIAS, repeatable, or a JSON object")
     _flag(p, "allowed_token_ids", default=None, help="comma-separated ids: only these may be generated")
@@ -82,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     for name, (ok, allowed) in RANGES.items():
         value = getattr(args, name)
+        if value is None and name in DEFAULTS:
+            continue
         if not ok(value) or (isinstance(value, float) and math.isnan(value)):
             p.error(f"argument --{name}: must be {allowed}, got {value}")
     try:
@@ -111,6 +115,7 @@ def main(argv=None) -> int:
     import jaxllm  # after parsing: --help and flag errors stay instant
     from jaxllm import chat
     from jaxllm.compilation import enable_persistent_cache
+    from jaxllm.checkpoint import load_any
     from jaxllm.generate import decode_params
 
     if not args.no_compile_cache:
@@ -126,8 +131,9 @@ def main(argv=None) -> int:
         checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
         if args.checkpoint is None and not checkpoint.exists():
             raise jaxllm.CheckpointError(f"no --checkpoint given and the bundled model is missing ({checkpoint})")
-        params, cfg, tokenizer = jaxllm.load_checkpoint(checkpoint)
+        params, cfg, tokenizer, model_defaults = load_any(checkpoint)
         params = decode_params(params)  # once, not per call (and the stacked copy is freed)
+        _apply_defaults(args, model_defaults, checkpoint)
         if tokenizer is None:
             raise jaxllm.CheckpointError(f"{checkpoint} has no tokenizer.model, so text prompts cannot be encoded")
 
@@ -163,6 +169,22 @@ def main(argv=None) -> int:
         return 2
     _print(result, prompts, args)
     return 0
+
+
+def _apply_defaults(args, model_defaults: dict, checkpoint: Path) -> None:
+    """Unset flags take generation_config.json's values, else the built-in ones; says which came from where."""
+    taken = []
+    for name, builtin in DEFAULTS.items():
+        if getattr(args, name) is None:
+            value = model_defaults.get(name, builtin)
+            setattr(args, name, value)
+            if name in model_defaults:
+                taken.append(f"{name}={value}")
+    if args.eos_token_id is None and "eos_token_id" in model_defaults:
+        args.eos_token_id = model_defaults["eos_token_id"]
+        taken.append(f"eos_token_id={args.eos_token_id}")
+    if taken:
+        print(f"sample.py: defaults from {checkpoint / 'generation_config.json'}: {', '.join(taken)}", file=sys.stderr)
 
 
 def _print(result, prompts: list[str], args) -> None:

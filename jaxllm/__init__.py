@@ -12,6 +12,7 @@ from jaxllm.errors import (
     TrainingError,
 )
 from jaxllm.generate import GenerationResult, generate, generate_stream, generate_tokens
+from jaxllm.hf import export_hf, load_hf
 from jaxllm.kvcache import KVCache, init_cache
 from jaxllm.model import forward, init_params
 from jaxllm.sampling import SamplingParams
@@ -41,6 +42,8 @@ __all__ = [
     "generate_tokens",
     "init_cache",
     "init_params",
+    "export_hf",
+    "load_hf",
     "load_checkpoint",
     "save_checkpoint",
 ]

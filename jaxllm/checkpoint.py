@@ -140,3 +140,15 @@ def load_checkpoint(
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is only {cfg.vocab_size}"
             )
     return params, cfg, tokenizer
+
+
+def load_any(directory: str | os.PathLike) -> tuple[dict, ModelConfig, Tokenizer | None, dict]:
+    """A jaxllm checkpoint or a Hugging Face Llama-family directory -> (params, cfg, tokenizer, defaults).
+
+    `defaults` holds generation_config.json's sampling values for HF directories, else {}.
+    """
+    from jaxllm import hf
+
+    if hf.is_hf_directory(directory):
+        return hf.load_hf(directory)
+    return (*load_checkpoint(directory), {})

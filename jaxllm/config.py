@@ -16,6 +16,7 @@ from typing import Any
 from jaxllm.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+ROPE_SCALINGS = ("none", "linear", "ntk", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,13 @@ class ModelConfig:
     max_seq_len: int = 2048
     head_dim: int | None = None  # None: d_model // n_heads
     rope_theta: float = 10000.0
+    # RoPE scaling for contexts longer than trained: "none", "linear" (position interpolation),
+    # "ntk" (NTK-aware: a larger base), or "llama3" (frequency-dependent, Llama 3.1).
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_len: int = 0  # llama3: the pre-training context; 0 = max_seq_len
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     param_dtype: str = "float32"  # how params are stored
@@ -49,6 +57,12 @@ class ModelConfig:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.dim_per_head}")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ConfigError("rope_theta and norm_eps must be positive")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ConfigError(f"rope_scaling must be one of {', '.join(ROPE_SCALINGS)}, got {self.rope_scaling!r}")
+        if self.rope_factor < 1:
+            raise ConfigError(f"rope_factor must be >= 1, got {self.rope_factor}")
+        if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
+            raise ConfigError("llama3 rope scaling needs rope_high_freq_factor > rope_low_freq_factor > 0")
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")

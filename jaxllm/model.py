@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxllm import kvcache
 from jaxllm.attention import attend
@@ -83,10 +84,28 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [E/2] of the rotary embedding, with cfg's RoPE scaling applied."""
+    E = cfg.dim_per_head
+    theta = cfg.rope_theta
+    if cfg.rope_scaling == "ntk":  # NTK-aware: stretch the base so the lowest frequency spans factor x more
+        theta = theta * cfg.rope_factor ** (E / (E - 2))
+    inv_freq = 1.0 / theta ** (np.arange(0, E, 2, dtype=np.float64) / E)
+    if cfg.rope_scaling == "linear":  # position interpolation: positions / factor
+        inv_freq = inv_freq / cfg.rope_factor
+    elif cfg.rope_scaling == "llama3":
+        # Llama 3.1: long wavelengths are interpolated by `factor`, short ones kept, and the
+        # band in between blended smoothly.
+        context = cfg.rope_original_max_len or cfg.max_seq_len
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelen = 2 * np.pi / inv_freq
+        smooth = np.clip((context / wavelen - low) / (high - low), 0.0, 1.0)
+        inv_freq = (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
+    return inv_freq.astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """Rotary embedding, "rotate half" layout (HF Llama). x: [B, T, N, E], positions: [B, T]."""
-    E = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E))  # [E/2]
     angles = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
     cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -101,7 +120,8 @@ def _qkv(x, lp, cfg: ModelConfig, positions):
     q = linear(h, lp["wq"], dt).reshape(B, T, cfg.n_heads, cfg.dim_per_head)
     k = linear(h, lp["wk"], dt).reshape(B, T, cfg.n_kv_heads, cfg.dim_per_head)
     v = linear(h, lp["wv"], dt).reshape(B, T, cfg.n_kv_heads, cfg.dim_per_head)
-    return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+    inv_freq = rope_inv_freq(cfg)
+    return rope(q, positions, inv_freq), rope(k, positions, inv_freq), v
 
 
 def _finish_block(x, attn, lp, cfg: ModelConfig):

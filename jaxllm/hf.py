@@ -1,0 +1,239 @@
+"""Hugging Face Llama-family checkpoints: load a local model directory, export one back.
+
+    DIR/config.json                          LlamaForCausalLM / MistralForCausalLM
+    DIR/model.safetensors                    or model-0000N-of-0000M.safetensors + model.safetensors.index.json
+    DIR/tokenizer.model                      SentencePiece (optional: Llama 3's tokenizer.json is not read)
+    DIR/generation_config.json               default sampling values (optional)
+
+Read with numpy through safetensors: no torch, no network, nothing unpickled. HF stores
+linear weights as [out, in]; jaxllm stores [in, out] and stacks layers on axis 0. HF's q/k
+weights are already in the "rotate half" layout that jaxllm's RoPE uses, so no permutation
+is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from jaxllm.config import ModelConfig
+from jaxllm.errors import CheckpointError, ConfigError, TokenizerError
+from jaxllm.tokenizer import Tokenizer
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
+# jaxllm layer weight -> HF module, for weights HF stores as [out, in]
+LAYER_WEIGHTS = {
+    "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
+    "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj",
+}
+LAYER_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+# generation_config.json keys that become generate() defaults (same names in jaxllm)
+GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size", "max_new_tokens")
+
+
+def is_hf_directory(directory: str | os.PathLike) -> bool:
+    """A directory whose config.json names a model_type/architectures (not a jaxllm checkpoint)."""
+    try:
+        meta = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") != "jaxllm" and ("architectures" in meta or "model_type" in meta)
+
+
+def config_from_hf(meta: dict, where: str = "config.json") -> ModelConfig:
+    """HF config.json (transformers 4 or 5 layout) -> ModelConfig; unsupported features are refused by name."""
+    arch = meta.get("architectures") or [meta.get("model_type", "?")]
+    if not any(a in SUPPORTED for a in arch) and meta.get("model_type") not in ("llama", "mistral"):
+        raise CheckpointError(f"{where}: unsupported architecture {arch}; jaxllm loads {', '.join(SUPPORTED)}")
+    if meta.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: hidden_act {meta['hidden_act']!r} is not supported (only silu)")
+    if meta.get("attention_bias") or meta.get("mlp_bias"):
+        raise CheckpointError(f"{where}: attention_bias / mlp_bias are not supported")
+    rope = dict(meta.get("rope_parameters") or meta.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", meta.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    scaling = {"default": "none", "linear": "linear", "llama3": "llama3"}.get(kind)
+    if scaling is None:
+        raise CheckpointError(f"{where}: rope type {kind!r} is not supported (default, linear, llama3)")
+    max_len = meta.get("max_position_embeddings", 2048)
+    window = meta.get("sliding_window")
+    if window and window < max_len:
+        # Mistral: without sliding-window attention, stay inside one window, where it is exact.
+        max_len = window
+    try:
+        return ModelConfig(
+            vocab_size=meta["vocab_size"],
+            d_model=meta["hidden_size"],
+            n_layers=meta["num_hidden_layers"],
+            n_heads=meta["num_attention_heads"],
+            n_kv_heads=meta.get("num_key_value_heads") or meta["num_attention_heads"],
+            d_ff=meta["intermediate_size"],
+            max_seq_len=max_len,
+            head_dim=None if meta.get("head_dim") in (None, meta["hidden_size"] // meta["num_attention_heads"]) else meta["head_dim"],
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            rope_factor=float(rope.get("factor", 1.0)),
+            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            rope_original_max_len=int(rope.get("original_max_position_embeddings", 0) or 0),
+            norm_eps=float(meta.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(meta.get("tie_word_embeddings", False)),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{where} lacks {e.args[0]!r}") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{index} is unreadable ({e})") from None
+    elif (directory / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{directory} has no model.safetensors (nor an index of shards); .bin files are not read")
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        try:
+            tensors.update(load_file(str(directory / name)))
+        except FileNotFoundError:
+            raise CheckpointError(f"{directory / name} is missing") from None
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{directory / name} is corrupt ({e})") from None
+    return tensors
+
+
+def load_hf(directory: str | os.PathLike, dtype: str | None = None) -> tuple[dict, ModelConfig, Tokenizer | None, dict]:
+    """-> (params, cfg, tokenizer or None, generation defaults) from a local HF model directory.
+
+    `dtype` sets cfg.param_dtype (default: the checkpoint's, float32 for float16 ones).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {directory}")
+    try:
+        meta = json.loads((directory / "config.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory / 'config.json'} is missing") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{directory / 'config.json'} is unreadable ({e})") from None
+    cfg = config_from_hf(meta, str(directory / "config.json"))
+    tensors = _read_tensors(directory)
+    stored = next(iter(tensors.values())).dtype
+    dtype = dtype or ("bfloat16" if stored == np.dtype("bfloat16") else "float32")
+    cfg = cfg.replace(param_dtype=dtype)
+
+    def take(name: str, shape: tuple) -> np.ndarray:
+        if name not in tensors:
+            raise CheckpointError(f"{directory}: weight {name} is missing")
+        w = tensors.pop(name)
+        if w.shape != shape:
+            raise CheckpointError(f"{directory}: {name} has shape {w.shape}, config.json implies {shape}")
+        return w
+
+    D, F, V, L = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layers
+    HE, KE = cfg.n_heads * cfg.dim_per_head, cfg.n_kv_heads * cfg.dim_per_head
+    out_in = {"wq": (HE, D), "wk": (KE, D), "wv": (KE, D), "wo": (D, HE), "w_gate": (F, D), "w_up": (F, D), "w_down": (D, F)}
+    cast = lambda a: jnp.asarray(np.asarray(a).astype(np.float32) if dtype == "float32" else a, dtype=dtype)
+    layers = {}
+    for ours, theirs in LAYER_WEIGHTS.items():
+        layers[ours] = cast(np.stack([take(f"model.layers.{i}.{theirs}.weight", out_in[ours]).T for i in range(L)]))
+    for ours, theirs in LAYER_NORMS.items():
+        layers[ours] = cast(np.stack([take(f"model.layers.{i}.{theirs}.weight", (D,)) for i in range(L)]))
+    params = {"embed": cast(take("model.embed_tokens.weight", (V, D))), "layers": layers,
+              "final_norm": cast(take("model.norm.weight", (D,)))}
+    if not cfg.tie_embeddings:
+        params["lm_head"] = cast(take("lm_head.weight", (V, D)).T)
+    tensors.pop("lm_head.weight", None)  # tied models may still store a copy
+    extra = sorted(k for k in tensors if "rotary_emb" not in k)
+    if extra:
+        raise CheckpointError(f"{directory}: unexpected weights {extra[:3]}{' ...' if len(extra) > 3 else ''}")
+
+    tokenizer = None
+    if (directory / "tokenizer.model").exists():
+        try:
+            tokenizer = Tokenizer.load(directory / "tokenizer.model")
+        except TokenizerError as e:
+            raise CheckpointError(f"{directory / 'tokenizer.model'}: {e}") from None
+    return params, cfg, tokenizer, generation_defaults(directory)
+
+
+def generation_defaults(directory: str | os.PathLike) -> dict:
+    """generation_config.json -> {name: value} for the sampling controls jaxllm shares with HF.
+
+    `do_sample: false` becomes temperature 0 (greedy); `eos_token_id` is kept as a list.
+    """
+    path = Path(directory) / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e})") from None
+    out = {k: meta[k] for k in GENERATION_KEYS if meta.get(k) is not None}
+    if meta.get("do_sample") is False:
+        out["temperature"] = 0.0
+    elif meta.get("do_sample") is not True:
+        out.pop("temperature", None)  # HF ignores sampling values unless do_sample is set
+        for k in ("top_k", "top_p", "min_p"):
+            out.pop(k, None)
+    if meta.get("eos_token_id") is not None:
+        eos = meta["eos_token_id"]
+        out["eos_token_id"] = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    return out
+
+
+def export_hf(directory: str | os.PathLike, params: dict, cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> Path:
+    """Writes a LlamaForCausalLM directory that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    host = lambda a: np.ascontiguousarray(np.asarray(a))
+    tensors = {"model.embed_tokens.weight": host(params["embed"]), "model.norm.weight": host(params["final_norm"])}
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):  # unstacked for decoding
+        layers = {k: np.stack([np.asarray(lp[k]) for lp in layers]) for k in layers[0]}
+    for i in range(cfg.n_layers):
+        for ours, theirs in LAYER_WEIGHTS.items():
+            tensors[f"model.layers.{i}.{theirs}.weight"] = host(np.asarray(layers[ours][i]).T)
+        for ours, theirs in LAYER_NORMS.items():
+            tensors[f"model.layers.{i}.{theirs}.weight"] = host(layers[ours][i])
+    if not cfg.tie_embeddings:
+        tensors["lm_head.weight"] = host(np.asarray(params["lm_head"]).T)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    rope = {"rope_theta": cfg.rope_theta, "rope_type": {"none": "default"}.get(cfg.rope_scaling, cfg.rope_scaling)}
+    if cfg.rope_scaling == "ntk":
+        raise CheckpointError("rope_scaling 'ntk' has no transformers equivalent; export is refused")
+    if cfg.rope_scaling in ("linear", "llama3"):
+        rope["factor"] = cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_len or cfg.max_seq_len)
+    meta = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.dim_per_head,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "torch_dtype": cfg.param_dtype, "rope_theta": cfg.rope_theta,
+        # transformers 5 reads rope_parameters, 4.x reads rope_scaling (None when unscaled)
+        "rope_parameters": rope, "rope_scaling": rope if cfg.rope_scaling != "none" else None,
+    }
+    generation = {}
+    if tokenizer is not None:
+        tokenizer.save(directory / "tokenizer.model")
+        meta.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return directory

@@ -1,0 +1,165 @@
+"""Hugging Face Llama-family directories: exact round trips without torch, parity with transformers when installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from jaxllm import CheckpointError, forward, generate, init_params
+from jaxllm.checkpoint import flatten, load_any
+from jaxllm.hf import export_hf, load_hf
+from conftest import REPO, tiny_config
+
+
+def write_hf_dir(path, params, cfg, shards=1, generation=None):
+    """The test's own writer of the HF layout (the reference): [out, in] weights, one tensor per layer."""
+    path.mkdir(parents=True, exist_ok=True)
+    t = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["final_norm"]}
+    names = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
+             "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj"}
+    for i in range(cfg.n_layers):
+        for ours, theirs in names.items():
+            t[f"model.layers.{i}.{theirs}.weight"] = np.asarray(params["layers"][ours][i]).T
+        t[f"model.layers.{i}.input_layernorm.weight"] = params["layers"]["attn_norm"][i]
+        t[f"model.layers.{i}.post_attention_layernorm.weight"] = params["layers"]["mlp_norm"][i]
+    if not cfg.tie_embeddings:
+        t["lm_head.weight"] = np.asarray(params["lm_head"]).T
+    t = {k: np.ascontiguousarray(np.asarray(v)) for k, v in t.items()}
+    keys = sorted(t)
+    weight_map = {}
+    for s in range(shards):
+        name = "model.safetensors" if shards == 1 else f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[s::shards]
+        save_file({k: t[k] for k in part}, str(path / name))
+        weight_map.update({k: name for k in part})
+    if shards > 1:
+        (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+    }))
+    if generation is not None:
+        (path / "generation_config.json").write_text(json.dumps(generation))
+    return path
+
+
+def assert_same_params(a, b):
+    fa, fb = flatten(a), flatten(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+
+
+@pytest.mark.parametrize("tied,shards", [(False, 1), (True, 3)])
+def test_synthetic_hf_directory_loads_exactly_and_round_trips(cfg, params, tokenizer, tmp_path, tied, shards):
+    cfg = cfg.replace(tie_embeddings=tied, norm_eps=1e-6)
+    p = dict(params)
+    if tied:
+        p.pop("lm_head")
+    d = write_hf_dir(tmp_path / "hf", p, cfg, shards=shards)
+    tokenizer.save(d / "tokenizer.model")
+    loaded, loaded_cfg, tok, defaults = load_hf(d)
+    assert loaded_cfg == cfg and tok.fingerprint == tokenizer.fingerprint and defaults == {}
+    assert_same_params(loaded, p)
+    again, again_cfg, _, _ = load_hf(export_hf(tmp_path / "export", loaded, loaded_cfg, tok))
+    assert again_cfg == cfg
+    assert_same_params(again, p)
+
+
+def test_generation_config_supplies_defaults(cfg, params, tmp_path):
+    d = write_hf_dir(tmp_path / "hf", params, cfg, generation={"do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": [2, 7]})
+    assert load_any(d)[3] == {"temperature": 0.6, "top_p": 0.9, "eos_token_id": [2, 7]}
+    (d / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "eos_token_id": 2}))
+    assert load_any(d)[3] == {"eos_token_id": [2]}  # without do_sample, HF ignores sampling values
+
+
+def test_clear_errors_for_unsupported_or_broken_directories(cfg, params, tmp_path):
+    d = write_hf_dir(tmp_path / "hf", params, cfg)
+    meta = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**meta, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(CheckpointError, match="GPT2LMHeadModel"):
+        load_hf(d)
+    (d / "config.json").write_text(json.dumps({**meta, "intermediate_size": 96}))
+    with pytest.raises(CheckpointError, match="gate_proj.weight has shape"):
+        load_hf(d)
+    (d / "config.json").write_text(json.dumps(meta))
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_hf(d)
+
+
+def test_sample_py_reads_an_hf_directory_and_reports_its_defaults(cfg, params, tokenizer, tmp_path):
+    d = write_hf_dir(tmp_path / "hf", params, cfg, generation={"do_sample": False, "eos_token_id": 2})
+    tokenizer.save(d / "tokenizer.model")
+    env = {**os.environ, "JAXLLM_CACHE_DIR": str(REPO / ".jax_cache")}
+    proc = subprocess.run([sys.executable, str(REPO / "sample.py"), "--checkpoint", str(d), "--prompt", "def f(x):", "--max_new_tokens", "8"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "generation_config.json: temperature=0.0, eos_token_id=[2]" in proc.stderr
+    want = generate(params, cfg, ["def f(x):"], tokenizer=tokenizer, max_new_tokens=8, temperature=0.0, eos_token_id=[2]).texts[0]
+    assert proc.stdout == "def f(x):" + want + "\n"
+
+
+# ---------------------------------------------------------------------------- parity with transformers
+
+HF_CASES = [
+    dict(num_key_value_heads=4, tie_word_embeddings=False),
+    dict(num_key_value_heads=2, tie_word_embeddings=True),
+    dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    dict(num_key_value_heads=1, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+]
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    torch = pytest.importorskip("torch", reason="torch not installed: parity with transformers not checked")
+    tf = pytest.importorskip("transformers", reason="transformers not installed")
+    models = []
+    for i, case in enumerate(HF_CASES):
+        torch.manual_seed(i)
+        config = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=128, initializer_range=0.3, **case)
+        model = tf.LlamaForCausalLM(config).eval()
+        path = tmp_path_factory.mktemp(f"hf{i}")
+        model.save_pretrained(path)
+        models.append((model, path))
+    return torch, tf, models
+
+
+@pytest.mark.parametrize("case", range(len(HF_CASES)))
+def test_logits_and_greedy_equal_transformers(hf_models, case):
+    torch, tf, models = hf_models
+    model, path = models[case]
+    params, cfg, _, _ = load_hf(path)
+    ids = np.random.default_rng(case).integers(0, 96, size=(3, 40))
+    with torch.inference_mode():
+        want = model(torch.from_numpy(ids)).logits.numpy()
+        hf_greedy = model.generate(torch.from_numpy(ids[:, :8]), attention_mask=torch.ones(3, 8, dtype=torch.long), max_new_tokens=32,
+                                   min_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0).numpy()[:, 8:]
+    got = np.asarray(forward(params, cfg, jnp.asarray(ids), jnp.broadcast_to(jnp.arange(40), (3, 40)))[0])
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    ours = generate(params, cfg, ids[:, :8].tolist(), max_new_tokens=32, temperature=0.0, eos_token_id=[])
+    assert ours.token_ids == hf_greedy.tolist()
+
+
+def test_transformers_loads_a_jaxllm_export_with_equal_logits(hf_models, tmp_path):
+    torch, tf, _ = hf_models
+    cfg = tiny_config(96, n_kv_heads=2, rope_scaling="llama3", rope_factor=4.0, rope_original_max_len=32)
+    params = jax.tree_util.tree_map(lambda x: x * 10 if x.ndim > 1 else x, init_params(cfg, jax.random.key(8)))
+    model = tf.AutoModelForCausalLM.from_pretrained(export_hf(tmp_path / "out", params, cfg)).eval()
+    ids = np.random.default_rng(0).integers(0, 96, size=(2, 50))
+    with torch.inference_mode():
+        want = model(torch.from_numpy(ids)).logits.numpy()
+    got = np.asarray(forward(params, cfg, jnp.asarray(ids), jnp.broadcast_to(jnp.arange(50), (2, 50)))[0])
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
