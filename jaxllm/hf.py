@@ -237,3 +237,4 @@ def export_hf(directory: str | os.PathLike, params: dict, cfg: ModelConfig, toke
     (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return directory
+

@@ -163,3 +163,19 @@ def test_transformers_loads_a_jaxllm_export_with_equal_logits(hf_models, tmp_pat
         want = model(torch.from_numpy(ids)).logits.numpy()
     got = np.asarray(forward(params, cfg, jnp.asarray(ids), jnp.broadcast_to(jnp.arange(50), (2, 50)))[0])
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_export_command_writes_a_loadable_directory(cfg, params, tokenizer, tmp_path):
+    from jaxllm import save_checkpoint
+
+    save_checkpoint(tmp_path / "ckpt", params, cfg, tokenizer)
+    proc = subprocess.run([sys.executable, "-m", "jaxllm.convert", "export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    loaded, loaded_cfg, tok, defaults = load_hf(tmp_path / "hf")
+    assert loaded_cfg == cfg and tok.fingerprint == tokenizer.fingerprint
+    assert defaults == {"eos_token_id": [tokenizer.eos_id]}
+    assert_same_params(loaded, params)
+    proc = subprocess.run([sys.executable, "-m", "jaxllm.convert", "export", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1

@@ -1,0 +1,34 @@
+"""Command line conversions: `python -m jaxllm.convert export --checkpoint DIR --out HF_DIR`.
+
+Turns a jaxllm checkpoint (a train.py output) into a Hugging Face LlamaForCausalLM directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxllm.checkpoint import load_checkpoint
+from jaxllm.errors import JaxllmError
+from jaxllm.hf import export_hf
+
+
+def main(argv=None) -> int:
+    """python -m jaxllm.convert export --checkpoint DIR --out HF_DIR  (a train.py output -> transformers)."""
+    parser = argparse.ArgumentParser(prog="python -m jaxllm.convert", description="Export a jaxllm checkpoint to the HF layout.")
+    parser.add_argument("command", choices=["export"])
+    parser.add_argument("--checkpoint", required=True, help="a jaxllm checkpoint directory")
+    parser.add_argument("--out", required=True, help="where to write the HF directory")
+    args = parser.parse_args(argv)
+    try:
+        params, cfg, tokenizer = load_checkpoint(args.checkpoint)
+        export_hf(args.out, params, cfg, tokenizer)
+    except JaxllmError as e:
+        print(f"python -m jaxllm.convert: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} (LlamaForCausalLM)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
