@@ -47,6 +47,8 @@ RANGES = {
     "num_return_sequences": (lambda v: v >= 1, ">= 1"),
     "logprobs": (lambda v: v is None or 0 <= v <= 20, "in [0, 20]"),
     "stop_on_repetition": (lambda v: v == 0 or v >= 2, "0 (off) or >= 2"),
+    "num_beams": (lambda v: v >= 1, ">= 1"),
+    "length_penalty": (math.isfinite, "a finite number"),
 }
 
 
@@ -75,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     _flag(p, "seed", type=int, default=None, help="PRNG seed (default: random)")
     p.add_argument("--num_return_sequences", "--num-return-sequences", "--n", dest="num_return_sequences", type=int, default=1)
     _flag(p, "logprobs", type=int, nargs="?", const=0, default=None, help="report log-probabilities (and N alternatives)")
+    _flag(p, "num_beams", type=int, default=1, help="beam search with K beams (1: sample / greedy)")
+    _flag(p, "length_penalty", type=float, default=1.0, help="beam score = sum log-prob / length ** length_penalty")
+    _flag(p, "early_stopping", choices=["true", "false", "never"], default="false", help="when beam search stops")
     _flag(p, "stream", action="store_true", help="print text as it is generated")
     _flag(p, "system", default=None, help="system prompt (implies --chat)")
     _flag(p, "few_shot", default=None, help="JSONL file of examples, e.g. {\"input\": ..., \"output\": ...} (implies --chat)")
@@ -93,6 +98,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.allowed_token_ids = [int(x) for x in args.allowed_token_ids.split(",")] if args.allowed_token_ids else None
     except ValueError as e:
         p.error(str(e))
+    if args.num_beams > 1:
+        if args.num_return_sequences > args.num_beams:
+            p.error(f"argument --num_return_sequences: must be <= --num_beams ({args.num_beams}) with beam search")
+        for name in ("temperature", "top_k", "top_p", "min_p", "logprobs"):
+            if getattr(args, name) is not None:
+                p.error(f"argument --{name}: does not apply to beam search (--num_beams {args.num_beams})")
+        if args.stream or args.presence_penalty or args.frequency_penalty or args.stop_on_repetition:
+            p.error("argument --num_beams: beam search does not stream or take presence/frequency/repetition-stop settings")
     if args.stream and (len(args.prompt) + len(args.prompt_file) > 1 or args.num_return_sequences > 1 or args.format != "text"):
         p.error("argument --stream: works with one prompt, --num_return_sequences 1 and --format text")
     return args
@@ -163,7 +176,17 @@ def main(argv=None) -> int:
                     print(piece, end="", flush=True)
             print()
             return 0
-        result = jaxllm.generate(params, cfg, inputs, **kwargs)
+        if args.num_beams > 1:
+            from jaxllm.beam import beam_generate
+
+            beam_kwargs = {k: kwargs[k] for k in ("tokenizer", "max_new_tokens", "num_return_sequences", "stop",
+                                                  "include_stop_str_in_output", "eos_token_id", "min_new_tokens",
+                                                  "repetition_penalty", "no_repeat_ngram_size", "bad_words",
+                                                  "logit_bias", "allowed_token_ids")}
+            result = beam_generate(params, cfg, inputs, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                                   early_stopping={"true": True, "false": False}.get(args.early_stopping, "never"), **beam_kwargs)
+        else:
+            result = jaxllm.generate(params, cfg, inputs, **kwargs)
     except jaxllm.JaxllmError as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
@@ -198,6 +221,8 @@ def _print(result, prompts: list[str], args) -> None:
             }
             if args.num_return_sequences > 1:
                 record["index"] = i % args.num_return_sequences
+            if result.scores is not None:
+                record["score"] = result.scores[i]
             if result.logprobs is not None:
                 record["logprobs"] = result.logprobs[i]
             if result.top_logprobs is not None:

@@ -227,6 +227,7 @@ class GenerationResult:
     logprobs: list[list[float]] | None = None  # per generated token, when asked for
     top_logprobs: list[list[dict[int, float]]] | None = None  # A alternatives per token, when asked for
     timing: dict = dataclasses.field(default_factory=dict)  # compile_s, prefill_s, decode_s, decode_tokens_per_s
+    scores: list[float] | None = None  # beam search: each hypothesis' length-normalized score
 
 
 @dataclasses.dataclass

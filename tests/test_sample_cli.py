@@ -57,6 +57,19 @@ def test_chat_and_stream(checkpoint, cfg, params, tokenizer):
     assert proc.stdout == "hi" + want + "\n"
 
 
+def test_beam_search_flags(checkpoint, cfg, params, tokenizer):
+    from jaxllm.beam import beam_generate
+
+    proc = run("--checkpoint", checkpoint, "--prompt", "def f(x):", "--num_beams", 3, "--num_return_sequences", 2,
+               "--length_penalty", 0.5, "--early_stopping", "never", "--max_new_tokens", 8, "--format", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    want = beam_generate(params, cfg, ["def f(x):"], tokenizer=tokenizer, num_beams=3, num_return_sequences=2,
+                         length_penalty=0.5, early_stopping="never", max_new_tokens=8)
+    assert [r["token_ids"] for r in rows] == want.token_ids
+    assert [r["score"] for r in rows] == pytest.approx(want.scores) and rows[0]["score"] >= rows[1]["score"]
+
+
 @pytest.mark.parametrize(
     "args,named",
     [
@@ -75,6 +88,10 @@ def test_chat_and_stream(checkpoint, cfg, params, tokenizer):
         (["--prompt_file", "/nonexistent/p.txt"], "--prompt_file"),
         (["--stream", "--prompt", "y"], "--stream"),
         (["--chat", "chatml"], "--chat"),
+        (["--num_beams", "2", "--temperature", "0.5"], "--temperature"),
+        (["--num_beams", "2", "--num_return_sequences", "3"], "--num_return_sequences"),
+        (["--num_beams", "0"], "--num_beams"),
+        (["--early_stopping", "maybe"], "--early_stopping"),
         (["--bogus"], "--bogus"),
     ],
 )

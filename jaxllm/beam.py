@@ -1,0 +1,295 @@
+"""Beam search, written for one example's K beams and vectorized over the batch with `jax.vmap`.
+
+Legend: B batch, K beams, R = B * K model rows, M = max(2, 1 + #EOS) * K candidates,
+N output buffer, V vocab.
+
+Semantics follow transformers' beam search (so results can be checked against it):
+
+    per step, for each example:
+      log_softmax(logits) → processors (penalties, bans, min_new_tokens) on each beam's own history
+      + the beam's running score → the best M continuations over all K × V
+      a continuation ending in EOS (or a stop string, or the length limit) that ranks among the
+        best K goes to the example's bank with score  sum log-prob / generated_len ** length_penalty
+      the best K continuations that did not finish become the running beams
+    stop when the bank cannot improve: early_stopping True = K hypotheses finished;
+    False = the best running beam, scored at the current length, cannot beat the bank's worst;
+    "never" = the same at the longest possible length when length_penalty > 0.
+
+The model is only seen through `step(tokens, aux) -> (logits, aux)` and `reorder(aux, rows)`,
+so the same search serves any model (tests use Markov-chain tables). The bookkeeping is a
+per-example function mapped with `vmap`; the model runs on all R rows at one cache cursor,
+and the cache follows the beams by a gather along the row axis (no per-row scatter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import ModelConfig
+from jaxllm.errors import GenerationError
+from jaxllm.generate import GenerationResult, _Compiled, _prepare, _split_kwargs, bucket, decode_params, left_pad
+from jaxllm.kvcache import KVCache, init_cache
+from jaxllm.model import forward, hidden_states, unembed
+from jaxllm.sampling import History, SamplingParams, init_history, process_logits, record
+from jaxllm.stopping import StopParams, append_bytes, cut_at_stop, stop_string_hit
+from jaxllm.tokenizer import Tokenizer
+
+EARLY_STOPPING = (True, False, "never")
+NEG = -1.0e9  # HF's "impossible" score: finite, so sums and comparisons stay well defined
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["scores", "bank_tokens", "bank_len", "bank_scores", "bank_full", "open", "gen_len"],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class Beams:
+    """Per-example search state (leading axis B outside vmap)."""
+
+    scores: jax.Array  # [B, K] running beams' summed log-probs (beam k > 0 starts at NEG)
+    bank_tokens: jax.Array  # [B, K, N] finished hypotheses' tokens, best first
+    bank_len: jax.Array  # [B, K] their lengths
+    bank_scores: jax.Array  # [B, K] their length-normalized scores (NEG = empty slot)
+    bank_full: jax.Array  # [B, K] slot holds a finished hypothesis
+    open: jax.Array  # [B] the bank may still improve (HF's "early stop heuristic unsatisfied")
+    gen_len: jax.Array  # [] tokens generated so far (shared)
+
+
+def _select(
+    logp: jax.Array, beams: Beams, outputs: jax.Array, windows: jax.Array, filled: jax.Array,
+    stops: StopParams, max_new: jax.Array, length_penalty: jax.Array, early_stopping,
+):
+    """One example's step. logp: [K, V] processed log-probs; outputs: [K, N] running beams' tokens;
+    windows/filled: [K, W] / [K] their stop-string byte windows.
+
+    -> (parent [K], token [K], the new Beams, new windows [K, W], filled [K])
+    """
+    K, V = logp.shape
+    M = max(2, 1 + stops.eos_ids.shape[0]) * K
+    g = beams.gen_len  # tokens generated before this step
+    acc = (logp + beams.scores[:, None]).reshape(-1)
+    cand_scores, flat = jax.lax.top_k(acc, M)
+    parent, token = flat // V, flat % V
+
+    hits = jnp.isin(token, stops.eos_ids) | (g + 1 >= max_new)
+    cand_windows, cand_filled = windows[parent], filled[parent]
+    if stops.has_stop_strings:
+        new_len = stops.token_len[token]
+        cand_windows = append_bytes(cand_windows, token, stops)
+        cand_filled = jnp.minimum(cand_filled + new_len, cand_windows.shape[1])
+        hits = hits | stop_string_hit(cand_windows, cand_filled, new_len, stops)
+
+    # the next running beams: the best K continuations that did not finish
+    running = jax.lax.top_k(cand_scores + hits * NEG, K)[1]
+    new_scores = (cand_scores + hits * NEG)[running]
+
+    # the bank: merge the finished continuations among the best K with the old hypotheses
+    cand_tokens = outputs[parent].at[:, g].set(token)  # [M, N]
+    normalized = cand_scores / (g + 1.0) ** length_penalty
+    blocked = ~beams.open | ~(hits & (jnp.arange(M) < K))
+    if early_stopping is True:
+        blocked = blocked | jnp.all(beams.bank_full)
+    normalized = jnp.where(blocked, normalized + NEG, normalized)
+    merged_scores = jnp.concatenate([beams.bank_scores, normalized])
+    best = jax.lax.top_k(merged_scores, K)[1]
+    bank_tokens = jnp.concatenate([beams.bank_tokens, cand_tokens])[best]
+    bank_len = jnp.concatenate([beams.bank_len, jnp.full((M,), g + 1, jnp.int32)])[best]
+    bank_full = jnp.concatenate([beams.bank_full, ~blocked])[best]
+    bank_scores = merged_scores[best]
+
+    # can the bank still improve? (HF's heuristic: the best running beam at its best length)
+    if early_stopping == "never":
+        best_len = jnp.where(length_penalty > 0, max_new, g + 1)
+    else:
+        best_len = g + 1
+    best_possible = new_scores[0] / best_len.astype(jnp.float32) ** length_penalty
+    worst = jnp.where(bank_full, jnp.min(bank_scores), NEG)
+    still_open = beams.open & jnp.any(best_possible > worst)
+    new = Beams(new_scores, bank_tokens, bank_len, bank_scores, bank_full, still_open, g + 1)
+    return parent[running], token[running], new, cand_windows[running], cand_filled[running], jnp.all(hits)
+
+
+def searching(beams: Beams, stuck: jax.Array, early_stopping) -> jax.Array:
+    """[B]: is the example still searching?"""
+    going = beams.open & ~stuck
+    if early_stopping is True:
+        going = going & ~jnp.all(beams.bank_full, axis=-1)
+    return going
+
+
+def beam_search(
+    step: Callable[[jax.Array, Any], tuple[jax.Array, Any]],
+    reorder: Callable[[Any, jax.Array], Any],
+    first_logits: jax.Array,
+    aux: Any,
+    history: History,
+    sp: SamplingParams,
+    stops: StopParams,
+    *,
+    num_beams: int,
+    length_penalty: float | jax.Array = 1.0,
+    early_stopping: bool | str = False,
+) -> Beams:
+    """Runs the search to the end; returns the final `Beams` (bank sorted best first).
+
+    first_logits: [R, V] logits after the prompt, already repeated for the K beams of each
+    example; aux: the model's state (its KV cache), with rows in the same order; history,
+    sp: R rows (each beam's penalties see its own tokens); stops: max_new_tokens per row.
+    `step(tokens [R], aux) -> (logits [R, V], aux)` feeds one token per row;
+    `reorder(aux, rows [R]) -> aux` makes row r a copy of row rows[r].
+    """
+    if early_stopping not in EARLY_STOPPING:
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    R, V = first_logits.shape
+    K = num_beams
+    B = R // K
+    N = history.tokens.shape[1] - history.prompt_len
+    max_new = stops.max_new_tokens.reshape(B, K)[:, 0]
+    lp = jnp.asarray(length_penalty, jnp.float32)
+    beams = Beams(
+        scores=jnp.tile(jnp.where(jnp.arange(K) == 0, 0.0, NEG), (B, 1)),
+        bank_tokens=jnp.zeros((B, K, N), jnp.int32),
+        bank_len=jnp.zeros((B, K), jnp.int32),
+        bank_scores=jnp.full((B, K), NEG),
+        bank_full=jnp.zeros((B, K), bool),
+        open=jnp.ones((B,), bool),
+        gen_len=jnp.zeros((), jnp.int32),
+    )
+    W = stops.window
+    carry = (first_logits, aux, history, beams, jnp.zeros((R, W), jnp.uint8), jnp.zeros((R,), jnp.int32), jnp.zeros((B,), bool))
+    per_example = Beams(0, 0, 0, 0, 0, 0, None)  # gen_len is shared
+    select = jax.vmap(
+        functools.partial(_select, early_stopping=early_stopping),
+        in_axes=(0, per_example, 0, 0, 0, None, 0, None),
+        out_axes=(0, 0, per_example, 0, 0, 0),
+    )
+
+    def cond(carry):
+        *_, beams, _, _, stuck = carry
+        return jnp.any(searching(beams, stuck, early_stopping)) & (beams.gen_len < N)
+
+    def body(carry):
+        logits, aux, history, beams, windows, filled, _ = carry
+        logp = process_logits(jax.nn.log_softmax(logits, axis=-1), sp, history, stops.eos_ids)
+        outputs = history.tokens[:, history.prompt_len :]
+        parent, token, beams, windows, filled, stuck = select(
+            logp.reshape(B, K, V), beams, outputs.reshape(B, K, N), windows.reshape(B, K, W), filled.reshape(B, K),
+            stops, max_new, lp,
+        )
+        rows = (jnp.arange(B)[:, None] * K + parent).reshape(R)
+        token = token.reshape(R)
+        history = dataclasses.replace(
+            history, tokens=history.tokens[rows], valid=history.valid[rows], seen=history.seen[rows], counts=history.counts[rows]
+        )
+        history = record(history, token, jnp.ones((R,), bool))
+        logits, aux = step(token, reorder(aux, rows))
+        return logits, aux, history, beams, windows.reshape(R, W), filled.reshape(R), stuck
+
+    return jax.lax.while_loop(cond, body, carry)[3]
+
+
+# ---------------------------------------------------------------------------- with a jaxllm model
+
+
+def _beam_program(params, prompt, prompt_pos, sp, stops, length_penalty, *, cfg, num_beams, buffer_len, early_stopping):
+    """Prefill the B prompts once, repeat for the K beams, search. -> final Beams."""
+    K = num_beams
+    B, P = prompt.shape
+    cache = init_cache(cfg, B, P + buffer_len)
+    h, cache = hidden_states(params, cfg, prompt, prompt_pos, cache)
+    repeat = lambda x, axis: jnp.repeat(x, K, axis=axis)
+    cache = KVCache(k=repeat(cache.k, 1), v=repeat(cache.v, 1), pos=repeat(cache.pos, 0), cursor=cache.cursor)
+    first_logits = repeat(unembed(params, cfg, h[:, -1]), 0)
+    next_pos = repeat(jnp.max(prompt_pos, axis=1) + 1, 0)
+    history = init_history(repeat(prompt, 0), repeat(prompt_pos >= 0, 0), buffer_len, cfg.vocab_size)
+
+    def step(tokens, aux):
+        cache, pos = aux
+        logits, cache = forward(params, cfg, tokens[:, None], pos[:, None], cache)
+        return logits[:, 0], (cache, pos + 1)
+
+    def reorder(aux, rows):
+        cache, pos = aux
+        return KVCache(k=cache.k[:, rows], v=cache.v[:, rows], pos=cache.pos[rows], cursor=cache.cursor), pos[rows]
+
+    return beam_search(step, reorder, first_logits, (cache, next_pos), history, sp, stops,
+                       num_beams=K, length_penalty=length_penalty, early_stopping=early_stopping)
+
+
+_beam_compiled = _Compiled(_beam_program)
+
+
+def beam_generate(
+    params, cfg: ModelConfig, prompts, *, tokenizer: Tokenizer | None = None, num_beams: int = 4,
+    length_penalty: float = 1.0, early_stopping: bool | str = False, num_return_sequences: int = 1,
+    max_new_tokens: int = 64, stop=(), include_stop_str_in_output: bool = False, eos_token_id=None,
+    add_bos: bool = True, **processors,
+) -> GenerationResult:
+    """Beam search over a batch of prompts; the n best finished hypotheses of each, best first.
+
+    `processors`: repetition_penalty, no_repeat_ngram_size, min_new_tokens, logit_bias,
+    allowed_token_ids, bad_words / bad_words_ids — applied to each beam's own history.
+    The result's `scores` are the length-normalized scores (sum log-prob / len ** length_penalty).
+    """
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise GenerationError(f"num_beams must be >= 1, got {num_beams}")
+    if not 1 <= num_return_sequences <= num_beams:
+        raise GenerationError(f"num_return_sequences must be in [1, num_beams={num_beams}], got {num_return_sequences}")
+    if early_stopping not in EARLY_STOPPING:
+        raise GenerationError(f"early_stopping must be true, false or never, got {early_stopping!r}")
+    if not math.isfinite(length_penalty):
+        raise GenerationError(f"length_penalty must be finite, got {length_penalty}")
+    allowed = {"repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "logit_bias", "allowed_token_ids", "bad_words", "bad_words_ids"}
+    unknown = sorted(set(processors) - allowed)
+    if unknown:
+        raise GenerationError(f"beam search does not take {', '.join(unknown)} (it is deterministic; sampling controls do not apply)")
+    req = _prepare(
+        cfg, prompts, tokenizer, max_new_tokens=max_new_tokens, n=num_beams, stop=stop, eos_token_id=eos_token_id,
+        repeat_count=0, add_bos=add_bos, parse_special=False, sampling=None,
+        sampling_kwargs=_split_kwargs(tokenizer, dict(processors, temperature=0.0, seed=0)), chunk=16,
+    )
+    unique = req.prompts[::num_beams]
+    tokens, positions = left_pad(unique, bucket(max(map(len, unique))), req.pad_id)
+    t0 = time.perf_counter()
+    beams, compile_s = _beam_compiled(
+        dict(cfg=cfg, num_beams=num_beams, buffer_len=req.buffer_len, early_stopping=early_stopping),
+        params=decode_params(params), prompt=jnp.asarray(tokens), prompt_pos=jnp.asarray(positions),
+        sp=req.sampling, stops=req.stops, length_penalty=jnp.asarray(length_penalty, jnp.float32),
+    )
+    out, lengths, scores = jax.device_get((beams.bank_tokens, beams.bank_len, beams.bank_scores))
+    elapsed = time.perf_counter() - t0 - compile_s
+    eos = set(np.asarray(req.stops.eos_ids).tolist())
+    token_ids, reasons, texts, best = [], [], [], []
+    for b in range(len(unique)):
+        for k in range(num_return_sequences):
+            ids = out[b, k, : lengths[b, k]].tolist()
+            text = tokenizer.decode(ids) if tokenizer is not None else None
+            if ids and ids[-1] in eos:
+                why = "eos"
+            elif text is not None and req.stop_strings and cut_at_stop(text, req.stop_strings) != text:
+                why = "stop"
+                text = cut_at_stop(text, req.stop_strings, include_stop_str_in_output)
+            else:
+                why = "length"
+            token_ids.append(ids)
+            reasons.append(why)
+            texts.append(text)
+            best.append(float(scores[b, k]))
+    return GenerationResult(
+        token_ids=token_ids,
+        finish_reasons=reasons,
+        num_prompt_tokens=[len(unique[b]) for b in range(len(unique)) for _ in range(num_return_sequences)],
+        prompt_index=[b for b in range(len(unique)) for _ in range(num_return_sequences)],
+        texts=texts if tokenizer is not None else None,
+        scores=best,
+        timing={"compile_s": compile_s, "search_s": elapsed},
+    )
