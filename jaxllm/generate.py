@@ -115,14 +115,14 @@ def init_state(
     )
 
 
-def decode_step(
-    params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, stops: StopParams,
+def emit(
+    state: DecodeState, token: jax.Array, logprobs: jax.Array, stops: StopParams,
     *, pad_id: int = 0, stop_fn: StopFn | None = None,
 ) -> DecodeState:
-    """One token for every row: choose -> record -> check stops -> forward. Finished rows emit padding."""
+    """Appends one chosen token per row [B] (drawn from `logprobs` [B, V]): record it, check stops,
+    keep its log-probability. Finished rows record padding. The model is not run."""
     running = state.finish == RUNNING
     step = state.step
-    token, logprobs = choose_next(state.logits, sp, state.history, stops.eos_ids)
     token = jnp.where(running, token, pad_id)
     history = record(state.history, token, running)
     custom = stop_fn(history) if stop_fn is not None else jnp.zeros_like(running)
@@ -133,19 +133,28 @@ def decode_step(
     chosen = jnp.take_along_axis(logprobs, token[:, None], axis=1)  # [B, 1]
     A = state.top_ids.shape[2]
     top_lp, top_ids = jax.lax.top_k(logprobs, A) if A else (state.top_logprobs[:, 0], state.top_ids[:, 0])
-    logits, cache = forward(params, cfg, token[:, None], state.next_pos[:, None], state.cache)
-    return DecodeState(
-        logits=logits[:, 0],
+    return dataclasses.replace(
+        state,
         history=history,
         finish=jnp.where(running, code, state.finish),
-        next_pos=state.next_pos + 1,
         window=window,
         filled=filled,
         logprobs=jax.lax.dynamic_update_slice(state.logprobs, chosen, (0, step)),
         top_ids=jax.lax.dynamic_update_slice(state.top_ids, top_ids[:, None], (0, step, 0)),
         top_logprobs=jax.lax.dynamic_update_slice(state.top_logprobs, top_lp[:, None], (0, step, 0)),
-        cache=cache,
     )
+
+
+def decode_step(
+    params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, stops: StopParams,
+    *, pad_id: int = 0, stop_fn: StopFn | None = None,
+) -> DecodeState:
+    """One token for every row: choose -> record and check stops (`emit`) -> forward."""
+    token, logprobs = choose_next(state.logits, sp, state.history, stops.eos_ids)
+    fed = jnp.where(state.finish == RUNNING, token, pad_id)  # what emit records
+    state = emit(state, token, logprobs, stops, pad_id=pad_id, stop_fn=stop_fn)
+    logits, cache = forward(params, cfg, fed[:, None], state.next_pos[:, None], state.cache)
+    return dataclasses.replace(state, logits=logits[:, 0], next_pos=state.next_pos + 1, cache=cache)
 
 
 def all_done(state: DecodeState) -> jax.Array:
