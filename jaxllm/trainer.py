@@ -72,16 +72,21 @@ def _config_diff(a: ModelConfig, b: ModelConfig) -> str:
 
 
 def _manager(state_dir: Path, keep: int) -> ocp.CheckpointManager:
-    policy = ocp.checkpoint_managers.AnyPreservationPolicy(
-        [
-            ocp.checkpoint_managers.LatestN(n=keep),
-            # BestN keeps the largest metric values: rank by minus the val loss.
-            ocp.checkpoint_managers.BestN(
-                get_metric_fn=lambda m: -m["val_loss"], n=1, keep_checkpoints_without_metrics=False
-            ),
-        ]
-    )
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, cleanup_tmp_directories=True, create=True)
+    """Keeps the last `keep` checkpoints plus the best by val loss."""
+    policies = getattr(ocp, "checkpoint_managers", None)
+    if hasattr(policies, "AnyPreservationPolicy"):
+        policy = policies.AnyPreservationPolicy(
+            [
+                policies.LatestN(n=keep),
+                # BestN keeps the largest metric values: rank by minus the val loss.
+                policies.BestN(get_metric_fn=lambda m: -m["val_loss"], n=1, keep_checkpoints_without_metrics=False),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, cleanup_tmp_directories=True, create=True)
+    else:  # an Orbax without preservation policies: the best `keep + 1` by val loss
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep + 1, best_fn=lambda m: m["val_loss"], best_mode="min", create=True
+        )
     return ocp.CheckpointManager(state_dir, options=options)
 
 

@@ -121,3 +121,14 @@ def test_bad_input_exits_2_with_one_line(args, words, tmp_path):
 
 def test_an_existing_run_is_not_overwritten_without_resume(trained):
     one_line_error(run("train.py", "--config", TINY, "--out_dir", trained, "--no_progress"), "already holds a run", "--resume")
+
+
+def test_every_preset_loads_and_says_what_it_is_for():
+    from jaxllm.config import load_preset
+
+    names = sorted(p.stem for p in (REPO / "configs").glob("*.json"))
+    assert {"tiny", "default", "small", "tpu_v5e"} <= set(names)
+    for name in names:
+        cfg, tcfg, description = load_preset(REPO / "configs" / f"{name}.json")
+        assert description.startswith(name + ":") and len(description) > 40
+        assert (tcfg.seq_len or cfg.max_seq_len) <= cfg.max_seq_len
