@@ -48,6 +48,7 @@ RANGES = {
     "logprobs": (lambda v: v is None or 0 <= v <= 20, "in [0, 20]"),
     "stop_on_repetition": (lambda v: v == 0 or v >= 2, "0 (off) or >= 2"),
     "num_beams": (lambda v: v >= 1, ">= 1"),
+    "num_speculative_tokens": (lambda v: 1 <= v <= 16, "in [1, 16]"),
     "length_penalty": (math.isfinite, "a finite number"),
 }
 
@@ -77,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     _flag(p, "seed", type=int, default=None, help="PRNG seed (default: random)")
     p.add_argument("--num_return_sequences", "--num-return-sequences", "--n", dest="num_return_sequences", type=int, default=1)
     _flag(p, "logprobs", type=int, nargs="?", const=0, default=None, help="report log-probabilities (and N alternatives)")
+    _flag(p, "draft_checkpoint", default=None, help="speculative decoding: a smaller model sharing the tokenizer")
+    _flag(p, "num_speculative_tokens", type=int, default=4, help="tokens the draft proposes per target forward")
     _flag(p, "num_beams", type=int, default=1, help="beam search with K beams (1: sample / greedy)")
     _flag(p, "length_penalty", type=float, default=1.0, help="beam score = sum log-prob / length ** length_penalty")
     _flag(p, "early_stopping", choices=["true", "false", "never"], default="false", help="when beam search stops")
@@ -98,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.allowed_token_ids = [int(x) for x in args.allowed_token_ids.split(",")] if args.allowed_token_ids else None
     except ValueError as e:
         p.error(str(e))
+    if args.draft_checkpoint and (args.num_beams > 1 or args.stream or args.num_return_sequences > 1 or args.logprobs is not None):
+        p.error("argument --draft_checkpoint: speculative decoding does not combine with --num_beams, --stream, --n or --logprobs")
     if args.num_beams > 1:
         if args.num_return_sequences > args.num_beams:
             p.error(f"argument --num_return_sequences: must be <= --num_beams ({args.num_beams}) with beam search")
@@ -176,7 +181,18 @@ def main(argv=None) -> int:
                     print(piece, end="", flush=True)
             print()
             return 0
-        if args.num_beams > 1:
+        if args.draft_checkpoint:
+            from jaxllm.speculative import speculative_generate
+
+            dparams, dcfg, dtok, _ = load_any(Path(args.draft_checkpoint))
+            if dtok is not None and dtok.fingerprint != tokenizer.fingerprint:
+                raise jaxllm.CheckpointError(f"argument --draft_checkpoint: {args.draft_checkpoint} has a different tokenizer")
+            spec_kwargs = {k: v for k, v in kwargs.items() if k not in ("num_return_sequences", "logprobs")}
+            result = speculative_generate(params, cfg, decode_params(dparams), dcfg, inputs,
+                                          num_speculative_tokens=args.num_speculative_tokens, **spec_kwargs)
+            print(f"sample.py: speculative decoding accepted {result.timing['acceptance_rate']:.0%} of drafted tokens, "
+                  f"{result.timing['tokens_per_block']:.2f} tokens per target forward", file=sys.stderr)
+        elif args.num_beams > 1:
             from jaxllm.beam import beam_generate
 
             beam_kwargs = {k: kwargs[k] for k in ("tokenizer", "max_new_tokens", "num_return_sequences", "stop",

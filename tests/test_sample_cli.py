@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from jaxllm import generate, save_checkpoint
@@ -70,6 +71,17 @@ def test_beam_search_flags(checkpoint, cfg, params, tokenizer):
     assert [r["score"] for r in rows] == pytest.approx(want.scores) and rows[0]["score"] >= rows[1]["score"]
 
 
+def test_speculative_flags(checkpoint, cfg, params, tokenizer, tmp_path):
+    draft_cfg = cfg.replace(n_layers=1)
+    draft = jax.tree_util.tree_map(lambda x: x[:1], params["layers"])
+    save_checkpoint(tmp_path / "draft", {**params, "layers": draft}, draft_cfg, tokenizer)
+    proc = run("--checkpoint", checkpoint, "--draft_checkpoint", tmp_path / "draft", "--num_speculative_tokens", 3,
+               "--prompt", "def f(x):", "--max_new_tokens", 10, "--temperature", 0)
+    assert proc.returncode == 0, proc.stderr
+    want = generate(params, cfg, ["def f(x):"], tokenizer=tokenizer, max_new_tokens=10, temperature=0.0).texts[0]
+    assert proc.stdout == "def f(x):" + want + "\n" and "accepted" in proc.stderr
+
+
 @pytest.mark.parametrize(
     "args,named",
     [
@@ -92,6 +104,8 @@ def test_beam_search_flags(checkpoint, cfg, params, tokenizer):
         (["--num_beams", "2", "--num_return_sequences", "3"], "--num_return_sequences"),
         (["--num_beams", "0"], "--num_beams"),
         (["--early_stopping", "maybe"], "--early_stopping"),
+        (["--num_speculative_tokens", "0"], "--num_speculative_tokens"),
+        (["--draft_checkpoint", "d", "--num_beams", "2"], "--draft_checkpoint"),
         (["--bogus"], "--bogus"),
     ],
 )
