@@ -8,9 +8,10 @@ Run from the repository root:
     python benchmarks/decode.py --markdown           # also print rows for benchmarks/RESULTS.md
     python benchmarks/decode.py --modes greedy        # skip the sampling-chain rows
 
-Modes: "greedy", and "chain" = top_k 50 + top_p 0.95 + repetition_penalty 1.1 sampling at
-temperature 1 (the same settings for transformers' generate(do_sample=True)). The summary
-prints what the chain costs over greedy decoding.
+Modes: "greedy"; "chain" = top_k 50 + top_p 0.95 + repetition_penalty 1.1 sampling at
+temperature 1 (the same settings for transformers' generate(do_sample=True)); "beam4" =
+beam search with 4 beams (tokens/s counts the returned tokens, B * new_tokens; jaxllm's
+time includes its prefill). The summary prints what the chain costs over greedy decoding.
 
 Both libraries get random-init float32 weights of the same shapes and the same random
 prompt ids; EOS is disabled so every row decodes exactly --new_tokens tokens. Times are
@@ -40,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxllm
+from jaxllm.beam import beam_generate
 from jaxllm.generate import bucket, decode_params
 
 CONFIGS = {
@@ -49,9 +51,10 @@ CONFIGS = {
 MAX_SEQ_LEN = 1024
 CHUNK = 16  # jaxllm.generate's default decode chunk; sets the output buffer bucket
 CHAIN = dict(top_k=50, top_p=0.95, repetition_penalty=1.1)
-MODES = {  # mode -> (jaxllm generate kwargs, transformers generate kwargs)
+MODES = {  # mode -> (jaxllm kwargs, transformers generate kwargs); "num_beams" selects beam_generate
     "greedy": (dict(temperature=0.0), dict(do_sample=False)),
     "chain": (dict(temperature=1.0, **CHAIN), dict(do_sample=True, temperature=1.0, **CHAIN)),
+    "beam4": (dict(num_beams=4), dict(do_sample=False, num_beams=4, early_stopping=False)),
 }
 
 
@@ -75,17 +78,22 @@ def measure_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
 
 def bench_jaxllm(cfg: jaxllm.ModelConfig, prompts: np.ndarray, new_tokens: int, reps: int, mode: str) -> dict:
     params = decode_params(jaxllm.init_params(cfg, jax.random.key(0)))  # laid out once, as sample.py does
-    kwargs = dict(max_new_tokens=new_tokens, seed=0, eos_token_id=[], chunk=CHUNK, **MODES[mode][0])
     ids = prompts.tolist()
-    result = jaxllm.generate(params, cfg, ids, **kwargs)  # warm-up: compiles prefill and decode chunk
+    if "num_beams" in MODES[mode][0]:
+        kwargs = dict(max_new_tokens=new_tokens, eos_token_id=[], **MODES[mode][0])
+        run = lambda: beam_generate(params, cfg, ids, **kwargs)
+    else:
+        kwargs = dict(max_new_tokens=new_tokens, seed=0, eos_token_id=[], chunk=CHUNK, **MODES[mode][0])
+        run = lambda: jaxllm.generate(params, cfg, ids, **kwargs)
+    result = run()  # warm-up: compiles the programs
     assert all(len(t) == new_tokens for t in result.token_ids), "expected exactly new_tokens per row"
     prefill, decode, e2e = [], [], []
     for _ in range(reps):
         t0 = time.perf_counter()
-        result = jaxllm.generate(params, cfg, ids, **kwargs)
+        result = run()
         e2e.append(time.perf_counter() - t0)
-        prefill.append(result.timing["prefill_s"])
-        decode.append(result.timing["decode_s"])
+        prefill.append(result.timing.get("prefill_s", 0.0))  # beam search times prefill and search together
+        decode.append(result.timing.get("decode_s", result.timing.get("search_s")))
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     return dict(prefill_s=min(prefill), decode_s=min(decode), e2e_s=min(e2e), param_bytes=param_bytes,
                 tokens=np.asarray(result.token_ids))
@@ -134,7 +142,7 @@ def main():
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--prompt_len", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--modes", default="greedy,chain", help="greedy and/or chain (top_k 50, top_p 0.95, repetition_penalty 1.1)")
+    ap.add_argument("--modes", default="greedy,chain,beam4", help="greedy, chain (top_k 50, top_p 0.95, repetition_penalty 1.1), beam4")
     ap.add_argument("--no_reference", action="store_true", help="skip the transformers reference")
     ap.add_argument("--markdown", action="store_true", help="also print a markdown block for RESULTS.md")
     args = ap.parse_args()
