@@ -72,13 +72,15 @@ def test_sample_py_generates_from_the_run_directory(trained):
     assert proc.stdout == "def " + want + "\n"
 
 
-def test_resume_after_losing_the_last_checkpoint_reproduces_the_run(trained, tmp_path):
+def test_resume_after_a_save_killed_midway_reproduces_the_run(trained, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(trained, copy)
-    shutil.rmtree(copy / "state" / "12")  # as if killed before the final save
+    # Orbax writes under a temporary name and renames when complete: a kill mid-save leaves this
+    (copy / "state" / "12").rename(copy / "state" / "12.orbax-checkpoint-tmp-1700000000")
     proc = run("train.py", "--out_dir", copy, "--resume", "--no_progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step 6" in proc.stdout
+    assert sorted(p.name for p in (copy / "state").iterdir()) == ["12", "6"]  # the partial save is gone
     keys = lambda rs: [(r["step"], r["loss"], r.get("val_loss")) for r in rs]  # noqa: E731
     assert keys(metrics(copy)) == keys(metrics(trained))
     a, b = flatten(load_checkpoint(trained)[0]), flatten(load_checkpoint(copy)[0])
