@@ -122,3 +122,14 @@ def test_missing_checkpoint_and_too_long_prompt_exit_2(checkpoint, tmp_path):
     proc = run("--checkpoint", checkpoint, "--prompt", "word " * 200, "--max_new_tokens", 8)
     assert proc.returncode == 2 and "context" in proc.stderr and proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_without_a_checkpoint_the_bundled_model_is_used():
+    import jaxllm
+
+    bundled = REPO / "jaxllm" / "assets" / "default"
+    proc = run("--prompt", "def fibonacci(n):", "--max_new_tokens", 12, "--temperature", 0)
+    assert proc.returncode == 0, proc.stderr
+    params, cfg, tok = jaxllm.load_checkpoint(bundled)
+    want = generate(params, cfg, ["def fibonacci(n):"], tokenizer=tok, max_new_tokens=12, temperature=0.0).texts[0]
+    assert proc.stdout == "def fibonacci(n):" + want + "\n" and want.strip()
