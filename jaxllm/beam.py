@@ -218,8 +218,11 @@ def _beam_program(params, prompt, prompt_pos, sp, stops, length_penalty, *, cfg,
         return logits[:, 0], (cache, pos + 1)
 
     def reorder(aux, rows):
+        # One gather per layer: each layer's rows are contiguous, where a gather along axis 1
+        # of the stacked [L, R, S, K, E] cache moved strided pieces (2.5x slower on CPU).
         cache, pos = aux
-        return KVCache(k=cache.k[:, rows], v=cache.v[:, rows], pos=cache.pos[rows], cursor=cache.cursor), pos[rows]
+        follow = lambda buf: jnp.stack([buf[layer][rows] for layer in range(buf.shape[0])])
+        return KVCache(k=follow(cache.k), v=follow(cache.v), pos=cache.pos[rows], cursor=cache.cursor), pos[rows]
 
     return beam_search(step, reorder, first_logits, (cache, next_pos), history, sp, stops,
                        num_beams=K, length_penalty=length_penalty, early_stopping=early_stopping)
