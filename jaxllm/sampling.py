@@ -365,17 +365,22 @@ def row_keys(sp: SamplingParams, step: jax.Array) -> jax.Array:
     return jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(sp.key)
 
 
-def sample_inverse_cdf(z: jax.Array, keys: jax.Array) -> jax.Array:
-    """Draws one token per row from softmax(z) [B, V] with one uniform number per row.
+def draw(weights: jax.Array, keys: jax.Array) -> jax.Array:
+    """Draws one token per row in proportion to non-negative `weights` [B, V], one uniform number a row.
 
-    Exact like Gumbel-max (`jax.random.categorical`), but it needs B random numbers instead
-    of B * V, which on CPU was most of the cost of a sampled step. A token of probability 0
+    Inverse CDF: exact like Gumbel-max (`jax.random.categorical`), but it needs B random numbers
+    instead of B * V, which on CPU was most of the cost of a sampled step. A token of weight 0
     is never drawn: its cumulative sum equals its predecessor's.
     """
-    probs = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))
-    cdf = jnp.cumsum(probs, axis=-1)
+    cdf = jnp.cumsum(weights, axis=-1)
     u = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]
-    return jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), z.shape[-1] - 1).astype(jnp.int32)
+    return jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), weights.shape[-1] - 1).astype(jnp.int32)
+
+
+def warp(z: jax.Array, sp: SamplingParams) -> jax.Array:
+    """temperature -> top_k -> top_p -> min_p on processed logits [B, V] (what sampled rows draw from)."""
+    t = sp.temperature
+    return truncate(z / jnp.where(t > 0, t, 1.0)[:, None], sp.top_k, sp.top_p, sp.min_p)
 
 
 def choose_next(
@@ -391,9 +396,9 @@ def choose_next(
     greedy = t == 0
 
     def sample(z):
-        scaled = z / jnp.where(greedy, 1.0, t)[:, None]
-        truncated = truncate(scaled, sp.top_k, sp.top_p, sp.min_p)
-        return jnp.where(greedy[:, None], z, truncated), sample_inverse_cdf(truncated, row_keys(sp, history.step))
+        warped = warp(z, sp)
+        weights = jnp.exp(warped - jnp.max(warped, axis=-1, keepdims=True))
+        return jnp.where(greedy[:, None], z, warped), draw(weights, row_keys(sp, history.step))
 
     final, drawn = jax.lax.cond(jnp.all(greedy), lambda z: (z, jnp.zeros(z.shape[:1], jnp.int32)), sample, z)
     token = jnp.where(greedy, jnp.argmax(z, axis=-1), drawn).astype(jnp.int32)

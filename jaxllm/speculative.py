@@ -33,7 +33,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
@@ -42,8 +41,8 @@ from jaxllm.generate import (
 )
 from jaxllm.kvcache import KVCache, init_cache
 from jaxllm.model import forward, hidden_states, unembed
-from jaxllm.sampling import History, SamplingParams, init_history, process_logits, record, row_keys, truncate
-from jaxllm.stopping import RUNNING, StopParams
+from jaxllm.sampling import History, SamplingParams, draw, init_history, process_logits, record, row_keys, warp
+from jaxllm.stopping import RUNNING
 from jaxllm.tokenizer import Tokenizer
 
 
@@ -51,16 +50,7 @@ def distribution(logits: jax.Array, sp: SamplingParams, history: History, eos_id
     """The processed next-token distribution [B, V] that `choose_next` samples from (one-hot when greedy)."""
     z = process_logits(logits, sp, history, eos_ids)
     greedy = (sp.temperature == 0)[:, None]
-    scaled = truncate(z / jnp.where(greedy, 1.0, sp.temperature[:, None]), sp.top_k, sp.top_p, sp.min_p)
-    probs = jax.nn.softmax(scaled, axis=-1)
-    return jnp.where(greedy, jax.nn.one_hot(jnp.argmax(z, axis=-1), z.shape[-1]), probs)
-
-
-def _draw(probs: jax.Array, keys: jax.Array) -> jax.Array:
-    """One token per row from probs [B, V] by inverse CDF (zero-probability tokens are never drawn)."""
-    cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]
-    return jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), probs.shape[-1] - 1).astype(jnp.int32)
+    return jnp.where(greedy, jax.nn.one_hot(jnp.argmax(z, axis=-1), z.shape[-1]), jax.nn.softmax(warp(z, sp), axis=-1))
 
 
 def _keys(sp: SamplingParams, block: jax.Array, salt: int) -> jax.Array:
@@ -94,7 +84,7 @@ def _block(tparams, tcfg, dparams, dcfg, state: SpecState, sp, stops, *, gamma: 
         cache, token, history = carry
         logits, cache = forward(dparams, dcfg, token[:, None], (pos0 + j)[:, None], cache)
         q = distribution(logits[:, 0], sp, history, stops.eos_ids)
-        x = _draw(q, jax.vmap(lambda k: jax.random.fold_in(k, j))(_keys(sp, state.block, 1)))
+        x = draw(q, jax.vmap(lambda k: jax.random.fold_in(k, j))(_keys(sp, state.block, 1)))
         return (cache, x, record(history, x, running)), (x, q)
 
     (dcache, _, _), (xs, qs) = jax.lax.scan(draft_step, (state.draft_cache, state.last, out.history), jnp.arange(gamma + 1))
@@ -124,7 +114,7 @@ def _block(tparams, tcfg, dparams, dcfg, state: SpecState, sp, stops, *, gamma: 
     q_n = jnp.where(n < gamma, qs[:, jnp.minimum(n, gamma - 1)], 0.0)
     residual = jnp.maximum(p_n - q_n, 0.0)
     residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p_n)
-    drawn = _draw(residual, _keys(sp, state.block, 3))
+    drawn = draw(residual, _keys(sp, state.block, 3))
     new = jnp.where(count > n, xs[:, jnp.minimum(n, gamma - 1)], drawn)
 
     # 5. emit x_1..x_n and the new token, each checked against the stop conditions in order
@@ -170,7 +160,7 @@ def _speculate(tparams, dparams, prompt, prompt_pos, sp, stops, *, tcfg, dcfg, g
         cache=tcache,
     )
     p = distribution(unembed(tparams, tcfg, th[:, -1]), sp, history, stops.eos_ids)
-    first = _draw(p, _keys(sp, jnp.int32(-1), 0))
+    first = draw(p, _keys(sp, jnp.int32(-1), 0))
     out = emit(out, first, jnp.log(p), stops, pad_id=pad_id)
     zero = jnp.zeros((), jnp.int32)
     state = SpecState(out=out, last=first, draft_cache=dcache, block=zero, proposed=zero, accepted=zero)

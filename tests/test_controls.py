@@ -11,7 +11,6 @@ from jaxllm import generate, generate_stream
 from jaxllm.compilation import CompileCounter
 from jaxllm.stopping import cut_at_stop, holdback, repetition_hit
 from reference import np_forward
-from test_sampling import np_banned_ngrams
 
 PROMPTS = ["def f(x):", "the of and", "こんにちは"]
 GREEDY = dict(max_new_tokens=24, temperature=0.0)
