@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
-from jaxllm.generate import GenerationResult, _Compiled, _prepare, _split_kwargs, bucket, decode_params, left_pad
+from jaxllm.generate import GenerationResult, _prepare, _split_kwargs, bucket, decode_params, left_pad
 from jaxllm.kvcache import KVCache, init_cache
 from jaxllm.model import forward, hidden_states, unembed
 from jaxllm.sampling import History, SamplingParams, init_history, process_logits, record
@@ -228,7 +229,7 @@ def _beam_program(params, prompt, prompt_pos, sp, stops, length_penalty, *, cfg,
                        num_beams=K, length_penalty=length_penalty, early_stopping=early_stopping)
 
 
-_beam_compiled = _Compiled(_beam_program)
+_beam_compiled = Compiled(_beam_program)
 
 
 def beam_generate(

@@ -31,3 +31,7 @@ class DataError(JaxllmError, ValueError):
 
 class TrainingError(JaxllmError):
     """Training cannot go on: the loss became NaN/inf, or a resume does not match the run."""
+
+
+class ConstraintError(JaxllmError, ValueError):
+    """A regex, JSON Schema or choice list cannot be turned into a constraint."""

@@ -24,12 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import constraints
+from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
 from jaxllm.kvcache import KVCache, init_cache
 from jaxllm.model import forward, hidden_states, unembed, unstack_layers
-from jaxllm.sampling import History, SamplingParams, choose_next, init_history, last_tokens, record
-from jaxllm.stopping import FINISH_REASONS, REPEAT_WINDOW, RUNNING, StopParams, check_stops, cut_at_stop, holdback
+from jaxllm.sampling import NEG_INF, History, SamplingParams, choose_next, init_history, last_tokens, record
+from jaxllm.stopping import (
+    CONSTRAINT, FINISH_REASONS, REPEAT_WINDOW, RUNNING, StopParams, check_stops, cut_at_stop, holdback,
+)
 from jaxllm.tokenizer import Tokenizer
 
 MIN_PROMPT_BUCKET = 16
@@ -38,7 +42,10 @@ StopFn = Callable[[History], jax.Array]  # the user's predicate: history -> bool
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["logits", "history", "finish", "next_pos", "window", "filled", "logprobs", "top_ids", "top_logprobs", "cache"],
+    data_fields=[
+        "logits", "history", "finish", "next_pos", "window", "filled", "logprobs", "top_ids", "top_logprobs", "cache",
+        "constraint",
+    ],
     meta_fields=[],
 )
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +60,7 @@ class DecodeState:
     top_ids: jax.Array  # [B, N, A] i32 most likely alternatives at each step
     top_logprobs: jax.Array  # [B, N, A] f32 their log-probabilities
     cache: KVCache
+    constraint: constraints.RowState | None = None  # each row's automaton state, when constrained
 
     @property
     def step(self) -> jax.Array:
@@ -94,9 +102,12 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
 
 def init_state(
     params, cfg: ModelConfig, prompt: jax.Array, prompt_pos: jax.Array, stops: StopParams,
-    *, buffer_len: int, num_alternatives: int = 0,
+    *, buffer_len: int, num_alternatives: int = 0, constraint: constraints.RowState | None = None,
 ) -> DecodeState:
-    """Prefill: one forward over the left-padded prompt block [B, P] into a fresh cache of P + N slots."""
+    """Prefill: one forward over the left-padded prompt block [B, P] into a fresh cache of P + N slots.
+
+    `constraint`: the rows' initial automaton states (see `constraints.build`), if constrained.
+    """
     B, P = prompt.shape
     cache = init_cache(cfg, B, P + buffer_len)
     h, cache = hidden_states(params, cfg, prompt, prompt_pos, cache)
@@ -112,6 +123,7 @@ def init_state(
         top_ids=jnp.zeros((B, buffer_len, A), jnp.int32),
         top_logprobs=jnp.zeros((B, buffer_len, A), jnp.float32),
         cache=cache,
+        constraint=constraint,
     )
 
 
@@ -147,12 +159,28 @@ def emit(
 
 def decode_step(
     params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, stops: StopParams,
-    *, pad_id: int = 0, stop_fn: StopFn | None = None,
+    automaton: constraints.Automaton | None = None, *, pad_id: int = 0, stop_fn: StopFn | None = None,
 ) -> DecodeState:
-    """One token for every row: choose -> record and check stops (`emit`) -> forward."""
-    token, logprobs = choose_next(state.logits, sp, state.history, stops.eos_ids)
-    fed = jnp.where(state.finish == RUNNING, token, pad_id)  # what emit records
+    """One token for every row: (constraint mask) -> choose -> record and check stops (`emit`) -> forward.
+
+    With an `automaton`, tokens the row's constraint forbids are -inf before anything else
+    in the chain; a row left with no token it may emit ends with finish reason "constraint".
+    """
+    logits = state.logits
+    if automaton is not None:
+        outcome = constraints.step(automaton, state.constraint)
+        ok = constraints.allowed(automaton, state.constraint, outcome, stops.eos_ids)
+        logits = jnp.where(ok, logits, NEG_INF)
+    token, logprobs = choose_next(logits, sp, state.history, stops.eos_ids)
+    if automaton is not None:
+        stuck = (state.finish == RUNNING) & ~jnp.any(jnp.isfinite(logprobs), axis=-1)
+        state = dataclasses.replace(state, finish=jnp.where(stuck, CONSTRAINT, state.finish))
+    running = state.finish == RUNNING
+    fed = jnp.where(running, token, pad_id)  # what emit records
+    previous = state.constraint
     state = emit(state, token, logprobs, stops, pad_id=pad_id, stop_fn=stop_fn)
+    if automaton is not None:
+        state = dataclasses.replace(state, constraint=constraints.advance(automaton, previous, outcome, token, running))
     logits, cache = forward(params, cfg, fed[:, None], state.next_pos[:, None], state.cache)
     return dataclasses.replace(state, logits=logits[:, 0], next_pos=state.next_pos + 1, cache=cache)
 
@@ -163,7 +191,7 @@ def all_done(state: DecodeState) -> jax.Array:
 
 def decode_chunk(
     params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, stops: StopParams,
-    *, chunk: int, pad_id: int = 0, stop_fn: StopFn | None = None,
+    automaton: constraints.Automaton | None = None, *, chunk: int, pad_id: int = 0, stop_fn: StopFn | None = None,
 ) -> DecodeState:
     """Up to `chunk` decode steps, fewer if every row finishes first.
 
@@ -173,52 +201,36 @@ def decode_chunk(
     end = state.step + chunk
     return jax.lax.while_loop(
         lambda s: (s.step < end) & ~all_done(s),
-        lambda s: decode_step(params, cfg, s, sp, stops, pad_id=pad_id, stop_fn=stop_fn),
+        lambda s: decode_step(params, cfg, s, sp, stops, automaton, pad_id=pad_id, stop_fn=stop_fn),
         state,
     )
 
 
 def generate_tokens(
     params, cfg: ModelConfig, prompt: jax.Array, prompt_pos: jax.Array, sp: SamplingParams, stops: StopParams,
+    automaton: constraints.Automaton | None = None, constraint: constraints.RowState | None = None,
     *, buffer_len: int, chunk: int = 16, pad_id: int = 0, num_alternatives: int = 0, stop_fn: StopFn | None = None,
 ) -> DecodeState:
     """The whole generation as one pure function (usable inside a user's `jit`).
 
     prompt, prompt_pos: [B, P] from `left_pad`; buffer_len: static, >= max_new_tokens.
+    automaton, constraint: from `constraints.build`, to constrain the output.
     Returns the final state: `.tokens [B, N]`, `.length [B]`, `.finish [B]`, `.logprobs [B, N]`.
     """
-    state = init_state(params, cfg, prompt, prompt_pos, stops, buffer_len=buffer_len, num_alternatives=num_alternatives)
+    state = init_state(
+        params, cfg, prompt, prompt_pos, stops, buffer_len=buffer_len, num_alternatives=num_alternatives,
+        constraint=constraint,
+    )
     return jax.lax.while_loop(
         lambda s: ~all_done(s),
-        lambda s: decode_chunk(params, cfg, s, sp, stops, chunk=chunk, pad_id=pad_id, stop_fn=stop_fn),
+        lambda s: decode_chunk(params, cfg, s, sp, stops, automaton, chunk=chunk, pad_id=pad_id, stop_fn=stop_fn),
         state,
     )
 
 
-class _Compiled:
-    """jit + an explicit cache of compiled programs, so compile time is measured on its own.
-
-    Call with keywords: `program(dynamic_args..., static=dict(...))`.
-    """
-
-    def __init__(self, fn, donate_argnames=()):
-        self._fn, self._donate, self._programs = fn, donate_argnames, {}
-
-    def __call__(self, static: dict, **args):
-        leaves, tree = jax.tree_util.tree_flatten(args)
-        key = (tuple(sorted(static.items())), tree, tuple((x.shape, x.dtype, getattr(x, "weak_type", False)) for x in leaves))
-        compile_s = 0.0
-        if key not in self._programs:
-            t = time.perf_counter()
-            jitted = jax.jit(self._fn, static_argnames=tuple(static), donate_argnames=self._donate)
-            self._programs[key] = jitted.lower(**args, **static).compile()
-            compile_s = time.perf_counter() - t
-        return self._programs[key](**args), compile_s
-
-
-_init_program = _Compiled(init_state)
+_init_program = Compiled(init_state)
 # The state (cache included) is donated: each chunk updates the cache in place.
-_chunk_program = _Compiled(decode_chunk, donate_argnames=("state",))
+_chunk_program = Compiled(decode_chunk, donate_argnames=("state",))
 
 
 # ---------------------------------------------------------------------------- host driver
@@ -237,6 +249,8 @@ class GenerationResult:
     top_logprobs: list[list[dict[int, float]]] | None = None  # A alternatives per token, when asked for
     timing: dict = dataclasses.field(default_factory=dict)  # compile_s, prefill_s, decode_s, decode_tokens_per_s
     scores: list[float] | None = None  # beam search: each hypothesis' length-normalized score
+    valid: list[bool] | None = None  # with a constraint: whether each text satisfies it (parsed, validated)
+    errors: list[str | None] | None = None  # why a text is not valid
 
 
 @dataclasses.dataclass
@@ -248,11 +262,14 @@ class _Request:
     stop_strings: list[str]
     buffer_len: int
     pad_id: int
+    constraints: list  # per row: a Constraint or None
+    automaton: constraints.Automaton | None = None  # None: no row is constrained (or enforce=False)
+    row_states: constraints.RowState | None = None
 
 
 def _prepare(
     cfg: ModelConfig, prompts, tokenizer, *, max_new_tokens, n, stop, eos_token_id, repeat_count, add_bos,
-    parse_special, sampling, sampling_kwargs, chunk,
+    parse_special, sampling, sampling_kwargs, chunk, constraint=None, enforce=True,
 ) -> _Request:
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
         prompts = [prompts]
@@ -301,7 +318,14 @@ def _prepare(
         B, max_new_tokens, eos, stop, tokenizer.token_bytes() if (stop and tokenizer is not None) else None, repeat_count
     )
     pad_id = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
-    return _Request(rows, index, sampling, stops, stop, bucket(max_new_tokens, minimum=chunk), pad_id)
+    per_prompt = list(constraint) if isinstance(constraint, (list, tuple)) else [constraint] * len(prompts)
+    if len(per_prompt) != len(prompts):
+        raise GenerationError(f"constraint has {len(per_prompt)} entries for {len(prompts)} prompts")
+    rows_constraint = [per_prompt[i] for i in index]
+    req = _Request(rows, index, sampling, stops, stop, bucket(max_new_tokens, minimum=chunk), pad_id, rows_constraint)
+    if enforce and any(c is not None for c in rows_constraint):
+        req.automaton, req.row_states = constraints.build(rows_constraint, tokenizer, cfg.vocab_size)
+    return req
 
 
 def decode_params(params):
@@ -325,6 +349,7 @@ def _run(params, cfg, req: _Request, *, chunk, num_alternatives, stop_fn, timing
     state, compile_s = _init_program(
         dict(cfg=cfg, buffer_len=req.buffer_len, num_alternatives=num_alternatives),
         params=params, prompt=jnp.asarray(tokens), prompt_pos=jnp.asarray(positions), stops=req.stops,
+        constraint=req.row_states,
     )
     state.logits.block_until_ready()
     timing["compile_s"] = compile_s
@@ -334,7 +359,7 @@ def _run(params, cfg, req: _Request, *, chunk, num_alternatives, stop_fn, timing
         t = time.perf_counter()
         state, compile_s = _chunk_program(
             dict(cfg=cfg, chunk=chunk, pad_id=req.pad_id, stop_fn=stop_fn),
-            params=params, state=state, sp=req.sampling, stops=req.stops,
+            params=params, state=state, sp=req.sampling, stops=req.stops, automaton=req.automaton,
         )
         done = bool(all_done(state))  # blocks until the chunk is computed
         timing["compile_s"] += compile_s
@@ -382,6 +407,9 @@ def generate(
     add_bos: bool = True,
     parse_special: bool = False,
     chunk: int = 16,
+    constraint: "constraints.Constraint | Sequence[constraints.Constraint | None] | None" = None,
+    enforce: bool = True,
+    retries: int = 0,
     **sampling_kwargs,
 ) -> GenerationResult:
     """Generates continuations for a batch of prompts (strings need `tokenizer`; or lists of ids).
@@ -395,10 +423,42 @@ def generate(
     `include_stop_str_in_output`. `repeat_count` R > 0 ends a row whose last tokens repeat one
     n-gram R times; `stop_fn(history) -> bool[B]` is a user predicate (a static, pure JAX function).
     `logprobs=A` returns each token's log-probability and A alternatives.
+    `constraint` (a `constraints.Regex`, `Json`, `JsonSchema` or `Choice`, or one per prompt,
+    None for free rows) is enforced inside the loop; every output is then verified (`valid`,
+    `errors`). `enforce=False` only verifies; `retries=R` re-samples invalid rows up to R times.
     Raises `GenerationError` for input that cannot work (empty prompt, too long for the context).
     """
     options = {k: v for k, v in locals().items() if k not in ("params", "cfg", "prompts", "tokenizer", "sampling_kwargs")}
     *_, result = _generate(params, cfg, prompts, tokenizer, sampling_kwargs, stream=False, **options)
+    for attempt in range(1, retries + 1):  # verify-and-retry: sample the invalid rows again, with new seeds
+        bad = [r for r, ok in enumerate(result.valid or []) if ok is False]
+        if not bad:
+            break
+        result = _retry(params, cfg, prompts, tokenizer, dict(sampling_kwargs), options, result, bad, attempt)
+    return result
+
+
+def _retry(params, cfg, prompts, tokenizer, sampling_kwargs, options, result, bad, attempt) -> GenerationResult:
+    """Generates rows `bad` of `result` again (one sample each, seeds moved on) and puts them in."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
+        prompts = [prompts]
+    which = [result.prompt_index[r] for r in bad]
+    for k, v in sampling_kwargs.items():
+        if isinstance(v, (list, tuple)) and k not in ("bad_words", "bad_words_ids", "allowed_token_ids"):
+            sampling_kwargs[k] = [v[i] for i in which]
+    seed = sampling_kwargs.get("seed")
+    if seed is not None:
+        seeds = seed if isinstance(seed, list) else [seed] * len(bad)
+        sampling_kwargs["seed"] = [(s + 1_000_003 * attempt + r) % 2**32 for s, r in zip(seeds, bad)]
+    c = options["constraint"]
+    again = dict(options, num_return_sequences=1, retries=0,
+                 constraint=[c[i] for i in which] if isinstance(c, (list, tuple)) else c)
+    *_, redo = _generate(params, cfg, [prompts[i] for i in which], tokenizer, sampling_kwargs, stream=False, **again)
+    for j, r in enumerate(bad):
+        for field in ("token_ids", "finish_reasons", "texts", "logprobs", "top_logprobs", "valid", "errors"):
+            if getattr(result, field) is not None:
+                getattr(result, field)[r] = getattr(redo, field)[j]
+    result.timing["retries"] = result.timing.get("retries", 0) + len(bad)
     return result
 
 
@@ -421,14 +481,18 @@ def generate_stream(params, cfg: ModelConfig, prompts, *, tokenizer: Tokenizer, 
 def _generate(
     params, cfg, prompts, tokenizer, sampling_kwargs, *, stream: bool, max_new_tokens, num_return_sequences, stop,
     include_stop_str_in_output, eos_token_id, repeat_count, stop_fn, logprobs, sampling, add_bos, parse_special, chunk,
+    constraint=None, enforce=True, retries=0,
 ):
     if logprobs is not None and not 0 <= logprobs <= 20:
         raise GenerationError(f"logprobs must be in [0, 20], got {logprobs}")
+    if not isinstance(retries, int) or retries < 0 or (retries and (stream or sampling is not None)):
+        raise GenerationError(f"retries must be an int >= 0 (and without streaming or a ready `sampling`), got {retries}")
     include_stop = include_stop_str_in_output
     req = _prepare(
         cfg, prompts, tokenizer, max_new_tokens=max_new_tokens, n=num_return_sequences, stop=stop,
         eos_token_id=eos_token_id, repeat_count=repeat_count, add_bos=add_bos, parse_special=parse_special,
         sampling=sampling, sampling_kwargs=_split_kwargs(tokenizer, dict(sampling_kwargs)), chunk=chunk,
+        constraint=constraint, enforce=enforce,
     )
     B = len(req.prompts)
     timing: dict = {}
@@ -469,6 +533,10 @@ def _result(state: DecodeState, req: _Request, tokenizer, logprobs, include_stop
     texts = None
     if tokenizer is not None:
         texts = [_final_text(tokenizer.decode(ids), why, req.stop_strings, include_stop) for ids, why in zip(token_ids, reasons)]
+    valid = errors = None
+    if texts is not None and any(c is not None for c in req.constraints):
+        errors = [None if c is None else constraints.verify(c, t) for c, t in zip(req.constraints, texts)]
+        valid = [None if c is None else e is None for c, e in zip(req.constraints, errors)]
     generated = int(np.sum(lengths))
     timing["decode_tokens_per_s"] = generated / timing["decode_s"] if timing.get("decode_s") else 0.0
     return GenerationResult(
@@ -482,4 +550,6 @@ def _result(state: DecodeState, req: _Request, tokenizer, logprobs, include_stop
             [dict(zip(top_ids[r, t].tolist(), top_lp[r, t].tolist())) for t in range(lengths[r])] for r in range(B)
         ] if logprobs else None,
         timing=timing,
+        valid=valid,
+        errors=errors,
     )

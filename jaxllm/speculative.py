@@ -34,10 +34,11 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
 from jaxllm.generate import (
-    DecodeState, GenerationResult, _Compiled, _prepare, _result, _split_kwargs, bucket, decode_params, emit, left_pad,
+    DecodeState, GenerationResult, _prepare, _result, _split_kwargs, bucket, decode_params, emit, left_pad,
 )
 from jaxllm.kvcache import KVCache, init_cache
 from jaxllm.model import forward, hidden_states, unembed
@@ -171,7 +172,7 @@ def _speculate(tparams, dparams, prompt, prompt_pos, sp, stops, *, tcfg, dcfg, g
     )
 
 
-_speculate_compiled = _Compiled(_speculate)
+_speculate_compiled = Compiled(_speculate)
 
 
 def speculative_generate(

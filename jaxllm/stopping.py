@@ -22,8 +22,9 @@ import numpy as np
 
 from jaxllm.errors import GenerationError
 
-FINISH_REASONS = ("", "eos", "stop", "repetition", "custom", "length")  # index = code; 0 = running
-RUNNING, EOS, STOP, REPETITION, CUSTOM, LENGTH = range(6)
+# index = code; 0 = running. "constraint": the row's constraint left no token it could emit.
+FINISH_REASONS = ("", "eos", "stop", "repetition", "custom", "length", "constraint")
+RUNNING, EOS, STOP, REPETITION, CUSTOM, LENGTH, CONSTRAINT = range(7)
 MAX_REPEAT_NGRAM = 8  # repetition stop looks for n-grams with n <= 8
 REPEAT_WINDOW = 256  # ... among the last 256 generated tokens
 
