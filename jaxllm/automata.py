@@ -180,6 +180,26 @@ def minimize(dfa: ByteDFA) -> ByteDFA:
     return ByteDFA(trans.astype(np.int32), dfa.accepting[rep])
 
 
+FAR = 1 << 20  # distance of a state that cannot reach its goal
+
+
+def distances(trans: np.ndarray, goal: np.ndarray) -> np.ndarray:
+    """[N] int32: the fewest bytes from each state to a `goal` state (FAR if none).
+
+    With one token per byte available (byte fallback), this bounds the tokens a row still
+    needs to finish, so the decode loop can keep every row finishable within its budget.
+    """
+    dist = np.where(goal, 0, FAR).astype(np.int32)
+    src, byte = np.nonzero(trans >= 0)
+    dst = trans[src, byte]
+    while True:
+        best = dist.copy()
+        np.minimum.at(best, src, dist[dst] + 1)
+        if np.array_equal(best, dist):
+            return np.minimum(dist, FAR)
+        dist = best
+
+
 # ---------------------------------------------------------------------------- JSON with a stack
 
 # What a JSON byte transition does to the stack (the low 3 bits of `JsonAutomaton.code`).
@@ -209,6 +229,19 @@ class JsonAutomaton:
         """The same automaton with every stack move removed (for tokens without stack bytes)."""
         trans = np.where((self.code >= 0) & (self.code % 8 == NORMAL), self.code // 8, DEAD)
         return ByteDFA(trans.astype(np.int32), self.accepting)
+
+    def close_cost(self) -> np.ndarray:
+        """[N]: fewest bytes from each state to one where the innermost bracket can close.
+
+        The bytes to finish a document from (state, depth d) are close_cost + d (one bracket
+        per level); `done` costs 0.
+        """
+        action = np.where(self.code >= 0, self.code % 8, -1)
+        cost = distances(self.normal_dfa().trans, ((action == POP_OBJECT) | (action == POP_ARRAY)).any(axis=1))
+        cost[self.done] = 0
+        opens = ((action == PUSH_OBJECT) | (action == PUSH_ARRAY)).any(axis=1)
+        cost[opens & (cost >= FAR)] = 2  # before the document (only a bracket can follow): "{}"
+        return cost
 
 
 def json_automaton(max_whitespace: int = 8, allow_array: bool = False) -> JsonAutomaton:

@@ -47,7 +47,8 @@ FORMAT_VERSION = 1  # bump when tables change meaning: old cache files are ignor
 
 @dataclasses.dataclass(frozen=True)
 class Regex:
-    """The output must fully match `pattern` (interegular's syntax, a practical subset of Python's)."""
+    """The output must fully match `pattern`: interegular's syntax, a practical subset of Python's
+    (`\\w`, `\\d`, `\\s` are ASCII classes, as with `re.ASCII`)."""
 
     pattern: str
 
@@ -104,7 +105,7 @@ Constraint = Regex | Choice | Json | JsonSchema
 def verify(constraint: Constraint, text: str) -> str | None:
     """None if `text` satisfies the constraint, else a one-line reason."""
     if isinstance(constraint, Regex):
-        return None if re.fullmatch(constraint.pattern, text) else "does not match the regex"
+        return None if re.fullmatch(constraint.pattern, text, flags=re.ASCII) else "does not match the regex"
     if isinstance(constraint, Choice):
         return None if text in constraint.options else "is not one of the choices"
     try:
@@ -136,6 +137,7 @@ class TokenTable:
     token_class: np.ndarray  # [V] int32
     accepting: np.ndarray  # [N] bool
     initial: int
+    cost: np.ndarray  # [N] int32 fewest bytes still needed to finish (JSON: plus one per open bracket)
 
     def full(self) -> np.ndarray:
         """next [N, V] (expanded from classes)."""
@@ -167,7 +169,9 @@ def dfa_table(dfa: automata.ByteDFA, tokenizer) -> TokenTable:
         first = np.where(spaced & (lengths == 1), 0, first)  # a lone space: text still empty
         full = np.concatenate([full, np.where(spaced, first, full[0])[None]])
         accepting, initial = np.append(accepting, accepting[0]), full.shape[0] - 1
-    return TokenTable(*compress(full), accepting, initial)
+    cost = automata.distances(dfa.trans, dfa.accepting)
+    cost = np.append(cost, cost[0]) if len(cost) < full.shape[0] else cost
+    return TokenTable(*compress(full), accepting, initial, cost)
 
 
 def json_table(spec: Json, tokenizer) -> tuple[TokenTable, automata.JsonAutomaton]:
@@ -177,7 +181,7 @@ def json_table(spec: Json, tokenizer) -> tuple[TokenTable, automata.JsonAutomato
     on_stack = _stack_tokens(token_bytes, lengths)
     full = automata.token_table(auto.normal_dfa().trans, token_bytes, lengths, skip=on_stack)
     full[:, on_stack] = STACK
-    return TokenTable(*compress(full), auto.accepting, 0), auto
+    return TokenTable(*compress(full), auto.accepting, 0, auto.close_cost()), auto
 
 
 def _stack_tokens(token_bytes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -205,7 +209,7 @@ def compile_table(constraint: Constraint, tokenizer) -> TokenTable:
     if path is not None and path.is_file():
         try:
             with np.load(path, allow_pickle=False) as z:
-                return TokenTable(z["next"], z["token_class"], z["accepting"], int(z["initial"]))
+                return TokenTable(z["next"], z["token_class"], z["accepting"], int(z["initial"]), z["cost"])
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache file is rebuilt
     table = dfa_table(_dfa(constraint), tokenizer)
@@ -214,7 +218,7 @@ def compile_table(constraint: Constraint, tokenizer) -> TokenTable:
             folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
             np.savez(tmp, next=table.next, token_class=table.token_class, accepting=table.accepting,
-                     initial=np.int64(table.initial))
+                     initial=np.int64(table.initial), cost=table.cost)
             os.replace(tmp, path)
         except OSError:
             pass  # a read-only cache folder only costs time
@@ -236,7 +240,9 @@ def _dfa(constraint: Constraint) -> automata.ByteDFA:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["next", "token_class", "accepting", "json_code", "stack_ids", "stack_bytes", "stack_len", "stack_slot"],
+    data_fields=[
+        "next", "token_class", "accepting", "cost", "json_code", "stack_ids", "stack_bytes", "stack_len", "stack_slot",
+    ],
     meta_fields=["json_offset", "after_value", "done", "object_key", "value", "max_depth"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +252,7 @@ class Automaton:
     next: jax.Array  # [N, C] int32 (global state ids; DEAD; STACK)
     token_class: jax.Array  # [V] int32
     accepting: jax.Array  # [N] bool
+    cost: jax.Array  # [N] int32 fewest tokens still needed to finish from each state (JSON: + depth)
     # JSON mode (P = 0 when no row uses it): local byte automaton and the stack tokens
     json_code: jax.Array  # [Nj, 256] int32 target * 8 + action, local ids
     stack_ids: jax.Array  # [P] int32 tokens containing stack bytes
@@ -318,14 +325,16 @@ def build(constraints: Sequence[Constraint | None], tokenizer, vocab_size: int) 
             f = t.full()
             full[off : off + f.shape[0], : f.shape[1]] = np.where(f >= 0, f + off, f)
         next_, classes = compress(full)
-    accepting = np.zeros(offset, bool)
+    accepting, cost = np.zeros(offset, bool), np.zeros(offset, np.int32)
     accepting[0] = True
     for off, t in tables:
         accepting[off : off + len(t.accepting)] = t.accepting
+        cost[off : off + len(t.cost)] = t.cost
 
     N, C = _pow2(next_.shape[0]), _pow2(next_.shape[1])
     next_ = np.pad(next_, ((0, N - next_.shape[0]), (0, C - next_.shape[1])), constant_values=DEAD)
     accepting = np.pad(accepting, (0, N - len(accepting)))
+    cost = np.pad(cost, (0, N - len(cost)), constant_values=automata.FAR)
     stack = _stack_arrays(json_auto, tokenizer, V)
     meta = {}
     if json_auto is not None:
@@ -334,6 +343,7 @@ def build(constraints: Sequence[Constraint | None], tokenizer, vocab_size: int) 
     dtype = np.int16 if N < 2**15 else np.int32  # the table is gathered every step: half the bytes
     auto = Automaton(
         next=jnp.asarray(next_.astype(dtype)), token_class=jnp.asarray(classes), accepting=jnp.asarray(accepting),
+        cost=jnp.asarray(cost),
         **{k: jnp.asarray(v) for k, v in stack.items()}, **meta,
     )
     B = len(constraints)
@@ -416,13 +426,20 @@ def step(auto: Automaton, rows: RowState) -> Step:
     return Step(entry, ok, local, stack, depth)
 
 
-def allowed(auto: Automaton, rows: RowState, st: Step, eos_ids: jax.Array) -> jax.Array:
-    """bool [B, V]: the tokens each row may emit next (EOS only in accepting states)."""
+def allowed(auto: Automaton, rows: RowState, st: Step, eos_ids: jax.Array, budget: jax.Array) -> jax.Array:
+    """bool [B, V]: the tokens each row may emit next.
+
+    A token is allowed when the constraint accepts it and the output can still be finished
+    within `budget` [B] more tokens after it (counting one token per byte, which byte
+    fallback guarantees), so a row cut by max_new_tokens still ends valid. EOS is allowed
+    only in accepting states.
+    """
     V = st.entry.shape[1]
-    mask = st.entry >= 0
+    mask = (st.entry >= 0) & (auto.cost[jnp.maximum(st.entry, 0)] + rows.depth[:, None] <= budget[:, None])
     if auto.uses_stack:
         on_stack = st.entry[:, auto.stack_ids] == STACK  # [B, P]
-        mask = mask.at[:, auto.stack_ids].set(jnp.where(on_stack, st.ok, mask[:, auto.stack_ids]))
+        fits = auto.cost[st.local + auto.json_offset] + st.depth <= budget[:, None]
+        mask = mask.at[:, auto.stack_ids].set(jnp.where(on_stack, st.ok & fits, mask[:, auto.stack_ids]))
     is_eos = jnp.zeros((V,), bool).at[eos_ids].set(True)
     return jnp.where(is_eos[None], auto.accepting[rows.state][:, None], mask)
 

@@ -169,7 +169,8 @@ def decode_step(
     logits = state.logits
     if automaton is not None:
         outcome = constraints.step(automaton, state.constraint)
-        ok = constraints.allowed(automaton, state.constraint, outcome, stops.eos_ids)
+        budget = stops.max_new_tokens - state.step - 1  # tokens left after this one
+        ok = constraints.allowed(automaton, state.constraint, outcome, stops.eos_ids, budget)
         logits = jnp.where(ok, logits, NEG_INF)
     token, logprobs = choose_next(logits, sp, state.history, stops.eos_ids)
     if automaton is not None:
