@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import constraints
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
@@ -139,6 +140,8 @@ def beam_search(
     num_beams: int,
     length_penalty: float | jax.Array = 1.0,
     early_stopping: bool | str = False,
+    automaton: constraints.Automaton | None = None,
+    constraint: constraints.RowState | None = None,
 ) -> Beams:
     """Runs the search to the end; returns the final `Beams` (bank sorted best first).
 
@@ -147,6 +150,8 @@ def beam_search(
     sp: R rows (each beam's penalties see its own tokens); stops: max_new_tokens per row.
     `step(tokens [R], aux) -> (logits [R, V], aux)` feeds one token per row;
     `reorder(aux, rows [R]) -> aux` makes row r a copy of row rows[r].
+    automaton, constraint: each beam follows its row's constraint (`constraints.build`);
+    forbidden tokens get the impossible score, like any other processor's ban.
     """
     if early_stopping not in EARLY_STOPPING:
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
@@ -166,7 +171,10 @@ def beam_search(
         gen_len=jnp.zeros((), jnp.int32),
     )
     W = stops.window
-    carry = (first_logits, aux, history, beams, jnp.zeros((R, W), jnp.uint8), jnp.zeros((R,), jnp.int32), jnp.zeros((B,), bool))
+    carry = (
+        first_logits, aux, history, beams, jnp.zeros((R, W), jnp.uint8), jnp.zeros((R,), jnp.int32), jnp.zeros((B,), bool),
+        constraint,
+    )
     per_example = Beams(0, 0, 0, 0, 0, 0, None)  # gen_len is shared
     select = jax.vmap(
         functools.partial(_select, early_stopping=early_stopping),
@@ -175,12 +183,16 @@ def beam_search(
     )
 
     def cond(carry):
-        *_, beams, _, _, stuck = carry
+        *_, beams, _, _, stuck, _ = carry
         return jnp.any(searching(beams, stuck, early_stopping)) & (beams.gen_len < N)
 
     def body(carry):
-        logits, aux, history, beams, windows, filled, _ = carry
+        logits, aux, history, beams, windows, filled, _, rows_state = carry
         logp = process_logits(jax.nn.log_softmax(logits, axis=-1), sp, history, stops.eos_ids)
+        if automaton is not None:
+            budget = jnp.repeat(max_new, K) - beams.gen_len - 1
+            ok, outcome = constraints.mask(automaton, rows_state, stops.eos_ids, budget)
+            logp = jnp.where(ok, logp, NEG)
         outputs = history.tokens[:, history.prompt_len :]
         parent, token, beams, windows, filled, stuck = select(
             logp.reshape(B, K, V), beams, outputs.reshape(B, K, N), windows.reshape(B, K, W), filled.reshape(B, K),
@@ -192,8 +204,13 @@ def beam_search(
             history, tokens=history.tokens[rows], valid=history.valid[rows], seen=history.seen[rows], counts=history.counts[rows]
         )
         history = record(history, token, jnp.ones((R,), bool))
+        if automaton is not None:  # each new beam continues its parent's automaton state
+            parent_of = lambda tree: jax.tree_util.tree_map(lambda x: x[rows], tree)
+            rows_state = constraints.advance(
+                automaton, parent_of(rows_state), parent_of(outcome), token, jnp.ones((R,), bool)
+            )
         logits, aux = step(token, reorder(aux, rows))
-        return logits, aux, history, beams, windows.reshape(R, W), filled.reshape(R), stuck
+        return logits, aux, history, beams, windows.reshape(R, W), filled.reshape(R), stuck, rows_state
 
     return jax.lax.while_loop(cond, body, carry)[3]
 
@@ -201,7 +218,10 @@ def beam_search(
 # ---------------------------------------------------------------------------- with a jaxllm model
 
 
-def _beam_program(params, prompt, prompt_pos, sp, stops, length_penalty, *, cfg, num_beams, buffer_len, early_stopping):
+def _beam_program(
+    params, prompt, prompt_pos, sp, stops, length_penalty, automaton=None, constraint=None,
+    *, cfg, num_beams, buffer_len, early_stopping,
+):
     """Prefill the B prompts once, repeat for the K beams, search. -> final Beams."""
     K = num_beams
     B, P = prompt.shape
@@ -225,8 +245,9 @@ def _beam_program(params, prompt, prompt_pos, sp, stops, length_penalty, *, cfg,
         follow = lambda buf: jnp.stack([buf[layer][rows] for layer in range(buf.shape[0])])
         return KVCache(k=follow(cache.k), v=follow(cache.v), pos=cache.pos[rows], cursor=cache.cursor), pos[rows]
 
-    return beam_search(step, reorder, first_logits, (cache, next_pos), history, sp, stops,
-                       num_beams=K, length_penalty=length_penalty, early_stopping=early_stopping)
+    return beam_search(step, reorder, first_logits, (cache, next_pos), history, sp, stops, num_beams=K,
+                       length_penalty=length_penalty, early_stopping=early_stopping, automaton=automaton,
+                       constraint=constraint)
 
 
 _beam_compiled = Compiled(_beam_program)
@@ -236,13 +257,14 @@ def beam_generate(
     params, cfg: ModelConfig, prompts, *, tokenizer: Tokenizer | None = None, num_beams: int = 4,
     length_penalty: float = 1.0, early_stopping: bool | str = False, num_return_sequences: int = 1,
     max_new_tokens: int = 64, stop=(), include_stop_str_in_output: bool = False, eos_token_id=None,
-    add_bos: bool = True, **processors,
+    add_bos: bool = True, constraint=None, **processors,
 ) -> GenerationResult:
     """Beam search over a batch of prompts; the n best finished hypotheses of each, best first.
 
     `processors`: repetition_penalty, no_repeat_ngram_size, min_new_tokens, logit_bias,
     allowed_token_ids, bad_words / bad_words_ids — applied to each beam's own history.
     The result's `scores` are the length-normalized scores (sum log-prob / len ** length_penalty).
+    `constraint` (one, or one per prompt) is followed by every beam, as in `generate`.
     """
     if not isinstance(num_beams, int) or num_beams < 1:
         raise GenerationError(f"num_beams must be >= 1, got {num_beams}")
@@ -260,6 +282,7 @@ def beam_generate(
         cfg, prompts, tokenizer, max_new_tokens=max_new_tokens, n=num_beams, stop=stop, eos_token_id=eos_token_id,
         repeat_count=0, add_bos=add_bos, parse_special=False, sampling=None,
         sampling_kwargs=_split_kwargs(tokenizer, dict(processors, temperature=0.0, seed=0)), chunk=16,
+        constraint=constraint,
     )
     unique = req.prompts[::num_beams]
     tokens, positions = left_pad(unique, bucket(max(map(len, unique))), req.pad_id)
@@ -268,6 +291,7 @@ def beam_generate(
         dict(cfg=cfg, num_beams=num_beams, buffer_len=req.buffer_len, early_stopping=early_stopping),
         params=decode_params(params), prompt=jnp.asarray(tokens), prompt_pos=jnp.asarray(positions),
         sp=req.sampling, stops=req.stops, length_penalty=jnp.asarray(length_penalty, jnp.float32),
+        automaton=req.automaton, constraint=req.row_states,
     )
     out, lengths, scores = jax.device_get((beams.bank_tokens, beams.bank_len, beams.bank_scores))
     elapsed = time.perf_counter() - t0 - compile_s
@@ -288,9 +312,15 @@ def beam_generate(
             reasons.append(why)
             texts.append(text)
             best.append(float(scores[b, k]))
+    valid = errors = None
+    if texts and texts[0] is not None and req.automaton is not None:
+        specs = [req.constraints[b * num_beams] for b in range(len(unique)) for _ in range(num_return_sequences)]
+        valid, errors = constraints.verify_all(specs, texts)
     return GenerationResult(
         token_ids=token_ids,
         finish_reasons=reasons,
+        valid=valid,
+        errors=errors,
         num_prompt_tokens=[len(unique[b]) for b in range(len(unique)) for _ in range(num_return_sequences)],
         prompt_index=[b for b in range(len(unique)) for _ in range(num_return_sequences)],
         texts=texts if tokenizer is not None else None,

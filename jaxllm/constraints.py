@@ -126,6 +126,15 @@ def verify(constraint: Constraint, text: str) -> str | None:
     return None
 
 
+def verify_all(specs: Sequence[Constraint | None], texts: Sequence[str]) -> tuple[list | None, list | None]:
+    """-> (valid, errors) per text: True/False and the reason, None for unconstrained rows;
+    (None, None) when no row has a constraint."""
+    if all(c is None for c in specs):
+        return None, None
+    errors = [None if c is None else verify(c, t) for c, t in zip(specs, texts)]
+    return [None if c is None else e is None for c, e in zip(specs, errors)], errors
+
+
 # ---------------------------------------------------------------------------- host: token tables
 
 
@@ -442,6 +451,12 @@ def allowed(auto: Automaton, rows: RowState, st: Step, eos_ids: jax.Array, budge
         mask = mask.at[:, auto.stack_ids].set(jnp.where(on_stack, st.ok & fits, mask[:, auto.stack_ids]))
     is_eos = jnp.zeros((V,), bool).at[eos_ids].set(True)
     return jnp.where(is_eos[None], auto.accepting[rows.state][:, None], mask)
+
+
+def mask(auto: Automaton, rows: RowState, eos_ids: jax.Array, budget: jax.Array) -> tuple[jax.Array, Step]:
+    """`allowed` and the `Step` to `advance` with, in one call. -> (bool [B, V], Step)"""
+    outcome = step(auto, rows)
+    return allowed(auto, rows, outcome, eos_ids, budget), outcome
 
 
 def advance(auto: Automaton, rows: RowState, st: Step, token: jax.Array, moved: jax.Array) -> RowState:

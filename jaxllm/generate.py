@@ -168,9 +168,8 @@ def decode_step(
     """
     logits = state.logits
     if automaton is not None:
-        outcome = constraints.step(automaton, state.constraint)
         budget = stops.max_new_tokens - state.step - 1  # tokens left after this one
-        ok = constraints.allowed(automaton, state.constraint, outcome, stops.eos_ids, budget)
+        ok, outcome = constraints.mask(automaton, state.constraint, stops.eos_ids, budget)
         logits = jnp.where(ok, logits, NEG_INF)
     token, logprobs = choose_next(logits, sp, state.history, stops.eos_ids)
     if automaton is not None:
@@ -534,10 +533,7 @@ def _result(state: DecodeState, req: _Request, tokenizer, logprobs, include_stop
     texts = None
     if tokenizer is not None:
         texts = [_final_text(tokenizer.decode(ids), why, req.stop_strings, include_stop) for ids, why in zip(token_ids, reasons)]
-    valid = errors = None
-    if texts is not None and any(c is not None for c in req.constraints):
-        errors = [None if c is None else constraints.verify(c, t) for c, t in zip(req.constraints, texts)]
-        valid = [None if c is None else e is None for c, e in zip(req.constraints, errors)]
+    valid, errors = constraints.verify_all(req.constraints, texts) if texts is not None else (None, None)
     generated = int(np.sum(lengths))
     timing["decode_tokens_per_s"] = generated / timing["decode_s"] if timing.get("decode_s") else 0.0
     return GenerationResult(

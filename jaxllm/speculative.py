@@ -34,6 +34,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jaxllm import constraints
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
@@ -42,13 +43,20 @@ from jaxllm.generate import (
 )
 from jaxllm.kvcache import KVCache, init_cache
 from jaxllm.model import forward, hidden_states, unembed
-from jaxllm.sampling import History, SamplingParams, draw, init_history, process_logits, record, row_keys, warp
-from jaxllm.stopping import RUNNING
+from jaxllm.sampling import NEG_INF, History, SamplingParams, draw, init_history, process_logits, record, row_keys, warp
+from jaxllm.stopping import CONSTRAINT, RUNNING
 from jaxllm.tokenizer import Tokenizer
 
 
-def distribution(logits: jax.Array, sp: SamplingParams, history: History, eos_ids: jax.Array) -> jax.Array:
-    """The processed next-token distribution [B, V] that `choose_next` samples from (one-hot when greedy)."""
+def distribution(
+    logits: jax.Array, sp: SamplingParams, history: History, eos_ids: jax.Array, allowed: jax.Array | None = None
+) -> jax.Array:
+    """The processed next-token distribution [B, V] that `choose_next` samples from (one-hot when greedy).
+
+    `allowed` [B, V]: a constraint's mask, applied first (as in `generate.decode_step`).
+    """
+    if allowed is not None:
+        logits = jnp.where(allowed, logits, NEG_INF)
     z = process_logits(logits, sp, history, eos_ids)
     greedy = (sp.temperature == 0)[:, None]
     return jnp.where(greedy, jax.nn.one_hot(jnp.argmax(z, axis=-1), z.shape[-1]), jax.nn.softmax(warp(z, sp), axis=-1))
@@ -74,21 +82,35 @@ class SpecState:
     accepted: jax.Array  # [] of those, accepted by the rule (before the batch minimum)
 
 
-def _block(tparams, tcfg, dparams, dcfg, state: SpecState, sp, stops, *, gamma: int, pad_id: int) -> SpecState:
+def _constrain(auto, rows, stops, emitted):
+    """(mask [B, V], Step) for the next token, `emitted` [B] tokens into the output; (None, None) when free."""
+    if auto is None:
+        return None, None
+    return constraints.mask(auto, rows, stops.eos_ids, stops.max_new_tokens - emitted - 1)
+
+
+def _block(
+    tparams, tcfg, dparams, dcfg, state: SpecState, sp, stops, auto=None, *, gamma: int, pad_id: int
+) -> SpecState:
     out = state.out
     B = state.last.shape[0]
     running = out.finish == RUNNING
     pos0 = out.next_pos  # position of `last`
 
-    # 1. the draft proposes x_1..x_G from q_0..q_{G-1}, seeing its own proposals in the history
+    # 1. the draft proposes x_1..x_G from q_0..q_{G-1}, seeing its own proposals in the history;
+    # with a constraint, the masks (and automaton states) along the drafted path serve the target too
     def draft_step(carry, j):
-        cache, token, history = carry
+        cache, token, history, rows = carry
         logits, cache = forward(dparams, dcfg, token[:, None], (pos0 + j)[:, None], cache)
-        q = distribution(logits[:, 0], sp, history, stops.eos_ids)
+        allowed, outcome = _constrain(auto, rows, stops, out.step + j)
+        q = distribution(logits[:, 0], sp, history, stops.eos_ids, allowed)
         x = draw(q, jax.vmap(lambda k: jax.random.fold_in(k, j))(_keys(sp, state.block, 1)))
-        return (cache, x, record(history, x, running)), (x, q)
+        after = rows if auto is None else constraints.advance(auto, rows, outcome, x, running)
+        return (cache, x, record(history, x, running), after), (x, q, allowed, rows, outcome)
 
-    (dcache, _, _), (xs, qs) = jax.lax.scan(draft_step, (state.draft_cache, state.last, out.history), jnp.arange(gamma + 1))
+    (dcache, _, _, _), (xs, qs, masks, path, outcomes) = jax.lax.scan(
+        draft_step, (state.draft_cache, state.last, out.history, out.constraint), jnp.arange(gamma + 1)
+    )
     xs, qs = xs[:gamma].T, jnp.moveaxis(qs[:gamma], 0, 1)  # [B, G], [B, G, V] (the last step only fed x_G)
 
     # 2. the target scores every position in one forward
@@ -96,7 +118,7 @@ def _block(tparams, tcfg, dparams, dcfg, state: SpecState, sp, stops, *, gamma: 
     logits, tcache = forward(tparams, tcfg, fed, pos0[:, None] + jnp.arange(gamma + 1), out.cache)
 
     def target_dist(history, j):
-        p = distribution(logits[:, j], sp, history, stops.eos_ids)
+        p = distribution(logits[:, j], sp, history, stops.eos_ids, None if auto is None else masks[j])
         return record(history, xs[:, jnp.minimum(j, gamma - 1)], running), p
 
     _, ps = jax.lax.scan(target_dist, out.history, jnp.arange(gamma + 1))
@@ -122,6 +144,9 @@ def _block(tparams, tcfg, dparams, dcfg, state: SpecState, sp, stops, *, gamma: 
     tokens = jnp.concatenate([xs, new[:, None]], axis=1).at[jnp.arange(B), n].set(new)  # [B, G + 1]
 
     def emit_one(out, j):
+        if auto is not None:  # a row whose constraint allows nothing here ends
+            stuck = (j <= n) & (out.finish == RUNNING) & ~jnp.any(masks[j], axis=-1)
+            out = dataclasses.replace(out, finish=jnp.where(stuck, CONSTRAINT, out.finish))
         out = jax.lax.cond(
             (j <= n) & jnp.any(out.finish == RUNNING),  # once every row is done, nothing is recorded
             lambda o: emit(o, tokens[:, j], jnp.log(ps[:, j]), stops, pad_id=pad_id),
@@ -131,6 +156,9 @@ def _block(tparams, tcfg, dparams, dcfg, state: SpecState, sp, stops, *, gamma: 
         return out, None
 
     out, _ = jax.lax.scan(emit_one, dataclasses.replace(out, cache=tcache), jnp.arange(gamma + 1))
+    if auto is not None:  # the automaton state after x_1..x_n and the new token
+        at_n = lambda tree: jax.tree_util.tree_map(lambda x: x[n], tree)
+        out = dataclasses.replace(out, constraint=constraints.advance(auto, at_n(path), at_n(outcomes), new, running))
 
     # 6. roll both caches back to the n + 1 tokens kept (their stale slots are rewritten next block)
     cursor = state.draft_cache.cursor + n + 1
@@ -145,7 +173,9 @@ def _block(tparams, tcfg, dparams, dcfg, state: SpecState, sp, stops, *, gamma: 
     )
 
 
-def _speculate(tparams, dparams, prompt, prompt_pos, sp, stops, *, tcfg, dcfg, gamma, buffer_len, pad_id) -> SpecState:
+def _speculate(
+    tparams, dparams, prompt, prompt_pos, sp, stops, auto=None, constraint=None, *, tcfg, dcfg, gamma, buffer_len, pad_id
+) -> SpecState:
     """Prefill both models, draw the first token from the target, then blocks until every row is done."""
     B, P = prompt.shape
     slots = P + buffer_len + gamma + 1  # speculative writes may run G + 1 slots past the last kept token
@@ -158,16 +188,21 @@ def _speculate(tparams, dparams, prompt, prompt_pos, sp, stops, *, tcfg, dcfg, g
         next_pos=jnp.max(prompt_pos, axis=1) + 1, window=jnp.zeros((B, stops.window), jnp.uint8),
         filled=jnp.zeros((B,), jnp.int32), logprobs=jnp.zeros((B, buffer_len), jnp.float32),
         top_ids=jnp.zeros((B, buffer_len, 0), jnp.int32), top_logprobs=jnp.zeros((B, buffer_len, 0), jnp.float32),
-        cache=tcache,
+        cache=tcache, constraint=constraint,
     )
-    p = distribution(unembed(tparams, tcfg, th[:, -1]), sp, history, stops.eos_ids)
+    allowed, outcome = _constrain(auto, constraint, stops, jnp.zeros((B,), jnp.int32))
+    p = distribution(unembed(tparams, tcfg, th[:, -1]), sp, history, stops.eos_ids, allowed)
     first = draw(p, _keys(sp, jnp.int32(-1), 0))
+    if auto is not None:
+        stuck = ~jnp.any(allowed, axis=-1)
+        out = dataclasses.replace(out, finish=jnp.where(stuck, CONSTRAINT, out.finish))
+        out = dataclasses.replace(out, constraint=constraints.advance(auto, constraint, outcome, first, ~stuck))
     out = emit(out, first, jnp.log(p), stops, pad_id=pad_id)
     zero = jnp.zeros((), jnp.int32)
     state = SpecState(out=out, last=first, draft_cache=dcache, block=zero, proposed=zero, accepted=zero)
     return jax.lax.while_loop(
         lambda s: jnp.any(s.out.finish == RUNNING),
-        lambda s: _block(tparams, tcfg, dparams, dcfg, s, sp, stops, gamma=gamma, pad_id=pad_id),
+        lambda s: _block(tparams, tcfg, dparams, dcfg, s, sp, stops, auto, gamma=gamma, pad_id=pad_id),
         state,
     )
 
@@ -178,12 +213,13 @@ _speculate_compiled = Compiled(_speculate)
 def speculative_generate(
     params, cfg: ModelConfig, draft_params, draft_cfg: ModelConfig, prompts, *, tokenizer: Tokenizer | None = None,
     num_speculative_tokens: int = 4, max_new_tokens: int = 64, stop=(), include_stop_str_in_output: bool = False,
-    eos_token_id=None, repeat_count: int = 0, add_bos: bool = True, **sampling_kwargs,
+    eos_token_id=None, repeat_count: int = 0, add_bos: bool = True, constraint=None, **sampling_kwargs,
 ) -> GenerationResult:
     """Like `generate`, with a draft model proposing `num_speculative_tokens` tokens per target forward.
 
     The draft must share the target's vocabulary. `result.timing` adds `acceptance_rate` (drafted
     tokens the rule accepted) and `tokens_per_block` (tokens kept per target forward).
+    `constraint` works as in `generate`: draft and target see the same masks.
     """
     gamma = num_speculative_tokens
     if not isinstance(gamma, int) or not 1 <= gamma <= 16:
@@ -193,7 +229,7 @@ def speculative_generate(
     req = _prepare(
         cfg, prompts, tokenizer, max_new_tokens=max_new_tokens, n=1, stop=stop, eos_token_id=eos_token_id,
         repeat_count=repeat_count, add_bos=add_bos, parse_special=False, sampling=None,
-        sampling_kwargs=_split_kwargs(tokenizer, dict(sampling_kwargs)), chunk=16,
+        sampling_kwargs=_split_kwargs(tokenizer, dict(sampling_kwargs)), chunk=16, constraint=constraint,
     )
     longest = max(map(len, req.prompts)) + max_new_tokens
     if longest + gamma + 1 > draft_cfg.max_seq_len:
@@ -203,7 +239,8 @@ def speculative_generate(
     state, compile_s = _speculate_compiled(
         dict(tcfg=cfg, dcfg=draft_cfg, gamma=gamma, buffer_len=req.buffer_len, pad_id=req.pad_id),
         tparams=decode_params(params), dparams=decode_params(draft_params), prompt=jnp.asarray(tokens),
-        prompt_pos=jnp.asarray(positions), sp=req.sampling, stops=req.stops,
+        prompt_pos=jnp.asarray(positions), sp=req.sampling, stops=req.stops, auto=req.automaton,
+        constraint=req.row_states,
     )
     blocks, proposed, accepted = (int(x) for x in jax.device_get((state.block, state.proposed, state.accepted)))
     elapsed = time.perf_counter() - t0 - compile_s

@@ -342,3 +342,37 @@ def test_tables_are_cached_on_disk(tokenizer, tmp_path, monkeypatch):
     np.testing.assert_array_equal(first.full(), again.full())
     files[0].write_bytes(b"not an npz")
     np.testing.assert_array_equal(C.compile_table(spec, tokenizer).full(), first.full())  # rebuilt
+
+
+# ---------------------------------------------------------------------------- beams and speculation
+
+
+def test_beam_search_follows_constraints(params, cfg, tokenizer):
+    from jaxllm.beam import beam_generate
+
+    spec = C.JsonSchema(SCHEMA)
+    prompts = ["def f(x):", "the of"]
+    greedy = generate(params, cfg, prompts, tokenizer=tokenizer, max_new_tokens=40, temperature=0.0, constraint=spec)
+    one = beam_generate(params, cfg, prompts, tokenizer=tokenizer, num_beams=1, max_new_tokens=40, constraint=spec)
+    assert one.token_ids == greedy.token_ids  # width 1 is greedy, constrained the same way
+    four = beam_generate(params, cfg, prompts, tokenizer=tokenizer, num_beams=4, num_return_sequences=4,
+                         max_new_tokens=40, constraint=[spec, C.Choice(CHOICES)])
+    for t in four.texts[:4]:
+        jsonschema.validate(json.loads(t), SCHEMA)
+    assert set(four.texts[4:]) <= set(CHOICES) and four.valid == [True] * 8
+
+
+def test_speculative_decoding_sees_the_same_masks(params, cfg, tokenizer):
+    from jaxllm import init_params
+    from jaxllm.speculative import speculative_generate
+
+    draft = jax.tree_util.tree_map(lambda x: x * 5 if x.ndim > 1 else x, init_params(cfg, jax.random.key(7)))
+    specs = [C.JsonSchema(SCHEMA), C.Json(), C.Regex(REGEX)]
+    prompts = ["def f(x):", "the of", "for i"]
+    want = generate(params, cfg, prompts, tokenizer=tokenizer, max_new_tokens=40, temperature=0.0, constraint=specs)
+    got = speculative_generate(params, cfg, draft, cfg, prompts, tokenizer=tokenizer, max_new_tokens=40,
+                               temperature=0.0, constraint=specs, num_speculative_tokens=3)
+    assert got.token_ids == want.token_ids  # greedy: exactly the target's own constrained output
+    sampled = speculative_generate(params, cfg, draft, cfg, prompts * 8, tokenizer=tokenizer, max_new_tokens=40,
+                                   temperature=1.0, seed=2, constraint=specs * 8, num_speculative_tokens=3)
+    assert sampled.valid == [True] * 24, sampled.errors
