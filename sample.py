@@ -3,6 +3,7 @@
     python sample.py --prompt "def fibonacci(n):" --max_new_tokens 64 --temperature 0.8 --seed 0
     python sample.py --checkpoint out/run1 --prompt "a" --prompt "b" --top_p 0.9 --format jsonl
     python sample.py --chat --system "You are terse." --prompt "Name a prime." --stream
+    python sample.py --prompt "A user record:" --json_schema user.json --format jsonl
 
 Flags are named as in shared/SAMPLING.md (hyphenated aliases work too). Without
 --checkpoint, the model bundled with the package is used. Bad input exits with code 2 and
@@ -50,6 +51,8 @@ RANGES = {
     "num_beams": (lambda v: v >= 1, ">= 1"),
     "num_speculative_tokens": (lambda v: 1 <= v <= 16, "in [1, 16]"),
     "length_penalty": (math.isfinite, "a finite number"),
+    "retries": (lambda v: 0 <= v <= 100, "in [0, 100]"),
+    "max_json_depth": (lambda v: 1 <= v <= 30, "in [1, 30]"),
 }
 
 
@@ -83,6 +86,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     _flag(p, "num_beams", type=int, default=1, help="beam search with K beams (1: sample / greedy)")
     _flag(p, "length_penalty", type=float, default=1.0, help="beam score = sum log-prob / length ** length_penalty")
     _flag(p, "early_stopping", choices=["true", "false", "never"], default="false", help="when beam search stops")
+    _flag(p, "json", action="store_true", help="output a JSON object (enforced while decoding)")
+    _flag(p, "json_schema", default=None, help="a JSON Schema file the output must satisfy")
+    _flag(p, "regex", default=None, help="a regex the whole output must match")
+    _flag(p, "choice", action="append", default=[], help="the output is exactly one of these strings; repeatable")
+    _flag(p, "max_json_depth", type=int, default=16, help="--json: deepest nesting allowed")
+    _flag(p, "verify_only", action="store_true", help="do not enforce the constraint; only check the outputs")
+    _flag(p, "retries", type=int, default=0, help="sample rows whose output is not valid again, up to N times")
     _flag(p, "stream", action="store_true", help="print text as it is generated")
     _flag(p, "system", default=None, help="system prompt (implies --chat)")
     _flag(p, "few_shot", default=None, help="JSONL file of examples, e.g. {\"input\": ..., \"output\": ...} (implies --chat)")
@@ -111,6 +121,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                 p.error(f"argument --{name}: does not apply to beam search (--num_beams {args.num_beams})")
         if args.stream or args.presence_penalty or args.frequency_penalty or args.stop_on_repetition:
             p.error("argument --num_beams: beam search does not stream or take presence/frequency/repetition-stop settings")
+    chosen = [f for f in ("json", "json_schema", "regex", "choice") if getattr(args, f)]
+    if len(chosen) > 1:
+        p.error(f"arguments --{chosen[0]} and --{chosen[1]}: choose one constraint")
+    if (args.verify_only or args.retries) and not chosen:
+        p.error("arguments --verify_only / --retries: need a constraint (--json, --json_schema, --regex or --choice)")
+    if (args.retries or args.verify_only) and (args.stream or args.num_beams > 1 or args.draft_checkpoint):
+        p.error("arguments --verify_only / --retries: do not combine with --stream, --num_beams or --draft_checkpoint")
     if args.stream and (len(args.prompt) + len(args.prompt_file) > 1 or args.num_return_sequences > 1 or args.format != "text"):
         p.error("argument --stream: works with one prompt, --num_return_sequences 1 and --format text")
     return args
@@ -126,6 +143,35 @@ def _parse_logit_bias(items: list[str]) -> dict[int, float]:
         except (ValueError, TypeError, AttributeError):
             raise ValueError(f"argument --logit_bias: expected ID=BIAS or a JSON object, got {item!r}") from None
     return bias
+
+
+def _constraint(args):
+    """The constraint the flags ask for (None without one); bad patterns or schemas raise ConstraintError."""
+    from jaxllm import automata, constraints
+    from jaxllm.errors import ConstraintError
+
+    if args.json:
+        return constraints.Json(max_depth=args.max_json_depth)
+    if args.regex is not None:
+        try:
+            automata.regex_dfa(args.regex)  # fail here, with the flag's name, not inside generation
+        except ConstraintError as e:
+            raise ConstraintError(f"argument --regex: {e}") from None
+        return constraints.Regex(args.regex)
+    if args.choice:
+        return constraints.Choice(args.choice)
+    if args.json_schema is not None:
+        try:
+            text = Path(args.json_schema).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConstraintError(f"argument --json_schema: cannot read {args.json_schema} ({getattr(e, 'strerror', None) or e})") from None
+        try:
+            schema = constraints.JsonSchema(text)
+            automata.schema_regex(schema.schema)
+        except ConstraintError as e:
+            raise ConstraintError(f"argument --json_schema: {args.json_schema}: {e}") from None
+        return schema
+    return None
 
 
 def main(argv=None) -> int:
@@ -146,6 +192,7 @@ def main(argv=None) -> int:
             except (OSError, UnicodeDecodeError) as e:
                 raise jaxllm.GenerationError(f"argument --prompt_file: cannot read {f} ({getattr(e, 'strerror', None) or e})") from None
         prompts = prompts or [""]
+        constraint = _constraint(args)
         checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
         if args.checkpoint is None and not checkpoint.exists():
             raise jaxllm.CheckpointError(f"no --checkpoint given and the bundled model is missing ({checkpoint})")
@@ -173,7 +220,10 @@ def main(argv=None) -> int:
             repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
             frequency_penalty=args.frequency_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
             bad_words=args.bad_words, logit_bias=args.logit_bias, allowed_token_ids=args.allowed_token_ids, seed=args.seed,
+            constraint=constraint, enforce=not args.verify_only,
         )
+        if args.retries:
+            kwargs["retries"] = args.retries
         if args.stream:
             print(prompts[0], end="", flush=True)
             for row, piece in jaxllm.generate_stream(params, cfg, inputs, **kwargs):
@@ -187,7 +237,7 @@ def main(argv=None) -> int:
             dparams, dcfg, dtok, _ = load_any(Path(args.draft_checkpoint))
             if dtok is not None and dtok.fingerprint != tokenizer.fingerprint:
                 raise jaxllm.CheckpointError(f"argument --draft_checkpoint: {args.draft_checkpoint} has a different tokenizer")
-            spec_kwargs = {k: v for k, v in kwargs.items() if k not in ("num_return_sequences", "logprobs")}
+            spec_kwargs = {k: v for k, v in kwargs.items() if k not in ("num_return_sequences", "logprobs", "enforce")}
             result = speculative_generate(params, cfg, decode_params(dparams), dcfg, inputs,
                                           num_speculative_tokens=args.num_speculative_tokens, **spec_kwargs)
             print(f"sample.py: speculative decoding accepted {result.timing['acceptance_rate']:.0%} of drafted tokens, "
@@ -198,7 +248,7 @@ def main(argv=None) -> int:
             beam_kwargs = {k: kwargs[k] for k in ("tokenizer", "max_new_tokens", "num_return_sequences", "stop",
                                                   "include_stop_str_in_output", "eos_token_id", "min_new_tokens",
                                                   "repetition_penalty", "no_repeat_ngram_size", "bad_words",
-                                                  "logit_bias", "allowed_token_ids")}
+                                                  "logit_bias", "allowed_token_ids", "constraint")}
             result = beam_generate(params, cfg, inputs, num_beams=args.num_beams, length_penalty=args.length_penalty,
                                    early_stopping={"true": True, "false": False}.get(args.early_stopping, "never"), **beam_kwargs)
         else:
@@ -239,6 +289,10 @@ def _print(result, prompts: list[str], args) -> None:
                 record["index"] = i % args.num_return_sequences
             if result.scores is not None:
                 record["score"] = result.scores[i]
+            if result.valid is not None:
+                record["valid"] = result.valid[i]
+                if not result.valid[i]:
+                    record["error"] = result.errors[i]
             if result.logprobs is not None:
                 record["logprobs"] = result.logprobs[i]
             if result.top_logprobs is not None:
@@ -248,6 +302,8 @@ def _print(result, prompts: list[str], args) -> None:
             if i:
                 print("\n" + "-" * 40)
             print(prompt + text)
+            if result.valid is not None and not result.valid[i]:
+                print(f"sample.py: output {i} is not valid: {result.errors[i]}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -133,3 +133,33 @@ def test_without_a_checkpoint_the_bundled_model_is_used():
     params, cfg, tok = jaxllm.load_checkpoint(bundled)
     want = generate(params, cfg, ["def fibonacci(n):"], tokenizer=tok, max_new_tokens=12, temperature=0.0).texts[0]
     assert proc.stdout == "def fibonacci(n):" + want + "\n" and want.strip()
+
+
+def test_constrained_output_flags_match_the_library_and_report_validity(checkpoint, cfg, params, tokenizer, tmp_path):
+    from jaxllm import constraints as C
+
+    schema = {"type": "object", "properties": {"id": {"type": "integer"}, "tag": {"enum": ["a", "b"]}}, "required": ["id", "tag"]}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    common = ["--checkpoint", checkpoint, "--prompt", "x", "--max_new_tokens", 24, "--temperature", 1.0, "--seed", 3, "--format", "jsonl"]
+    cases = [(["--json"], C.Json()), (["--json_schema", tmp_path / "s.json"], C.JsonSchema(schema)),
+             (["--choice", "yes", "--choice", "no"], C.Choice(["yes", "no"])), (["--regex", "[0-9]{2}-[a-z]+"], C.Regex("[0-9]{2}-[a-z]+"))]
+    for flags, spec in cases:
+        proc = run(*common, *flags, "--n", 2)
+        assert proc.returncode == 0, proc.stderr
+        rows = [json.loads(line) for line in proc.stdout.splitlines()]
+        want = generate(params, cfg, ["x"], tokenizer=tokenizer, max_new_tokens=24, temperature=1.0, seed=3,
+                        num_return_sequences=2, constraint=spec)
+        assert [r["text"] for r in rows] == want.texts and [r["valid"] for r in rows] == [True, True]
+        assert all(C.verify(spec, r["text"]) is None for r in rows)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--regex", "a(b"], "--regex"),
+    (["--json", "--regex", "x"], "choose one constraint"),
+    (["--json_schema", "/no/such/schema.json"], "--json_schema"),
+    (["--retries", "2"], "need a constraint"),
+    (["--json", "--max_json_depth", "0"], "--max_json_depth"),
+])
+def test_bad_constraint_flags_exit_2_with_one_line(checkpoint, flags, needle):
+    proc = run("--checkpoint", checkpoint, "--prompt", "x", *flags)
+    assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
