@@ -2,10 +2,9 @@
 
 Legend: N automaton states, V vocab, L longest token in bytes.
 
-Everything here is about bytes, because tokens are byte strings: a regex (parsed by
-`interegular` into an automaton over characters) becomes a DFA over UTF-8 bytes, a list
-of choices becomes a trie, JSON becomes a byte automaton whose stack moves (brackets and
-commas) are left to the decode loop. `token_table` then runs every token's bytes through
+Everything here is about bytes, because tokens are byte strings: a regex becomes a DFA
+over UTF-8 bytes (`regexp.py`), a list of choices a trie, and JSON a byte automaton whose
+stack moves (brackets and commas) are left to the decode loop. `token_table` then runs every token's bytes through
 a DFA from every state, giving the table the decode loop gathers from:
 
     next[s, t] = the state after token t's bytes from state s, or -1 where t is not allowed.
@@ -19,6 +18,7 @@ import re
 
 import numpy as np
 
+from jaxllm import regexp
 from jaxllm.errors import ConstraintError
 
 DEAD = -1  # no transition
@@ -34,87 +34,11 @@ class ByteDFA:
 # ---------------------------------------------------------------------------- regex and choices
 
 
-def _utf8_len(lead: int) -> int:
-    return 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
-
-
 def regex_dfa(pattern: str) -> ByteDFA:
-    """A DFA over UTF-8 bytes that accepts exactly the strings `pattern` fully matches.
-
-    `interegular` parses the pattern (literals, classes, `.`, `|`, groups, `* + ? {m,n}`;
-    anchors are implicit) into an automaton over characters whose alphabet is a set of
-    explicit characters plus "anything else". Each character transition becomes a path of
-    1-4 bytes: ASCII directly, explicit non-ASCII characters through a trie of their
-    encodings, and "anything else" through generic continuation-byte states.
-    """
-    import interegular
-
-    try:
-        fsm = interegular.parse_pattern(pattern).to_fsm()
-    except Exception as e:  # interegular raises several types for unsupported syntax
-        raise ConstraintError(f"cannot use regex {pattern!r}: {e}") from None
-    symbols = fsm.alphabet._symbol_mapping  # {char or anything_else: transition key}
-    other = symbols.get(interegular.fsm.anything_else)
-    explicit = {c.encode("utf-8"): k for c, k in symbols.items() if isinstance(c, str) and ord(c) >= 128}
-    prefixes = {enc[:i] for enc in explicit for i in range(1, len(enc))}
-    ascii_key = [symbols.get(chr(b), other) for b in range(128)]
-
-    ids: dict[tuple, int] = {}
-    rows: list[dict[int, int]] = []
-    accepting: list[bool] = []
-
-    def node(n: tuple) -> int:
-        if n not in ids:
-            ids[n] = len(rows)
-            rows.append({})
-            accepting.append(n[0] == "q" and n[1] in fsm.finals)
-            todo.append(n)
-        return ids[n]
-
-    def char_target(moves, encoded: bytes):
-        key = explicit.get(encoded, other)
-        return ("q", moves[key]) if key in moves else None
-
-    todo: list[tuple] = []
-    node(("q", fsm.initial))
-    while todo:
-        n = todo.pop()
-        out = rows[ids[n]]
-        if n[0] == "g":  # n = ("g", target, remaining): any continuation byte
-            _, target, left = n
-            nxt = node(("q", target) if left == 1 else ("g", target, left - 1))
-            for b in range(0x80, 0xC0):
-                out[b] = nxt
-            continue
-        moves = fsm.map.get(n[1], {})
-        if n[0] == "q":
-            for b in range(128):
-                if ascii_key[b] in moves:
-                    out[b] = node(("q", moves[ascii_key[b]]))
-            starts = [(bytes([b]), _utf8_len(b)) for b in range(0xC2, 0xF5)]
-        else:  # ("t", state, prefix): inside an explicit character's encoding
-            prefix = n[2]
-            starts = [(prefix + bytes([b]), _utf8_len(prefix[0])) for b in range(0x80, 0xC0)]
-        for seq, size in starts:
-            if len(seq) == size:
-                try:
-                    seq.decode("utf-8")
-                except UnicodeDecodeError:
-                    continue
-                target = char_target(moves, seq)
-            elif seq in prefixes:
-                target = ("t", n[1], seq)
-            elif other in moves:
-                target = ("g", moves[other], size - len(seq))
-            else:
-                target = None
-            if target is not None:
-                out[seq[-1]] = node(target)
-    trans = np.full((len(rows), 256), DEAD, np.int32)
-    for i, out in enumerate(rows):
-        for b, target in out.items():
-            trans[i, b] = target
-    return trim(ByteDFA(trans, np.array(accepting, bool)))
+    """A minimal DFA over UTF-8 bytes accepting exactly the strings `pattern` fully matches
+    (`regexp` has the supported syntax); dead ends are removed."""
+    trans, accepting = regexp.compile_regex(pattern)
+    return trim(ByteDFA(trans, accepting))
 
 
 def choices_dfa(choices) -> ByteDFA:
@@ -157,27 +81,43 @@ def trim(dfa: ByteDFA) -> ByteDFA:
 
 
 def minimize(dfa: ByteDFA) -> ByteDFA:
-    """Merges states with the same future (Moore's partition refinement); the start stays state 0."""
+    """Merges states with the same future (Moore's partition refinement); the start stays state 0.
+
+    Each round splits classes by (class, classes of the 256 successors), grouped by a random
+    64-bit hash of that row; the result is checked exactly and, on a (vanishingly unlikely)
+    hash collision, recomputed with exact row comparisons.
+    """
+    for exact in (False, True):
+        cls = _refine(dfa, exact)
+        targets = np.where(dfa.trans >= 0, cls[np.maximum(dfa.trans, 0)], -1)
+        rep = np.zeros(cls.max() + 1, np.int64)
+        rep[cls[::-1]] = np.arange(len(cls))[::-1]  # one representative per class
+        if exact or np.array_equal(targets, targets[rep[cls]]):
+            break
+    trans = np.where(dfa.trans[rep] >= 0, cls[np.maximum(dfa.trans[rep], 0)], DEAD)
+    return ByteDFA(trans.astype(np.int32), dfa.accepting[rep])
+
+
+def _refine(dfa: ByteDFA, exact: bool) -> np.ndarray:
+    """Class of each state after refinement, numbered by first appearance (state 0 -> class 0)."""
     cls = dfa.accepting.astype(np.int64)
+    weights = np.random.default_rng(0).integers(1, 2**62, size=dfa.trans.shape[1] + 1, dtype=np.int64)
     count = len(np.unique(cls))
     while True:
         targets = np.where(dfa.trans >= 0, cls[np.maximum(dfa.trans, 0)], -1)
-        _, new = np.unique(np.concatenate([cls[:, None], targets], axis=1), axis=0, return_inverse=True)
+        if exact:
+            _, new = np.unique(np.concatenate([cls[:, None], targets], axis=1), axis=0, return_inverse=True)
+        else:
+            _, new = np.unique(cls * weights[0] + (targets + 1) @ weights[1:], return_inverse=True)
         new = new.reshape(-1)
-        cls, stable = new, new.max() + 1 == count
-        count = new.max() + 1
+        stable = new.max() + 1 == count
+        cls, count = new, new.max() + 1
         if stable:
             break
-    # number classes by first appearance, so the start state's class is 0
     firsts = np.unique(cls, return_index=True)[1]
     rank = np.empty(len(firsts), np.int64)
     rank[np.argsort(firsts)] = np.arange(len(firsts))
-    cls = rank[cls]
-    n = int(cls.max()) + 1
-    rep = np.zeros(n, np.int64)
-    rep[cls[::-1]] = np.arange(len(cls))[::-1]  # one representative per class
-    trans = np.where(dfa.trans[rep] >= 0, cls[np.maximum(dfa.trans[rep], 0)], DEAD)
-    return ByteDFA(trans.astype(np.int32), dfa.accepting[rep])
+    return rank[cls]
 
 
 FAR = 1 << 20  # distance of a state that cannot reach its goal

@@ -47,8 +47,8 @@ FORMAT_VERSION = 1  # bump when tables change meaning: old cache files are ignor
 
 @dataclasses.dataclass(frozen=True)
 class Regex:
-    """The output must fully match `pattern`: interegular's syntax, a practical subset of Python's
-    (`\\w`, `\\d`, `\\s` are ASCII classes, as with `re.ASCII`)."""
+    """The output must fully match `pattern`: a practical subset of Python's syntax (see `regexp`;
+    `\\w`, `\\d`, `\\s` are ASCII classes, as with `re.ASCII`)."""
 
     pattern: str
 

@@ -96,7 +96,8 @@ def dfa_sample(dfa, rng, max_len=16) -> str | None:
 
 PATTERNS = [
     r"(ab|c)[0-9]{1,3}x?[^a]é", r"[a-z]+@[a-z]+\.(com|org)", r"\d{3}-\d{4}", r"(日本|é)+x",
-    r"a*b*a*", r"[^\"]{2,4}", r"(yes|no|maybe)\??", r"\w+\s\w+",
+    r"a*b*a*", r"[^\"]{2,4}", r"(yes|no|maybe)\??", r"\w+\s\w+", r".*x.", r"[\d\-]+", r"a{2,}b{,3}",
+    r"(?:ab)+|c{2}", r"[\u3040-\u309f]+", r"\x41\u00e9?", r"[a\]]+", r"^a.c$", r"[^\W\d]+", r"\{[a-c]*\}",
 ]
 
 
@@ -104,7 +105,7 @@ PATTERNS = [
 def test_regex_dfa_accepts_exactly_what_python_re_fullmatches(pattern):
     dfa = automata.regex_dfa(pattern)
     rng = random.Random(0)
-    alphabet = 'abcx0123@.-é日本"z comorgyesn?_'
+    alphabet = 'abcx0123@.-é日本"z comorgyesn?_\n]ぁ{},A'
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8))) for _ in range(1500)]
     sampler = np.random.default_rng(0)
     texts += [t for t in (dfa_sample(dfa, sampler) for _ in range(300)) if t is not None]
@@ -121,8 +122,9 @@ def test_choices_trie_and_bad_constraints():
         C.Json(max_depth=0)
     with pytest.raises(ConstraintError):
         automata.choices_dfa([])
-    with pytest.raises(ConstraintError):
-        automata.regex_dfa("a(b")
+    for bad in ("a(b", "(?=x)a", "[^é]", "*a", r"\p{L}", "a)", "[b-a]"):
+        with pytest.raises(ConstraintError):
+            automata.regex_dfa(bad)
     with pytest.raises(ConstraintError, match="recursive"):
         automata.schema_regex({"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}}}, "$ref": "#/$defs/n"})
 
