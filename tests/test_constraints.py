@@ -318,6 +318,10 @@ def test_free_rows_in_a_constrained_batch_are_untouched_and_impossible_rows_end_
     assert mixed.token_ids[0] == free.token_ids[0] and mixed.valid[0] is None
     assert mixed.finish_reasons[1] == "constraint" and mixed.token_ids[1] == [] and mixed.valid[1] is False
     assert mixed.texts[2] in ("yes", "no") and mixed.finish_reasons[2] == "eos"
+    # other controls can take away every token the constraint allows: the row ends, no NaN, no hang
+    blocked = generate(params, cfg, prompts[:1], tokenizer=tokenizer, max_new_tokens=12, temperature=1.0, seed=0, logprobs=0,
+                       constraint=C.Regex("[0-9]+"), allowed_token_ids=tokenizer.encode("abc"))
+    assert blocked.finish_reasons == ["constraint"] and blocked.token_ids == [[]] and blocked.logprobs == [[]]
 
 
 def test_verify_only_mode_reports_invalid_rows_and_retries_fix_them(params, cfg, tokenizer):
