@@ -316,24 +316,17 @@ def build(constraints: Sequence[Constraint | None], tokenizer, vocab_size: int) 
         start[c] = offset + table.initial
         offset += table.next.shape[0]
 
+    # joint token classes: tokens every table treats alike share a column; ids beyond the
+    # tokenizer's vocabulary get a class of their own, allowed only in the free state
     V = vocab_size
-    if len(tables) == 1:  # the common case: keep the table's own token classes
-        (off, t), = tables
-        classes = np.zeros(V, np.int32)
-        classes[: len(t.token_class)] = t.token_class
-        body = np.where(t.next >= 0, t.next + off, t.next)
-        next_ = np.concatenate([np.zeros((1, t.next.shape[1]), np.int32), body])
-        if tokenizer.vocab_size < V:  # ids the tokenizer does not know are never allowed
-            next_ = np.concatenate([next_, np.full((offset, 1), DEAD, np.int32)], axis=1)
-            next_[0, -1] = 0
-            classes[tokenizer.vocab_size :] = next_.shape[1] - 1
-    else:
-        full = np.full((offset, V), DEAD, np.int32)
-        full[0] = 0
-        for off, t in tables:
-            f = t.full()
-            full[off : off + f.shape[0], : f.shape[1]] = np.where(f >= 0, f + off, f)
-        next_, classes = compress(full)
+    per_table = np.stack([t.token_class for _, t in tables], axis=1)  # [tokenizer V, tables]
+    per_table = np.concatenate([per_table, np.full((V - len(per_table), len(tables)), -1, np.int32)])
+    joint, classes = np.unique(per_table, axis=0, return_inverse=True)
+    next_ = np.full((offset, len(joint)), DEAD, np.int32)
+    next_[0] = 0
+    for i, (off, t) in enumerate(tables):
+        body = np.where(joint[:, i][None] >= 0, t.next[:, np.maximum(joint[:, i], 0)], DEAD)
+        next_[off : off + len(body)] = np.where(body >= 0, body + off, body)
     accepting, cost = np.zeros(offset, bool), np.zeros(offset, np.int32)
     accepting[0] = True
     for off, t in tables:
@@ -351,7 +344,8 @@ def build(constraints: Sequence[Constraint | None], tokenizer, vocab_size: int) 
                     object_key=json_auto.object_key, value=json_auto.value, max_depth=next(iter(jsons)).max_depth)
     dtype = np.int16 if N < 2**15 else np.int32  # the table is gathered every step: half the bytes
     auto = Automaton(
-        next=jnp.asarray(next_.astype(dtype)), token_class=jnp.asarray(classes), accepting=jnp.asarray(accepting),
+        next=jnp.asarray(next_.astype(dtype)), token_class=jnp.asarray(classes.reshape(-1).astype(np.int32)),
+        accepting=jnp.asarray(accepting),
         cost=jnp.asarray(cost),
         **{k: jnp.asarray(v) for k, v in stack.items()}, **meta,
     )
