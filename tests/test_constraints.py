@@ -144,6 +144,22 @@ def test_token_table_equals_running_each_tokens_bytes(tokenizer):
             assert full[s, t] == cur, (s, t)
 
 
+def test_tokenizers_that_drop_the_first_space_get_a_fresh_start_state():
+    """SentencePiece models with a dummy prefix decode "▁yes" at the start as "yes"."""
+    tok = ByteTokenizer([" yes", " no", "yes"])
+    tok._strips_dummy_prefix = True
+    auto, rows = C.build([C.Choice(["yes", "no"])], tok, tok.vocab_size)
+    eos = jnp.array([tok.eos_id])
+    _, ok, _ = _advance_one(auto, rows, jnp.array([tok.index[b" yes"]]), eos)
+    allowed = {tok.pieces[i] for i in np.nonzero(np.asarray(ok[0]))[0]}
+    assert allowed == {b" yes", b" no", b"yes", b"y", b"n", b" "}  # a lone first space decodes to nothing
+    _, _, after_space = _advance_one(auto, rows, jnp.array([ord(" ")]), eos)
+    _, ok, _ = _advance_one(auto, after_space, jnp.array([ord("y")]), eos)
+    assert {tok.pieces[i] for i in np.nonzero(np.asarray(ok[0]))[0]} == {b"yes", b"y", b"n"}  # no second strip
+    ok_piece, _, done = _advance_one(auto, rows, jnp.array([tok.index[b" yes"]]), eos)
+    assert bool(ok_piece[0]) and walk(auto, done, [], tok.eos_id)[1]
+
+
 # ---------------------------------------------------------------------------- JSON
 
 
