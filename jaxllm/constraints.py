@@ -40,7 +40,7 @@ from jaxllm import automata
 from jaxllm.automata import DEAD, STACK
 from jaxllm.errors import ConstraintError
 
-FORMAT_VERSION = 1  # bump when tables change meaning: old cache files are ignored
+FORMAT_VERSION = 1  # of the cached .npz files (changes to the code that builds them are detected)
 
 # ---------------------------------------------------------------------------- what users write
 
@@ -199,6 +199,14 @@ def _stack_tokens(token_bytes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.any(np.isin(token_bytes, np.frombuffer(automata.STACK_BYTES, np.uint8)) & inside, axis=1)
 
 
+@functools.lru_cache(maxsize=1)
+def _code_version() -> str:
+    """A hash of the code that builds tables: a changed builder never reads an old table."""
+    files = [automata.__file__, automata.regexp.__file__, __file__]
+    sources = [Path(f).read_bytes() for f in files] + [str(FORMAT_VERSION).encode()]
+    return hashlib.sha256(b"".join(sources)).hexdigest()[:16]
+
+
 def _cache_dir() -> Path | None:
     path = os.environ.get("JAXLLM_CONSTRAINT_CACHE", str(Path.home() / ".cache" / "jaxllm" / "constraints"))
     return None if path in ("", "off", "0") else Path(path)
@@ -207,12 +215,12 @@ def _cache_dir() -> Path | None:
 def compile_table(constraint: Constraint, tokenizer) -> TokenTable:
     """The constraint's token table, from the on-disk cache when it was built before.
 
-    Cached as .npz (no pickle) keyed by the constraint, the tokenizer's fingerprint and
-    FORMAT_VERSION; `JAXLLM_CONSTRAINT_CACHE=off` turns the cache off.
+    Cached as .npz (no pickle) keyed by the constraint, the tokenizer's fingerprint and the
+    table-building code; `JAXLLM_CONSTRAINT_CACHE=DIR` moves the cache, `=off` turns it off.
     """
     if isinstance(constraint, Json):
         return json_table(constraint, tokenizer)[0]
-    key = hashlib.sha256(repr((FORMAT_VERSION, constraint, tokenizer.fingerprint)).encode()).hexdigest()[:32]
+    key = hashlib.sha256(repr((_code_version(), constraint, tokenizer.fingerprint)).encode()).hexdigest()[:32]
     folder = _cache_dir()
     path = folder / f"{key}.npz" if folder else None
     if path is not None and path.is_file():

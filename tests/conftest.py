@@ -18,6 +18,7 @@ from jaxllm.compilation import enable_persistent_cache
 
 REPO = Path(__file__).resolve().parent.parent
 enable_persistent_cache(os.environ.get("JAXLLM_TEST_CACHE", REPO / ".jax_cache"))
+os.environ.setdefault("JAXLLM_CONSTRAINT_CACHE", str(REPO / ".jax_cache" / "constraints"))
 
 WORDS = "the of and to in is was for on that with as by at from it an be this which or are".split()
 CODE = [
