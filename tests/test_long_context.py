@@ -9,6 +9,7 @@ import pytest
 
 from jaxllm import forward, init_cache, init_params
 from jaxllm.generate import left_pad
+from jaxllm.kvcache import CacheSpec
 from jaxllm.model import prefill
 from conftest import tiny_config
 
@@ -131,3 +132,56 @@ def test_sinks_change_nothing_until_the_window_fills():
     got, _ = decode_each(params, cfg, init_cache(cfg, 2, 16, ring=True, sinks=4), prompts, extra)
     for r, (p, e) in enumerate(zip(prompts, extra)):
         np.testing.assert_allclose(got[r], full_logits(params, cfg, p + e), atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------- through generate
+
+
+def test_window_model_generates_past_its_context_like_the_banded_reference():
+    from jaxllm import generate
+    from reference import np_greedy
+
+    cfg = tiny_config(97, sliding_window=8, max_seq_len=32)
+    params = scaled_params(cfg, 6)
+    prompts = [list(np.random.default_rng(6).integers(1, 97, size=20)), [1, 2, 3]]
+    out = generate(params, cfg, prompts, max_new_tokens=24, temperature=0.0, eos_token_id=[], prefill_chunk=16)
+    for p, got in zip(prompts, out.token_ids):
+        assert got == np_greedy(params, cfg, p, 24)  # 44 positions > max_seq_len 32
+
+
+def test_chunked_prefill_through_generate_gives_the_same_tokens(cfg, params):
+    from jaxllm import generate
+
+    prompts = [list(np.random.default_rng(2).integers(4, cfg.vocab_size, size=40)), [1, 5, 6]]
+    kw = dict(max_new_tokens=8, temperature=0.0, eos_token_id=[])
+    assert generate(params, cfg, prompts, prefill_chunk=16, **kw).token_ids == generate(params, cfg, prompts, prefill_chunk=0, **kw).token_ids
+
+
+def test_sinks_generate_five_contexts_long_in_constant_memory(cfg, params):
+    from jaxllm import SamplingParams, StopParams, generate, generate_tokens
+
+    n = 5 * cfg.max_seq_len
+    tokens, positions = left_pad([[1, 40, 41, 42], [1, 50]], 16, pad_id=0)
+    spec = CacheSpec(window=32, sinks=4)
+    run = jax.jit(lambda p, t, q: generate_tokens(
+        p, cfg, t, q, SamplingParams.make(2, cfg.vocab_size, temperature=0.0, seed=0), StopParams.make(2, n),
+        buffer_len=n, chunk=64, spec=spec, num_alternatives=1))
+    state = run(params, jnp.asarray(tokens), jnp.asarray(positions))
+    assert state.cache.k.shape[2] == 32 and state.cache.pos.shape == (2, 32)
+    assert np.all(np.asarray(state.length) == n)
+    assert np.all(np.isfinite(np.asarray(state.logits))) and np.all(np.isfinite(np.asarray(state.logprobs)))
+    assert int(np.asarray(state.cache.pos).max()) == 4 + n - 1  # every chosen token is fed; the first 4 stay as sinks
+    assert sorted(np.asarray(state.cache.pos)[0, :4]) == [0, 1, 2, 3]
+    out = generate(params, cfg, [[1, 40, 41, 42], [1, 50]], max_new_tokens=n, temperature=0.0, eos_token_id=[], window=32, sinks=4)
+    assert out.token_ids == [np.asarray(state.tokens)[r].tolist() for r in range(2)]
+
+
+def test_bad_window_settings_raise_clear_errors(cfg, params):
+    from jaxllm import GenerationError, generate
+
+    for kw, match in ((dict(window=8, sinks=8), "sinks"), (dict(window=-1), "window"), (dict(sinks=2), "window"),
+                      (dict(prefill_chunk=-4), "prefill_chunk")):
+        with pytest.raises(GenerationError, match=match):
+            generate(params, cfg, [[1, 2]], max_new_tokens=4, **kw)
+    with pytest.raises(GenerationError, match="context"):  # without a window the context still binds
+        generate(params, cfg, [[1] * 100], max_new_tokens=cfg.max_seq_len)
