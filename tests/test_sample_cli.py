@@ -107,6 +107,12 @@ def test_speculative_flags(checkpoint, cfg, params, tokenizer, tmp_path):
         (["--num_speculative_tokens", "0"], "--num_speculative_tokens"),
         (["--draft_checkpoint", "d", "--num_beams", "2"], "--draft_checkpoint"),
         (["--bogus"], "--bogus"),
+        (["--window", "8", "--sinks", "8"], "--sinks"),
+        (["--sinks", "4"], "--sinks"),
+        (["--window", "-4"], "--window"),
+        (["--prefill_chunk", "-1"], "--prefill_chunk"),
+        (["--attention_impl", "flash3"], "--attention_impl"),
+        (["--window", "16", "--num_beams", "2"], "--window"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(checkpoint, args, named):
@@ -133,3 +139,13 @@ def test_without_a_checkpoint_the_bundled_model_is_used():
     params, cfg, tok = jaxllm.load_checkpoint(bundled)
     want = generate(params, cfg, ["def fibonacci(n):"], tokenizer=tok, max_new_tokens=12, temperature=0.0).texts[0]
     assert proc.stdout == "def fibonacci(n):" + want + "\n" and want.strip()
+
+
+def test_window_and_sinks_flags_match_the_library_past_the_context(checkpoint, cfg, params, tokenizer):
+    n = cfg.max_seq_len + 40  # without the window this prompt + n would not fit
+    proc = run("--checkpoint", checkpoint, "--prompt", "def f(x):", "--max_new_tokens", n, "--temperature", 0,
+               "--window", 32, "--sinks", 4, "--attention_impl", "xla", "--format", "jsonl", "--eos_token_id", 511)
+    assert proc.returncode == 0, proc.stderr
+    want = generate(params, cfg.replace(attention_impl="xla"), ["def f(x):"], tokenizer=tokenizer, max_new_tokens=n,
+                    temperature=0.0, window=32, sinks=4, eos_token_id=[511])
+    assert json.loads(proc.stdout)["token_ids"] == want.token_ids[0]
