@@ -74,27 +74,32 @@ def alibi_bias(slopes: np.ndarray, q_pos: jax.Array, k_pos: jax.Array) -> jax.Ar
 
 
 def scores_reference(q: jax.Array, k: jax.Array) -> jax.Array:
-    """q: [B, T, H, E], k: [B, S, K, E] -> scaled float32 scores [B, H, T, S]."""
+    """q: [B, T, H, E], k: [B, S, K, E] -> scaled float32 scores [B, K, G, T, S] (head h = k * G + g)."""
     B, T, H, E = q.shape
     K = k.shape[2]
     s = jnp.einsum("btkge,bske->bkgts", q.reshape(B, T, K, H // K, E), k, preferred_element_type=jnp.float32)
-    return s.reshape(B, H, T, k.shape[1]) * (E**-0.5)
+    return s * (E**-0.5)
+
+
+def grouped(bias: jax.Array, K: int) -> jax.Array:
+    """[B, H, T, S] -> [B, K, G, T, S], the layout of `scores_reference`."""
+    B, H, T, S = bias.shape
+    return bias.reshape(B, K, H // K, T, S)
 
 
 def softmax_values(scores: jax.Array, mask: jax.Array, v: jax.Array) -> jax.Array:
-    """scores [B, H, T, S] f32, mask [B, T, S] bool, v [B, S, K, E] -> [B, T, H, E]."""
-    B, H, T, S = scores.shape
-    K, E = v.shape[2], v.shape[3]
-    probs = jax.nn.softmax(jnp.where(mask[:, None], scores, MASKED), axis=-1)
-    out = jnp.einsum("bkgts,bske->btkge", probs.reshape(B, K, H // K, T, S).astype(v.dtype), v)
-    return out.reshape(B, T, H, E)
+    """scores [B, K, G, T, S] f32, mask [B, T, S] bool, v [B, S, K, E] -> [B, T, H, E]."""
+    B, K, G, T, S = scores.shape
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, MASKED), axis=-1)
+    out = jnp.einsum("bkgts,bske->btkge", probs.astype(v.dtype), v)
+    return out.reshape(B, T, K * G, v.shape[-1])
 
 
 def attend_reference(q, k, v, mask, bias=None):
     """The oracle. q: [B, T, H, E], k/v: [B, S, K, E], mask: [B, T, S], bias: [B, H, T, S] or None."""
     scores = scores_reference(q, k)
     if bias is not None:
-        scores = scores + bias
+        scores = scores + grouped(bias, k.shape[2])
     return softmax_values(scores, mask, v)
 
 

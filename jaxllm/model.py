@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import kvcache
-from jaxllm.attention import alibi_bias, alibi_slopes, attend, attend_masked, causal_mask, scores_reference, softmax_values
+from jaxllm.attention import (
+    alibi_bias, alibi_slopes, attend, attend_masked, causal_mask, grouped, scores_reference, softmax_values,
+)
 from jaxllm.config import ModelConfig
 from jaxllm.kvcache import KVCache
 
@@ -208,7 +210,8 @@ def _ring_attention(q, k, v, q_pos, k_pos, cache: KVCache, cfg: ModelConfig) -> 
         ks, kr = rope(ks, ks_pos, inv_freq), rope(kr, kr_pos, inv_freq)
     scores = jnp.concatenate([scores_reference(qs, ks), scores_reference(qr, kr)], axis=-1)
     if slopes is not None:
-        scores = scores + jnp.concatenate([alibi_bias(slopes, qs_pos, ks_pos), alibi_bias(slopes, qr_pos, kr_pos)], axis=-1)
+        bias = jnp.concatenate([alibi_bias(slopes, qs_pos, ks_pos), alibi_bias(slopes, qr_pos, kr_pos)], axis=-1)
+        scores = scores + grouped(bias, k.shape[2])
     return softmax_values(scores, mask, v)
 
 
