@@ -18,8 +18,10 @@ Backends (`impl`), all computing the same function:
                  Hopper); anything else falls back to "xla" with a warning naming the reason
     "pallas"     the Pallas TPU flash-attention kernel, for T and S multiples of 128 on a TPU;
                  anything else (decode steps included) falls back to "xla"
-    "auto"       cudnn on GPU (when supported), pallas on TPU (when supported), and on CPU
-                 the reference einsum, which measured faster than "xla" there (RESULTS.md)
+    "auto"       cudnn on GPU (when supported), pallas on TPU (when supported); on CPU "xla"
+                 for blocks of queries (prefill, training: 1.2-1.6x faster than the einsum) and
+                 the reference einsum for one query (decode: as fast or faster), as measured
+                 in benchmarks/RESULTS.md
 
 ALiBi (Press et al., 2022, "Train Short, Test Long") adds -slope_h * (q_pos - k_pos) to the
 scores instead of rotating q and k.
@@ -147,7 +149,7 @@ def resolve_impl(impl: str, q: jax.Array, k: jax.Array) -> str:
         elif backend == "tpu":
             impl = "pallas"
         else:
-            return "reference"
+            return "reference" if T == 1 else "xla"
         explicit = False
     else:
         explicit = True
