@@ -90,6 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     _flag(p, "window", type=int, default=0, help="keep only the last W tokens in a ring cache; generation may run past the context")
     _flag(p, "sinks", type=int, default=0, help="of the window, keep the first S tokens for good (attention sinks; S < W)")
     _flag(p, "prefill_chunk", type=int, default=512, help="feed the prompt this many tokens at a time (0 = all at once)")
+    _flag(p, "kv_cache", choices=["int8"], default=None, help="int8: quantized KV cache (a scale per token and head)")
     _flag(p, "attention_impl", choices=ATTENTION_IMPLS, default=None, help="attention backend (default: the model's, usually auto)")
     _flag(p, "stream", action="store_true", help="print text as it is generated")
     _flag(p, "system", default=None, help="system prompt (implies --chat)")
@@ -111,8 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(str(e))
     if args.sinks and args.sinks >= args.window:
         p.error(f"argument --sinks: needs a --window larger than it (got --sinks {args.sinks}, --window {args.window})")
-    if (args.window or args.prefill_chunk != 512) and (args.draft_checkpoint or args.num_beams > 1):
-        p.error("argument --window: ring caches and --prefill_chunk work with sampling, not --num_beams or --draft_checkpoint")
+    if (args.window or args.prefill_chunk != 512 or args.kv_cache) and (args.draft_checkpoint or args.num_beams > 1):
+        p.error("argument --window: --window, --prefill_chunk and --kv_cache work with sampling, not --num_beams or --draft_checkpoint")
     if args.draft_checkpoint and (args.num_beams > 1 or args.stream or args.num_return_sequences > 1 or args.logprobs is not None):
         p.error("argument --draft_checkpoint: speculative decoding does not combine with --num_beams, --stream, --n or --logprobs")
     if args.num_beams > 1:
@@ -188,7 +189,7 @@ def main(argv=None) -> int:
             frequency_penalty=args.frequency_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
             bad_words=args.bad_words, logit_bias=args.logit_bias, allowed_token_ids=args.allowed_token_ids, seed=args.seed,
         )
-        long_context = dict(window=args.window, sinks=args.sinks, prefill_chunk=args.prefill_chunk)
+        long_context = dict(window=args.window, sinks=args.sinks, prefill_chunk=args.prefill_chunk, kv_cache_dtype=args.kv_cache)
         if args.stream:
             print(prompts[0], end="", flush=True)
             for row, piece in jaxllm.generate_stream(params, cfg, inputs, **kwargs, **long_context):

@@ -47,6 +47,7 @@ class CacheSpec:
     window: int = 0
     sinks: int = 0
     prefill_chunk: int = 512
+    dtype: str = ""  # "" = the compute dtype; "int8": values in int8, one float32 scale per token and head
 
     def check(self, cfg: ModelConfig) -> "CacheSpec":
         """Raises GenerationError naming a bad value; returns self."""
@@ -56,6 +57,8 @@ class CacheSpec:
                 raise GenerationError(f"{name} must be an integer >= 0, got {value!r}")
         if self.sinks and not self.window:
             raise GenerationError("sinks need a window (the cache keeps the sinks and the last window - sinks tokens)")
+        if self.dtype not in KV_DTYPES:
+            raise GenerationError(f"kv_cache_dtype must be {' or '.join(repr(d or None) for d in KV_DTYPES)}, got {self.dtype!r}")
         if self.window and self.sinks >= self.window:
             raise GenerationError(f"sinks ({self.sinks}) must be smaller than window ({self.window})")
         return self
@@ -73,14 +76,18 @@ class CacheSpec:
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["k", "v", "pos", "cursor"], meta_fields=["ring", "sinks"]
+    jax.tree_util.register_dataclass,
+    data_fields=["k", "v", "pos", "cursor", "k_scale", "v_scale"],
+    meta_fields=["ring", "sinks"],
 )
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array  # [L, B, S, K, E] keys (RoPE applied, except in a ring with sinks)
-    v: jax.Array  # [L, B, S, K, E] values
+    k: jax.Array  # [L, B, S, K, E] keys (RoPE applied, except in a ring with sinks); int8 if quantized
+    v: jax.Array  # [L, B, S, K, E] values; int8 if quantized
     pos: jax.Array  # [B, S] int32 position of the token in each slot; -1 = empty or padding
     cursor: jax.Array  # [] int32 columns written so far, shared by all rows
+    k_scale: jax.Array | None = None  # [L, B, S, K] float32 when int8: key = k * k_scale
+    v_scale: jax.Array | None = None  # [L, B, S, K] float32 when int8
     ring: bool = False  # static: ring layout (see the module docstring)
     sinks: int = 0  # static: N sink slots at the front of a ring
 
@@ -99,9 +106,13 @@ class KVCache:
 
 
 def init_cache(cfg: ModelConfig, batch: int, num_slots: int, dtype=None, *, ring: bool = False, sinks: int = 0) -> KVCache:
-    """An empty cache of `num_slots` slots per row (dtype defaults to the compute dtype)."""
+    """An empty cache of `num_slots` slots per row (dtype defaults to the compute dtype; "int8"
+    stores int8 values with a float32 scale per token and kv head)."""
     dtype = dtype or cfg.compute_dtype
     shape = (cfg.n_layers, batch, num_slots, cfg.n_kv_heads, cfg.dim_per_head)
+    if dtype == "int8":
+        scale = jnp.zeros(shape[:-1], jnp.float32)
+        return dataclasses.replace(init_cache(cfg, batch, num_slots, jnp.int8, ring=ring, sinks=sinks), k_scale=scale, v_scale=scale)
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),
@@ -117,19 +128,47 @@ def write_positions(cache: KVCache, positions: jax.Array) -> KVCache:
     return dataclasses.replace(cache, pos=write_slots(cache, cache.pos, positions.astype(jnp.int32), positions))
 
 
-def write_layer(cache: KVCache, buf: jax.Array, new: jax.Array, layer, positions: jax.Array) -> jax.Array:
-    """buf: [L, B, S, K, E], new: [B, T, K, E], positions [B, T] -> buf with `new` in layer `layer`'s
-    slots for the T columns at the cursor.
+Buffer = tuple  # (values [L, B, S, K, E], float32 scales [L, B, S, K] or None): keys or values
+
+
+def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x: [B, T, K, E] -> (int8 [B, T, K, E], float32 scale [B, T, K]); symmetric, per token and head."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
+    q = jnp.round(x / jnp.where(scale > 0, scale, 1.0)[..., None])
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scale
+
+
+def read(buf: Buffer, layer, dtype) -> jax.Array:
+    """One layer's keys or values [B, S, K, E] in `dtype` (dequantized when int8)."""
+    values, scale = buf
+    if scale is None:
+        return values[layer]
+    return (values[layer].astype(jnp.float32) * scale[layer][..., None]).astype(dtype)
+
+
+def write_layer(cache: KVCache, buf: Buffer, new: jax.Array, layer, positions: jax.Array) -> Buffer:
+    """buf: (values [L, B, S, K, E], scales), new: [B, T, K, E], positions [B, T] -> buf with `new`
+    in layer `layer`'s slots for the T columns at the cursor (quantized first when int8).
 
     Writing into the whole stacked buffer (rather than returning a new layer slice) lets XLA
     update it in place inside the layer scan.
     """
+    values, scale = buf
+    if scale is None:
+        return _write_layer(cache, values, new, layer, positions), None
+    q, s = quantize(new)
+    return _write_layer(cache, values, q, layer, positions), _write_layer(cache, scale, s, layer, positions)
+
+
+def _write_layer(cache: KVCache, buf: jax.Array, new: jax.Array, layer, positions: jax.Array) -> jax.Array:
     new = new.astype(buf.dtype)
+    tail = (0,) * (buf.ndim - 3)
     if not cache.ring or (new.shape[1] == 1 and not cache.sinks):
         slot = cache.cursor % cache.ring_slots if cache.ring else cache.cursor
-        return jax.lax.dynamic_update_slice(buf, new[None], (layer, 0, slot, 0, 0))
+        return jax.lax.dynamic_update_slice(buf, new[None], (layer, 0, slot) + tail)
     layer_buf = write_slots(cache, jax.lax.dynamic_index_in_dim(buf, layer, keepdims=False), new, positions)
-    return jax.lax.dynamic_update_slice(buf, layer_buf[None], (layer, 0, 0, 0, 0))
+    return jax.lax.dynamic_update_slice(buf, layer_buf[None], (layer, 0, 0) + tail)
 
 
 def write_slots(cache: KVCache, buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:

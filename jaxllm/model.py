@@ -244,24 +244,27 @@ def hidden_states(
     concat = cache.ring and T > 1
 
     def layer(carry, lp, i):
-        x, k_all, v_all = carry
+        x, kb, vb = carry  # kvcache.Buffer: (values, int8 scales or None)
         q, k, v = _qkv(x, lp, cfg, positions, rotate=not cache.rope_on_read)
-        k_old, v_old = k_all[i], v_all[i]
-        k_all = kvcache.write_layer(cache, k_all, k, i, positions)
-        v_all = kvcache.write_layer(cache, v_all, v, i, positions)
+        dt = q.dtype
+        k_old, v_old = kvcache.read(kb, i, dt), kvcache.read(vb, i, dt)
+        kb = kvcache.write_layer(cache, kb, k, i, positions)
+        vb = kvcache.write_layer(cache, vb, v, i, positions)
+        keys, vals = kvcache.read(kb, i, dt), kvcache.read(vb, i, dt)
         if not cache.ring:
-            attn = attend(q, k_all[i], v_all[i], positions, cache.pos, **opts)
+            attn = attend(q, keys, vals, positions, cache.pos, **opts)
         elif concat:
-            keys = jnp.concatenate([k_all[i][:, :N], k_old[:, N:], k], axis=1)
-            vals = jnp.concatenate([v_all[i][:, :N], v_old[:, N:], v], axis=1)
+            keys = jnp.concatenate([keys[:, :N], k_old[:, N:], k], axis=1)
+            vals = jnp.concatenate([vals[:, :N], v_old[:, N:], v], axis=1)
             k_pos = jnp.concatenate([cache.pos[:, :N], old.pos[:, N:], positions], axis=1)
             attn = _ring_attention(q, keys, vals, positions, k_pos, cache, cfg)
         else:
-            attn = _ring_attention(q, k_all[i], v_all[i], positions, cache.pos, cache, cfg)
-        return _finish_block(x, attn, lp, cfg), k_all, v_all
+            attn = _ring_attention(q, keys, vals, positions, cache.pos, cache, cfg)
+        return _finish_block(x, attn, lp, cfg), kb, vb
 
-    x, k_all, v_all = _run_layers(layer, (x, cache.k, cache.v), params["layers"])
-    cache = kvcache.advance(dataclasses.replace(cache, k=k_all, v=v_all), T)
+    carry = (x, (cache.k, cache.k_scale), (cache.v, cache.v_scale))
+    x, (k, k_scale), (v, v_scale) = _run_layers(layer, carry, params["layers"])
+    cache = kvcache.advance(dataclasses.replace(cache, k=k, v=v, k_scale=k_scale, v_scale=v_scale), T)
     return rms_norm(x, params["final_norm"], cfg.norm_eps), cache
 
 

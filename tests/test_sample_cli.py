@@ -113,6 +113,7 @@ def test_speculative_flags(checkpoint, cfg, params, tokenizer, tmp_path):
         (["--prefill_chunk", "-1"], "--prefill_chunk"),
         (["--attention_impl", "flash3"], "--attention_impl"),
         (["--window", "16", "--num_beams", "2"], "--window"),
+        (["--kv_cache", "int4"], "--kv_cache"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(checkpoint, args, named):
