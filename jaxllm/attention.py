@@ -18,7 +18,8 @@ Backends (`impl`), all computing the same function:
                  Hopper); anything else falls back to "xla" with a warning naming the reason
     "pallas"     the Pallas TPU flash-attention kernel, for T and S multiples of 128 on a TPU;
                  anything else (decode steps included) falls back to "xla"
-    "auto"       cudnn on GPU (when supported), pallas on TPU (when supported); on CPU "xla"
+    "auto"       cudnn on GPU for query blocks (when supported; XLA otherwise and for decode
+                 steps), pallas on TPU (when supported); on CPU "xla"
                  for blocks of queries (prefill, training: 1.2-1.6x faster than the einsum) and
                  the reference einsum for one query (decode: as fast or faster), as measured
                  in benchmarks/RESULTS.md
@@ -145,7 +146,7 @@ def resolve_impl(impl: str, q: jax.Array, k: jax.Array) -> str:
     E, T, S = q.shape[-1], q.shape[1], k.shape[1]
     if impl == "auto":
         if backend == "gpu":
-            impl = "cudnn"
+            impl = "cudnn" if T > 1 else "xla"  # decode steps: one query, nothing for flash to tile
         elif backend == "tpu":
             impl = "pallas"
         else:

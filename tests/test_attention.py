@@ -136,3 +136,32 @@ def test_the_reference_tells_the_options_apart():
     for case in ("alibi_4_heads", "sliding_window", "rope_linear", "rope_ntk", "rope_llama3"):
         other = np_forward(params, base.replace(**MODEL_CASES[case]), ids)
         assert np.abs(other - plain).max() > 1e-2, case
+
+
+# ---------------------------------------------------------------------------- accelerators (benchmarks/gpu_check.sh)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("case", CASES)
+def test_cudnn_flash_equals_the_reference_in_bfloat16(case):
+    c = CASES[case]
+    q, k, v = (x.astype(jnp.bfloat16) for x in random_qkv(T=8, S=16, K=c["K"], E=64, seed=len(case)))
+    k_pos = left_padded_positions(3, 16, [min(n + 4, 16) for n in c["lengths"]])
+    q_pos = k_pos[:, -8:]
+    assert resolve_impl("cudnn", q, k) == "cudnn"
+    want = attend(*(x.astype(jnp.float32) for x in (q, k, v)), q_pos, k_pos, window=c["window"])
+    got = attend(q, k, v, q_pos, k_pos, window=c["window"], impl="cudnn")
+    real = np.asarray(q_pos >= 0)
+    np.testing.assert_allclose(np.asarray(got, np.float32)[real], np.asarray(want)[real], atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="the Pallas flash-attention kernel needs a TPU")
+def test_pallas_flash_equals_the_reference():
+    q, k, v = random_qkv(T=128, S=256, K=2, E=128)
+    k_pos = left_padded_positions(3, 256, (256, 200, 130))
+    q_pos = k_pos[:, -128:]
+    assert resolve_impl("pallas", q, k) == "pallas"
+    want = attend(q, k, v, q_pos, k_pos, window=64)
+    got = attend(q, k, v, q_pos, k_pos, window=64, impl="pallas")
+    real = np.asarray(q_pos >= 0)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-2, rtol=2e-2)
