@@ -230,3 +230,12 @@ def test_int8_cache_greedy_output_mostly_unchanged(cfg, params):
     assert same >= 0.8 * 36, (a, b)
     with pytest.raises(Exception, match="kv_cache_dtype"):
         generate(params, cfg, prompts, kv_cache_dtype="int4", **kw)
+
+
+def test_sinks_batch_of_ragged_prompts_equals_each_alone_past_the_window(cfg, params):
+    from jaxllm import generate
+
+    prompts = [list(np.random.default_rng(4).integers(4, cfg.vocab_size, size=n)) for n in (30, 5, 17)]
+    kw = dict(max_new_tokens=40, temperature=0.0, eos_token_id=[], window=16, sinks=3, prefill_chunk=16)
+    together = generate(params, cfg, prompts, **kw).token_ids
+    assert together == [generate(params, cfg, [p], **kw).token_ids[0] for p in prompts]
