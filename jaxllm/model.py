@@ -221,7 +221,8 @@ def hidden_states(
     """tokens, positions: [B, T] -> final-normed hidden states [B, T, D] and the updated cache.
 
     With a cache, the T new tokens are written at `cache.cursor` and attend to every
-    filled slot; the cursor then moves on by T.
+    filled slot they may see (a ring cache: the sinks and the window; see kvcache.py); the
+    cursor then moves on by T. cfg.sliding_window and ALiBi apply with or without a cache.
     """
     x = params["embed"][tokens].astype(cfg.compute_dtype)
     opts = dict(window=cfg.sliding_window, slopes=_slopes(cfg), impl=cfg.attention_impl)
