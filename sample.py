@@ -53,7 +53,11 @@ RANGES = {
     "length_penalty": (math.isfinite, "a finite number"),
     "retries": (lambda v: 0 <= v <= 100, "in [0, 100]"),
     "max_json_depth": (lambda v: 1 <= v <= 30, "in [1, 30]"),
+    "window": (lambda v: v >= 0, ">= 0 (0 = the model's own)"),
+    "sinks": (lambda v: v >= 0, ">= 0"),
+    "prefill_chunk": (lambda v: v >= 0, ">= 0 (0 = the whole prompt at once)"),
 }
+ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")  # jaxllm.config.ATTENTION_IMPLS, without importing jax
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,6 +97,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     _flag(p, "max_json_depth", type=int, default=16, help="--json: deepest nesting allowed")
     _flag(p, "verify_only", action="store_true", help="do not enforce the constraint; only check the outputs")
     _flag(p, "retries", type=int, default=0, help="sample rows whose output is not valid again, up to N times")
+    _flag(p, "window", type=int, default=0, help="keep only the last W tokens in a ring cache; generation may run past the context")
+    _flag(p, "sinks", type=int, default=0, help="of the window, keep the first S tokens for good (attention sinks; S < W)")
+    _flag(p, "prefill_chunk", type=int, default=512, help="feed the prompt this many tokens at a time (0 = all at once)")
+    _flag(p, "kv_cache", choices=["int8"], default=None, help="int8: quantized KV cache (a scale per token and head)")
+    _flag(p, "attention_impl", choices=ATTENTION_IMPLS, default=None, help="attention backend (default: the model's, usually auto)")
     _flag(p, "stream", action="store_true", help="print text as it is generated")
     _flag(p, "system", default=None, help="system prompt (implies --chat)")
     _flag(p, "few_shot", default=None, help="JSONL file of examples, e.g. {\"input\": ..., \"output\": ...} (implies --chat)")
@@ -111,6 +120,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.allowed_token_ids = [int(x) for x in args.allowed_token_ids.split(",")] if args.allowed_token_ids else None
     except ValueError as e:
         p.error(str(e))
+    if args.sinks and args.sinks >= args.window:
+        p.error(f"argument --sinks: needs a --window larger than it (got --sinks {args.sinks}, --window {args.window})")
+    if (args.window or args.prefill_chunk != 512 or args.kv_cache) and (args.draft_checkpoint or args.num_beams > 1):
+        p.error("argument --window: --window, --prefill_chunk and --kv_cache work with sampling, not --num_beams or --draft_checkpoint")
     if args.draft_checkpoint and (args.num_beams > 1 or args.stream or args.num_return_sequences > 1 or args.logprobs is not None):
         p.error("argument --draft_checkpoint: speculative decoding does not combine with --num_beams, --stream, --n or --logprobs")
     if args.num_beams > 1:
@@ -199,6 +212,8 @@ def main(argv=None) -> int:
         params, cfg, tokenizer, model_defaults = load_any(checkpoint)
         params = decode_params(params)  # once, not per call (and the stacked copy is freed)
         _apply_defaults(args, model_defaults, checkpoint)
+        if args.attention_impl:
+            cfg = cfg.replace(attention_impl=args.attention_impl)
         if tokenizer is None:
             raise jaxllm.CheckpointError(f"{checkpoint} has no tokenizer.model, so text prompts cannot be encoded")
 
@@ -224,9 +239,10 @@ def main(argv=None) -> int:
         )
         if args.retries:
             kwargs["retries"] = args.retries
+        long_context = dict(window=args.window, sinks=args.sinks, prefill_chunk=args.prefill_chunk, kv_cache_dtype=args.kv_cache)
         if args.stream:
             print(prompts[0], end="", flush=True)
-            for row, piece in jaxllm.generate_stream(params, cfg, inputs, **kwargs):
+            for row, piece in jaxllm.generate_stream(params, cfg, inputs, **kwargs, **long_context):
                 if row >= 0:
                     print(piece, end="", flush=True)
             print()
@@ -252,7 +268,7 @@ def main(argv=None) -> int:
             result = beam_generate(params, cfg, inputs, num_beams=args.num_beams, length_penalty=args.length_penalty,
                                    early_stopping={"true": True, "false": False}.get(args.early_stopping, "never"), **beam_kwargs)
         else:
-            result = jaxllm.generate(params, cfg, inputs, **kwargs)
+            result = jaxllm.generate(params, cfg, inputs, **kwargs, **long_context)
     except jaxllm.JaxllmError as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2

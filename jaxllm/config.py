@@ -17,11 +17,13 @@ from jaxllm.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALINGS = ("none", "linear", "ntk", "llama3")
+POSITION_ENCODINGS = ("rope", "alibi")
+ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")  # see attention.py
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention."""
+    """A Llama-style decoder: RMSNorm, RoPE (or ALiBi), SwiGLU, grouped-query attention."""
 
     vocab_size: int
     d_model: int
@@ -39,6 +41,10 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
     rope_original_max_len: int = 0  # llama3: the pre-training context; 0 = max_seq_len
+    # "rope", or "alibi" (a per-head linear distance penalty on the scores; no rotation)
+    position_encoding: str = "rope"
+    sliding_window: int = 0  # > 0: each query sees only the last W keys, its own included (Mistral)
+    attention_impl: str = "auto"  # which attention backend runs (a speed choice; the function is the same)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     param_dtype: str = "float32"  # how params are stored
@@ -63,6 +69,12 @@ class ModelConfig:
             raise ConfigError(f"rope_factor must be >= 1, got {self.rope_factor}")
         if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
             raise ConfigError("llama3 rope scaling needs rope_high_freq_factor > rope_low_freq_factor > 0")
+        if self.position_encoding not in POSITION_ENCODINGS:
+            raise ConfigError(f"position_encoding must be one of {', '.join(POSITION_ENCODINGS)}, got {self.position_encoding!r}")
+        if not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool) or self.sliding_window < 0:
+            raise ConfigError(f"sliding_window must be an integer >= 0 (0 = off), got {self.sliding_window!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attention_impl!r}")
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")

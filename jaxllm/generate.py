@@ -28,8 +28,8 @@ from jaxllm import constraints
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
-from jaxllm.kvcache import KVCache, init_cache
-from jaxllm.model import forward, hidden_states, unembed, unstack_layers
+from jaxllm.kvcache import CacheSpec, KVCache, init_cache
+from jaxllm.model import forward, prefill, prefill_length, unembed, unstack_layers
 from jaxllm.sampling import NEG_INF, History, SamplingParams, choose_next, init_history, last_tokens, record
 from jaxllm.stopping import (
     CONSTRAINT, FINISH_REASONS, REPEAT_WINDOW, RUNNING, StopParams, check_stops, cut_at_stop, holdback,
@@ -102,18 +102,21 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
 
 def init_state(
     params, cfg: ModelConfig, prompt: jax.Array, prompt_pos: jax.Array, stops: StopParams,
-    *, buffer_len: int, num_alternatives: int = 0, constraint: constraints.RowState | None = None,
+    *, buffer_len: int, num_alternatives: int = 0, spec: CacheSpec = CacheSpec(),
+    constraint: constraints.RowState | None = None,
 ) -> DecodeState:
-    """Prefill: one forward over the left-padded prompt block [B, P] into a fresh cache of P + N slots.
+    """Prefill: the left-padded prompt block [B, P] into a fresh cache of P + N slots, or a ring
+    (`spec`: window, sinks), `spec.prefill_chunk` columns at a time (model.prefill).
 
     `constraint`: the rows' initial automaton states (see `constraints.build`), if constrained.
     """
     B, P = prompt.shape
-    cache = init_cache(cfg, B, P + buffer_len)
-    h, cache = hidden_states(params, cfg, prompt, prompt_pos, cache)
+    slots, ring = spec.num_slots(cfg, prefill_length(P, spec.prefill_chunk) + buffer_len)
+    cache = init_cache(cfg, B, slots, spec.dtype or None, ring=ring, sinks=spec.sinks)
+    h, cache = prefill(params, cfg, prompt, prompt_pos, cache, spec.prefill_chunk)
     A = num_alternatives
     return DecodeState(
-        logits=unembed(params, cfg, h[:, -1]),  # left padding: every row's last token is in column P-1
+        logits=unembed(params, cfg, h),  # left padding: every row's last token is in column P-1
         history=init_history(prompt, prompt_pos >= 0, buffer_len, cfg.vocab_size),
         finish=jnp.zeros((B,), jnp.int32),
         next_pos=jnp.max(prompt_pos, axis=1) + 1,
@@ -210,6 +213,7 @@ def generate_tokens(
     params, cfg: ModelConfig, prompt: jax.Array, prompt_pos: jax.Array, sp: SamplingParams, stops: StopParams,
     automaton: constraints.Automaton | None = None, constraint: constraints.RowState | None = None,
     *, buffer_len: int, chunk: int = 16, pad_id: int = 0, num_alternatives: int = 0, stop_fn: StopFn | None = None,
+    spec: CacheSpec = CacheSpec(),
 ) -> DecodeState:
     """The whole generation as one pure function (usable inside a user's `jit`).
 
@@ -218,7 +222,7 @@ def generate_tokens(
     Returns the final state: `.tokens [B, N]`, `.length [B]`, `.finish [B]`, `.logprobs [B, N]`.
     """
     state = init_state(
-        params, cfg, prompt, prompt_pos, stops, buffer_len=buffer_len, num_alternatives=num_alternatives,
+        params, cfg, prompt, prompt_pos, stops, buffer_len=buffer_len, num_alternatives=num_alternatives, spec=spec,
         constraint=constraint,
     )
     return jax.lax.while_loop(
@@ -269,7 +273,7 @@ class _Request:
 
 def _prepare(
     cfg: ModelConfig, prompts, tokenizer, *, max_new_tokens, n, stop, eos_token_id, repeat_count, add_bos,
-    parse_special, sampling, sampling_kwargs, chunk, constraint=None, enforce=True,
+    parse_special, sampling, sampling_kwargs, chunk, spec: CacheSpec | None = None, constraint=None, enforce=True,
 ) -> _Request:
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
         prompts = [prompts]
@@ -287,7 +291,7 @@ def _prepare(
     for i, p in enumerate(prompts):
         if not p:
             raise GenerationError(f"prompt {i} is empty (no tokens to condition on)")
-        if len(p) + max_new_tokens > cfg.max_seq_len:
+        if len(p) + max_new_tokens > cfg.max_seq_len and not (spec and spec.ring_size(cfg)):  # a ring never fills
             raise GenerationError(
                 f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
                 f"{len(p) + max_new_tokens} positions, more than the model's context of {cfg.max_seq_len}"
@@ -341,13 +345,13 @@ def decode_params(params):
     return params
 
 
-def _run(params, cfg, req: _Request, *, chunk, num_alternatives, stop_fn, timing) -> Iterator[DecodeState]:
+def _run(params, cfg, req: _Request, *, chunk, num_alternatives, stop_fn, timing, spec) -> Iterator[DecodeState]:
     """Prefill, then one jitted chunk at a time until every row is done; yields after each chunk."""
     params = decode_params(params)
     tokens, positions = left_pad(req.prompts, bucket(max(map(len, req.prompts))), req.pad_id)
     t0 = time.perf_counter()
     state, compile_s = _init_program(
-        dict(cfg=cfg, buffer_len=req.buffer_len, num_alternatives=num_alternatives),
+        dict(cfg=cfg, buffer_len=req.buffer_len, num_alternatives=num_alternatives, spec=spec),
         params=params, prompt=jnp.asarray(tokens), prompt_pos=jnp.asarray(positions), stops=req.stops,
         constraint=req.row_states,
     )
@@ -407,6 +411,10 @@ def generate(
     add_bos: bool = True,
     parse_special: bool = False,
     chunk: int = 16,
+    window: int = 0,
+    sinks: int = 0,
+    prefill_chunk: int = 512,
+    kv_cache_dtype: str | None = None,
     constraint: "constraints.Constraint | Sequence[constraints.Constraint | None] | None" = None,
     enforce: bool = True,
     retries: int = 0,
@@ -423,6 +431,11 @@ def generate(
     `include_stop_str_in_output`. `repeat_count` R > 0 ends a row whose last tokens repeat one
     n-gram R times; `stop_fn(history) -> bool[B]` is a user predicate (a static, pure JAX function).
     `logprobs=A` returns each token's log-probability and A alternatives.
+    `window=W` keeps only the last W tokens in a ring cache (generation may then run past the
+    model's context), of which `sinks=S` are the first S tokens (attention sinks); a model with
+    a `sliding_window` uses a ring of that size by itself. Prompts are fed `prefill_chunk`
+    tokens at a time (0: all at once). `kv_cache_dtype="int8"` stores the cache in int8 with a
+    scale per token and head (about half the memory of bfloat16, a quarter of float32).
     `constraint` (a `constraints.Regex`, `Json`, `JsonSchema` or `Choice`, or one per prompt,
     None for free rows) is enforced inside the loop; every output is then verified (`valid`,
     `errors`). `enforce=False` only verifies; `retries=R` re-samples invalid rows up to R times.
@@ -481,17 +494,18 @@ def generate_stream(params, cfg: ModelConfig, prompts, *, tokenizer: Tokenizer, 
 def _generate(
     params, cfg, prompts, tokenizer, sampling_kwargs, *, stream: bool, max_new_tokens, num_return_sequences, stop,
     include_stop_str_in_output, eos_token_id, repeat_count, stop_fn, logprobs, sampling, add_bos, parse_special, chunk,
-    constraint=None, enforce=True, retries=0,
+    window, sinks, prefill_chunk, kv_cache_dtype, constraint=None, enforce=True, retries=0,
 ):
     if logprobs is not None and not 0 <= logprobs <= 20:
         raise GenerationError(f"logprobs must be in [0, 20], got {logprobs}")
     if not isinstance(retries, int) or retries < 0 or (retries and (stream or sampling is not None)):
         raise GenerationError(f"retries must be an int >= 0 (and without streaming or a ready `sampling`), got {retries}")
     include_stop = include_stop_str_in_output
+    spec = CacheSpec(window=window, sinks=sinks, prefill_chunk=prefill_chunk, dtype=kv_cache_dtype or "").check(cfg)
     req = _prepare(
         cfg, prompts, tokenizer, max_new_tokens=max_new_tokens, n=num_return_sequences, stop=stop,
         eos_token_id=eos_token_id, repeat_count=repeat_count, add_bos=add_bos, parse_special=parse_special,
-        sampling=sampling, sampling_kwargs=_split_kwargs(tokenizer, dict(sampling_kwargs)), chunk=chunk,
+        sampling=sampling, sampling_kwargs=_split_kwargs(tokenizer, dict(sampling_kwargs)), chunk=chunk, spec=spec,
         constraint=constraint, enforce=enforce,
     )
     B = len(req.prompts)
@@ -500,7 +514,7 @@ def _generate(
         raise GenerationError("streaming needs a tokenizer")
     streams = [tokenizer.stream_decoder() for _ in range(B)] if stream else []
     so_far, shown, seen = [""] * B, [0] * B, [0] * B
-    for state in _run(params, cfg, req, chunk=chunk, num_alternatives=logprobs or 0, stop_fn=stop_fn, timing=timing):
+    for state in _run(params, cfg, req, chunk=chunk, num_alternatives=logprobs or 0, stop_fn=stop_fn, timing=timing, spec=spec):
         if not stream:
             continue
         out, lengths, finish = jax.device_get((state.tokens, state.length, state.finish))

@@ -63,10 +63,9 @@ def config_from_hf(meta: dict, where: str = "config.json") -> ModelConfig:
     if scaling is None:
         raise CheckpointError(f"{where}: rope type {kind!r} is not supported (default, linear, llama3)")
     max_len = meta.get("max_position_embeddings", 2048)
-    window = meta.get("sliding_window")
-    if window and window < max_len:
-        # Mistral: without sliding-window attention, stay inside one window, where it is exact.
-        max_len = window
+    window = meta.get("sliding_window") or 0
+    if meta.get("use_sliding_window") is False or window >= max_len:  # a window as long as the context is none
+        window = 0
     try:
         return ModelConfig(
             vocab_size=meta["vocab_size"],
@@ -76,6 +75,7 @@ def config_from_hf(meta: dict, where: str = "config.json") -> ModelConfig:
             n_kv_heads=meta.get("num_key_value_heads") or meta["num_attention_heads"],
             d_ff=meta["intermediate_size"],
             max_seq_len=max_len,
+            sliding_window=int(window),
             head_dim=None if meta.get("head_dim") in (None, meta["hidden_size"] // meta["num_attention_heads"]) else meta["head_dim"],
             rope_theta=float(theta),
             rope_scaling=scaling,
@@ -195,7 +195,10 @@ def generation_defaults(directory: str | os.PathLike) -> dict:
 
 
 def export_hf(directory: str | os.PathLike, params: dict, cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> Path:
-    """Writes a LlamaForCausalLM directory that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+    """Writes a LlamaForCausalLM directory (MistralForCausalLM with a sliding window) that
+    `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+    if cfg.position_encoding != "rope":
+        raise CheckpointError(f"position_encoding {cfg.position_encoding!r} has no Llama/Mistral equivalent; export is refused")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     host = lambda a: np.ascontiguousarray(np.asarray(a))
@@ -229,6 +232,8 @@ def export_hf(directory: str | os.PathLike, params: dict, cfg: ModelConfig, toke
         # transformers 5 reads rope_parameters, 4.x reads rope_scaling (None when unscaled)
         "rope_parameters": rope, "rope_scaling": rope if cfg.rope_scaling != "none" else None,
     }
+    if cfg.sliding_window:
+        meta.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=cfg.sliding_window)
     generation = {}
     if tokenizer is not None:
         tokenizer.save(directory / "tokenizer.model")

@@ -1,10 +1,23 @@
-"""The KV cache: a preallocated pytree written at one shared cursor.
+"""The KV cache: a preallocated pytree written at one shared cursor, linear or a ring buffer.
 
-Legend: L layers, B batch, S slots, K kv heads, E head dim.
+Legend: L layers, B batch, S slots, K kv heads, E head dim, T tokens written in one call,
+N sink slots, R = S - N ring slots.
 
-All rows write at the same scalar `cursor`: prompts are left-padded so that they end in
-the same column, and each slot's position (-1 for padding or empty) masks what a row must
-not see. A per-row cursor would make every write a scatter, which is slow on TPU.
+All rows write at the same scalar `cursor` (a column count): prompts are left-padded so that
+they end in the same column, and each slot's position (-1 for padding or empty) masks what a
+row must not see. A per-row cursor would make every write a scatter, which is slow on TPU.
+
+Two layouts (static, chosen when the cache is made):
+
+    linear   column c lives in slot c; S >= every column ever written
+    ring     slots [0, N) are attention sinks: each row's tokens at positions 0..N-1 (StreamingLLM,
+             Xiao et al. 2023); slots [N, S) are a ring: column c lives in slot N + c % R, so
+             the cache keeps the last R columns and never grows. With N = 0 this is the
+             sliding-window cache of a Mistral-style model (R = its window).
+
+In a ring with sinks, positions inside attention are the slots' positions in the kept
+sequence, not the tokens' original ones, so keys are stored without RoPE and rotated when
+read (model.py).
 """
 
 from __future__ import annotations
@@ -16,48 +29,173 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
+from jaxllm.errors import GenerationError
+
+KV_DTYPES = ("", "int8")  # "" = the compute dtype
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "pos", "cursor"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """How generation lays out its cache (static: part of the compiled program's key).
+
+    window: keep only the last `window` tokens in a ring of that many slots (0: the model's own
+    sliding window if it has one, else one slot per position); sinks: of those slots, how many
+    keep the first tokens for good (attention sinks); prefill_chunk: the prompt block is fed to
+    the model this many columns at a time (0 = all at once), which bounds prefill's peak memory.
+    """
+
+    window: int = 0
+    sinks: int = 0
+    prefill_chunk: int = 512
+    dtype: str = ""  # "" = the compute dtype; "int8": values in int8, one float32 scale per token and head
+
+    def check(self, cfg: ModelConfig) -> "CacheSpec":
+        """Raises GenerationError naming a bad value; returns self."""
+        for name in ("window", "sinks", "prefill_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise GenerationError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.sinks and not self.window:
+            raise GenerationError("sinks need a window (the cache keeps the sinks and the last window - sinks tokens)")
+        if self.dtype not in KV_DTYPES:
+            raise GenerationError(f"kv_cache_dtype must be {' or '.join(repr(d or None) for d in KV_DTYPES)}, got {self.dtype!r}")
+        if self.window and self.sinks >= self.window:
+            raise GenerationError(f"sinks ({self.sinks}) must be smaller than window ({self.window})")
+        return self
+
+    def ring_size(self, cfg: ModelConfig) -> int:
+        """Slots of the ring cache, or 0 for a linear cache."""
+        return self.window or cfg.sliding_window
+
+    def num_slots(self, cfg: ModelConfig, columns: int) -> tuple[int, bool]:
+        """(slots, ring?) for a generation that writes `columns` columns in all."""
+        ring = self.ring_size(cfg)
+        if ring and (ring < columns or self.sinks):
+            return ring, True
+        return columns, False
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["k", "v", "pos", "cursor", "k_scale", "v_scale"],
+    meta_fields=["ring", "sinks"],
+)
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array  # [L, B, S, K, E] keys, RoPE already applied
-    v: jax.Array  # [L, B, S, K, E] values
+    k: jax.Array  # [L, B, S, K, E] keys (RoPE applied, except in a ring with sinks); int8 if quantized
+    v: jax.Array  # [L, B, S, K, E] values; int8 if quantized
     pos: jax.Array  # [B, S] int32 position of the token in each slot; -1 = empty or padding
-    cursor: jax.Array  # [] int32 next slot to write, shared by all rows
+    cursor: jax.Array  # [] int32 columns written so far, shared by all rows
+    k_scale: jax.Array | None = None  # [L, B, S, K] float32 when int8: key = k * k_scale
+    v_scale: jax.Array | None = None  # [L, B, S, K] float32 when int8
+    ring: bool = False  # static: ring layout (see the module docstring)
+    sinks: int = 0  # static: N sink slots at the front of a ring
 
     @property
     def num_slots(self) -> int:
         return self.pos.shape[1]
 
+    @property
+    def ring_slots(self) -> int:
+        return self.num_slots - self.sinks
 
-def init_cache(cfg: ModelConfig, batch: int, num_slots: int, dtype=None) -> KVCache:
-    """An empty cache of `num_slots` slots per row (dtype defaults to the compute dtype)."""
+    @property
+    def rope_on_read(self) -> bool:
+        """Keys are stored un-rotated and rotated by slot position when read."""
+        return self.ring and self.sinks > 0
+
+
+def init_cache(cfg: ModelConfig, batch: int, num_slots: int, dtype=None, *, ring: bool = False, sinks: int = 0) -> KVCache:
+    """An empty cache of `num_slots` slots per row (dtype defaults to the compute dtype; "int8"
+    stores int8 values with a float32 scale per token and kv head)."""
     dtype = dtype or cfg.compute_dtype
     shape = (cfg.n_layers, batch, num_slots, cfg.n_kv_heads, cfg.dim_per_head)
+    if dtype == "int8":
+        scale = jnp.zeros(shape[:-1], jnp.float32)
+        return dataclasses.replace(init_cache(cfg, batch, num_slots, jnp.int8, ring=ring, sinks=sinks), k_scale=scale, v_scale=scale)
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),
         pos=jnp.full((batch, num_slots), -1, jnp.int32),
         cursor=jnp.zeros((), jnp.int32),
+        ring=ring,
+        sinks=sinks,
     )
 
 
 def write_positions(cache: KVCache, positions: jax.Array) -> KVCache:
     """Records the positions [B, T] of the tokens about to be written at the cursor."""
-    pos = jax.lax.dynamic_update_slice(cache.pos, positions.astype(jnp.int32), (0, cache.cursor))
-    return dataclasses.replace(cache, pos=pos)
+    return dataclasses.replace(cache, pos=write_slots(cache, cache.pos, positions.astype(jnp.int32), positions))
 
 
-def write_layer(buf: jax.Array, new: jax.Array, layer: jax.Array, cursor: jax.Array) -> jax.Array:
-    """buf: [L, B, S, K, E], new: [B, T, K, E] -> buf with `new` at [layer, :, cursor:cursor+T].
+Buffer = tuple  # (values [L, B, S, K, E], float32 scales [L, B, S, K] or None): keys or values
 
-    Writing into the whole stacked buffer (rather than returning a new layer slice)
-    lets XLA update it in place inside the layer scan.
+
+def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x: [B, T, K, E] -> (int8 [B, T, K, E], float32 scale [B, T, K]); symmetric, per token and head."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
+    q = jnp.round(x / jnp.where(scale > 0, scale, 1.0)[..., None])
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scale
+
+
+def read(buf: Buffer, layer, dtype) -> jax.Array:
+    """One layer's keys or values [B, S, K, E] in `dtype` (dequantized when int8)."""
+    values, scale = buf
+    if scale is None:
+        return values[layer]
+    return (values[layer].astype(jnp.float32) * scale[layer][..., None]).astype(dtype)
+
+
+def write_layer(cache: KVCache, buf: Buffer, new: jax.Array, layer, positions: jax.Array) -> Buffer:
+    """buf: (values [L, B, S, K, E], scales), new: [B, T, K, E], positions [B, T] -> buf with `new`
+    in layer `layer`'s slots for the T columns at the cursor (quantized first when int8).
+
+    Writing into the whole stacked buffer (rather than returning a new layer slice) lets XLA
+    update it in place inside the layer scan.
     """
-    return jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), (layer, 0, cursor, 0, 0))
+    values, scale = buf
+    if scale is None:
+        return _write_layer(cache, values, new, layer, positions), None
+    q, s = quantize(new)
+    return _write_layer(cache, values, q, layer, positions), _write_layer(cache, scale, s, layer, positions)
+
+
+def _write_layer(cache: KVCache, buf: jax.Array, new: jax.Array, layer, positions: jax.Array) -> jax.Array:
+    new = new.astype(buf.dtype)
+    tail = (0,) * (buf.ndim - 3)
+    if not cache.ring or (new.shape[1] == 1 and not cache.sinks):
+        slot = cache.cursor % cache.ring_slots if cache.ring else cache.cursor
+        return jax.lax.dynamic_update_slice(buf, new[None], (layer, 0, slot) + tail)
+    layer_buf = write_slots(cache, jax.lax.dynamic_index_in_dim(buf, layer, keepdims=False), new, positions)
+    return jax.lax.dynamic_update_slice(buf, layer_buf[None], (layer, 0, 0) + tail)
+
+
+def write_slots(cache: KVCache, buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """buf: [B, S, ...], new: [B, T, ...], positions: [B, T] -> buf with the T columns at the cursor.
+
+    Linear: slots cursor..cursor+T-1. Ring: sink slots take each row's tokens at positions
+    0..N-1 wherever they are in the block (a per-row gather: exact); ring slots take the last
+    min(T, R) columns at N + column % R.
+    """
+    new = new.astype(buf.dtype)
+    start = (0,) * (buf.ndim - 2)
+    if not cache.ring:
+        return jax.lax.dynamic_update_slice(buf, new, (0, cache.cursor) + start)
+    N, R, T = cache.sinks, cache.ring_slots, new.shape[1]
+    if N:
+        tail = (1,) * (buf.ndim - 2)
+        hit = positions[:, :, None] == jnp.arange(N)  # [B, T, N]
+        idx = jnp.argmax(hit, axis=1).reshape((-1, N) + tail)  # the column holding position n
+        found = jnp.any(hit, axis=1).reshape((-1, N) + tail)
+        sinks = jnp.where(found, jnp.take_along_axis(new, idx, axis=1), buf[:, :N])
+        buf = jax.lax.dynamic_update_slice(buf, sinks, (0, 0) + start)
+    if T == 1:  # a decode step never wraps: an in-place slice update
+        return jax.lax.dynamic_update_slice(buf, new, (0, N + cache.cursor % R) + start)
+    keep = min(T, R)
+    slots = N + (cache.cursor + T - keep + jnp.arange(keep)) % R  # distinct: keep <= R
+    return buf.at[:, slots].set(new[:, T - keep :], unique_indices=True)
 
 
 def advance(cache: KVCache, num_tokens: int) -> KVCache:
     return dataclasses.replace(cache, cursor=cache.cursor + num_tokens)
-

@@ -21,12 +21,16 @@ are given explicitly per token; -1 marks padding, which no query ever attends to
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import kvcache
-from jaxllm.attention import attend
+from jaxllm.attention import (
+    alibi_bias, alibi_slopes, attend, attend_masked, causal_mask, grouped, scores_reference, softmax_values,
+)
 from jaxllm.config import ModelConfig
 from jaxllm.kvcache import KVCache
 
@@ -112,16 +116,23 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _qkv(x, lp, cfg: ModelConfig, positions):
-    """x: [B, T, D] -> q [B, T, H, E], k/v [B, T, K, E] (RoPE applied to q and k)."""
+def _qkv(x, lp, cfg: ModelConfig, positions, rotate: bool = True):
+    """x: [B, T, D] -> q [B, T, H, E], k/v [B, T, K, E] (RoPE applied to q and k when the model
+    uses RoPE and `rotate`)."""
     B, T, _ = x.shape
     dt = cfg.compute_dtype
     h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
     q = linear(h, lp["wq"], dt).reshape(B, T, cfg.n_heads, cfg.dim_per_head)
     k = linear(h, lp["wk"], dt).reshape(B, T, cfg.n_kv_heads, cfg.dim_per_head)
     v = linear(h, lp["wv"], dt).reshape(B, T, cfg.n_kv_heads, cfg.dim_per_head)
+    if cfg.position_encoding != "rope" or not rotate:
+        return q, k, v
     inv_freq = rope_inv_freq(cfg)
     return rope(q, positions, inv_freq), rope(k, positions, inv_freq), v
+
+
+def _slopes(cfg: ModelConfig):
+    return alibi_slopes(cfg.n_heads) if cfg.position_encoding == "alibi" else None
 
 
 def _finish_block(x, attn, lp, cfg: ModelConfig):
@@ -168,38 +179,127 @@ def _run_layers(layer, carry, layers):
     return carry
 
 
+def _ring_attention(q, k, v, q_pos, k_pos, cache: KVCache, cfg: ModelConfig) -> jax.Array:
+    """Attention over a ring cache's keys k/v [B, S', K, E] at positions k_pos [B, S']: the first
+    N = cache.sinks are sink slots (seen by every later query), the rest ring or new keys (seen
+    within the window; positions below N live in the sink slots, so are hidden here).
+
+    With sinks, positions inside attention are those of the kept sequence (StreamingLLM): the
+    sinks keep 0..N-1, the query at p takes min(p, S - 1) against them, and the other keys keep
+    their distance p - r to it. Those keys and the queries are counted from a per-row origin c
+    (the earliest real query's p - (S - 1), or 0), so every rotation angle stays below S + T
+    however long generation runs.
+    """
+    N, S = cache.sinks, cache.num_slots
+    window = min(cache.ring_slots, cfg.sliding_window or cache.ring_slots)
+    mask = jnp.concatenate(
+        [causal_mask(q_pos, k_pos[:, :N]), causal_mask(q_pos, k_pos[:, N:], window, min_pos=N)], axis=-1
+    )
+    slopes = _slopes(cfg)
+    if not N:  # a plain sliding window: original positions, keys stored rotated
+        bias = None if slopes is None else alibi_bias(slopes, q_pos, k_pos)
+        return attend_masked(q, k, v, mask, bias, impl=cfg.attention_impl)
+    first = jnp.min(jnp.where(q_pos >= 0, q_pos, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
+    c = jnp.maximum(first - (S - 1), 0) * (first < jnp.iinfo(jnp.int32).max)  # [B, 1]
+    qs_pos, ks_pos = jnp.minimum(q_pos, S - 1), k_pos[:, :N]
+    qr_pos, kr_pos = q_pos - c, k_pos[:, N:] - c
+    qs, qr, ks, kr = q, q, k[:, :N], k[:, N:]
+    if cfg.position_encoding == "rope":
+        inv_freq = rope_inv_freq(cfg)
+        qs, qr = rope(q, qs_pos, inv_freq), rope(q, qr_pos, inv_freq)
+        ks, kr = rope(ks, ks_pos, inv_freq), rope(kr, kr_pos, inv_freq)
+    scores = jnp.concatenate([scores_reference(qs, ks), scores_reference(qr, kr)], axis=-1)
+    if slopes is not None:
+        bias = jnp.concatenate([alibi_bias(slopes, qs_pos, ks_pos), alibi_bias(slopes, qr_pos, kr_pos)], axis=-1)
+        scores = scores + grouped(bias, k.shape[2])
+    return softmax_values(scores, mask, v)
+
+
 def hidden_states(
     params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None
 ) -> tuple[jax.Array, KVCache | None]:
     """tokens, positions: [B, T] -> final-normed hidden states [B, T, D] and the updated cache.
 
     With a cache, the T new tokens are written at `cache.cursor` and attend to every
-    filled slot; the cursor then moves on by T.
+    filled slot they may see (a ring cache: the sinks and the window; see kvcache.py); the
+    cursor then moves on by T. cfg.sliding_window and ALiBi apply with or without a cache.
     """
     x = params["embed"][tokens].astype(cfg.compute_dtype)
+    opts = dict(window=cfg.sliding_window, slopes=_slopes(cfg), impl=cfg.attention_impl)
 
     if cache is None:
 
         def layer(x, lp, i):
             q, k, v = _qkv(x, lp, cfg, positions)
-            return _finish_block(x, attend(q, k, v, positions, positions), lp, cfg)
+            return _finish_block(x, attend(q, k, v, positions, positions, **opts), lp, cfg)
 
         x = _run_layers(layer, x, params["layers"])
-    else:
-        cache = kvcache.write_positions(cache, positions)
+        return rms_norm(x, params["final_norm"], cfg.norm_eps), cache
 
-        def layer(carry, lp, i):
-            x, k_all, v_all = carry
-            q, k, v = _qkv(x, lp, cfg, positions)
-            k_all = kvcache.write_layer(k_all, k, i, cache.cursor)
-            v_all = kvcache.write_layer(v_all, v, i, cache.cursor)
-            attn = attend(q, k_all[i], v_all[i], positions, cache.pos)
-            return _finish_block(x, attn, lp, cfg), k_all, v_all
+    old = cache
+    cache = kvcache.write_positions(cache, positions)
+    T, N = tokens.shape[1], cache.sinks
+    # A block of T > 1 columns attends to the ring as it was plus itself, then is written: writing
+    # first would overwrite keys its earlier queries still see. A decode step (T = 1) can write
+    # first: the slot it takes held the one key that just left the window.
+    concat = cache.ring and T > 1
 
-        x, k_all, v_all = _run_layers(layer, (x, cache.k, cache.v), params["layers"])
-        cache = kvcache.advance(KVCache(k=k_all, v=v_all, pos=cache.pos, cursor=cache.cursor), tokens.shape[1])
+    def layer(carry, lp, i):
+        x, kb, vb = carry  # kvcache.Buffer: (values, int8 scales or None)
+        q, k, v = _qkv(x, lp, cfg, positions, rotate=not cache.rope_on_read)
+        dt = q.dtype
+        k_old, v_old = kvcache.read(kb, i, dt), kvcache.read(vb, i, dt)
+        kb = kvcache.write_layer(cache, kb, k, i, positions)
+        vb = kvcache.write_layer(cache, vb, v, i, positions)
+        keys, vals = kvcache.read(kb, i, dt), kvcache.read(vb, i, dt)
+        if not cache.ring:
+            attn = attend(q, keys, vals, positions, cache.pos, **opts)
+        elif concat:
+            keys = jnp.concatenate([keys[:, :N], k_old[:, N:], k], axis=1)
+            vals = jnp.concatenate([vals[:, :N], v_old[:, N:], v], axis=1)
+            k_pos = jnp.concatenate([cache.pos[:, :N], old.pos[:, N:], positions], axis=1)
+            attn = _ring_attention(q, keys, vals, positions, k_pos, cache, cfg)
+        else:
+            attn = _ring_attention(q, keys, vals, positions, cache.pos, cache, cfg)
+        return _finish_block(x, attn, lp, cfg), kb, vb
 
+    carry = (x, (cache.k, cache.k_scale), (cache.v, cache.v_scale))
+    x, (k, k_scale), (v, v_scale) = _run_layers(layer, carry, params["layers"])
+    cache = kvcache.advance(dataclasses.replace(cache, k=k, v=v, k_scale=k_scale, v_scale=v_scale), T)
     return rms_norm(x, params["final_norm"], cfg.norm_eps), cache
+
+
+def prefill_length(P: int, chunk: int) -> int:
+    """Columns `prefill` feeds for a [B, P] block: P, or P rounded up to whole chunks."""
+    return P if not chunk or P <= chunk else -(-P // chunk) * chunk
+
+
+def prefill(
+    params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache, chunk: int = 0
+) -> tuple[jax.Array, KVCache]:
+    """Feeds a left-padded block tokens, positions: [B, P] into `cache`, `chunk` columns at a time.
+
+    Returns the last column's hidden state [B, D] and the cache. Chunking bounds the attention
+    scores to [B, H, chunk, S] instead of [B, H, P, P]: a `lax.scan` over chunks, so compile time
+    does not grow with the prompt. A block that is not whole chunks gets more left padding
+    (`prefill_length(P, chunk)` columns are written). Into a ring cache, a prompt longer than
+    the ring is consumed and only what the ring keeps remains.
+    """
+    B, P = tokens.shape
+    n = prefill_length(P, chunk)
+    if n == P and (not chunk or P <= chunk):
+        h, cache = hidden_states(params, cfg, tokens, positions, cache)
+        return h[:, -1], cache
+    tokens = jnp.pad(tokens, ((0, 0), (n - P, 0)))
+    positions = jnp.pad(positions, ((0, 0), (n - P, 0)), constant_values=-1)
+    split = lambda a: a.reshape(B, n // chunk, chunk).swapaxes(0, 1)  # [chunks, B, chunk]
+
+    def body(cache, block):
+        h, cache = hidden_states(params, cfg, block[0], block[1], cache)
+        return cache, h[:, -1]
+
+    cache, last = jax.lax.scan(body, cache, (split(tokens), split(positions)))
+    return last[-1], cache
 
 
 def unembed(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:

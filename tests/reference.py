@@ -12,26 +12,70 @@ def np_rms_norm(x, w, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def np_rope(x, pos, theta):
-    """x: [T, E] for one head, pos: [T]. Pairs (i, i + E/2) rotate by pos * theta^(-2i/E)."""
+def np_inv_freq(cfg):
+    """RoPE frequencies [E/2] with cfg's scaling, written from the papers' formulas (one at a time)."""
+    E, theta, f = cfg.dim_per_head, cfg.rope_theta, cfg.rope_factor
+    out = []
+    for i in range(E // 2):
+        if cfg.rope_scaling == "ntk":  # NTK-aware: base * factor^(E / (E - 2))
+            freq = (theta * f ** (E / (E - 2))) ** (-2.0 * i / E)
+        else:
+            freq = theta ** (-2.0 * i / E)
+        if cfg.rope_scaling == "linear":
+            freq /= f
+        elif cfg.rope_scaling == "llama3":
+            context = cfg.rope_original_max_len or cfg.max_seq_len
+            wavelen = 2 * np.pi / freq
+            if wavelen > context / cfg.rope_low_freq_factor:  # long wavelengths: interpolated
+                freq /= f
+            elif wavelen >= context / cfg.rope_high_freq_factor:  # the band between: blended
+                smooth = (context / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+                freq = (1 - smooth) * freq / f + smooth * freq
+        out.append(freq)
+    return np.array(out)
+
+
+def np_alibi_slopes(n):
+    """ALiBi slopes as in the paper's code: geometric from 2^(-8/n); interleaved for n not a power of two."""
+    def pow2(m):
+        start = 2 ** (-(2 ** -(np.log2(m) - 3)))
+        return [start * start**i for i in range(m)]
+    if np.log2(n).is_integer():
+        return np.array(pow2(n))
+    closest = 2 ** int(np.floor(np.log2(n)))
+    return np.array(pow2(closest) + pow2(2 * closest)[0::2][: n - closest])
+
+
+def np_rope(x, pos, theta, inv_freq=None):
+    """x: [T, E] for one head, pos: [T]. Pairs (i, i + E/2) rotate by pos * theta^(-2i/E)
+    (or by pos * inv_freq[i] when frequencies are given)."""
     E = x.shape[-1]
     out = np.empty_like(x)
     for i in range(E // 2):
-        angle = pos * theta ** (-2.0 * i / E)
+        angle = pos * (theta ** (-2.0 * i / E) if inv_freq is None else inv_freq[i])
         a, b = x[:, i], x[:, i + E // 2]
         out[:, i] = a * np.cos(angle) - b * np.sin(angle)
         out[:, i + E // 2] = b * np.cos(angle) + a * np.sin(angle)
     return out
 
 
-def np_forward(params, cfg, tokens):
-    """Logits [T, V] of one unpadded sequence `tokens: [T]` at positions 0..T-1."""
+def np_forward(params, cfg, tokens, positions=None):
+    """Logits [T, V] of one unpadded sequence `tokens: [T]` at `positions` (default 0..T-1).
+
+    Follows cfg's position_encoding (RoPE with its scaling, or ALiBi) and sliding_window
+    (query i sees keys j with i - W < j <= i).
+    """
     p = {k: (np.asarray(v, np.float64) if not isinstance(v, dict) else {kk: np.asarray(vv, np.float64) for kk, vv in v.items()}) for k, v in params.items()}
     T, E = len(tokens), cfg.dim_per_head
     H, K = cfg.n_heads, cfg.n_kv_heads
-    pos = np.arange(T, dtype=np.float64)
+    pos = np.arange(T, dtype=np.float64) if positions is None else np.asarray(positions, np.float64)
     x = p["embed"][np.asarray(tokens)]
     causal = np.tril(np.ones((T, T), bool))
+    if cfg.sliding_window:
+        causal &= ~np.tril(np.ones((T, T), bool), -cfg.sliding_window)
+    alibi = cfg.position_encoding == "alibi"
+    slopes = np_alibi_slopes(H) if alibi else None
+    inv_freq = np_inv_freq(cfg)
     for l in range(cfg.n_layers):
         lp = {k: v[l] for k, v in p["layers"].items()}
         h = np_rms_norm(x, lp["attn_norm"], cfg.norm_eps)
@@ -41,9 +85,12 @@ def np_forward(params, cfg, tokens):
         heads = []
         for head in range(H):
             kv = head // (H // K)  # query heads share kv heads in consecutive groups
-            qh = np_rope(q[:, head], pos, cfg.rope_theta)
-            kh = np_rope(k[:, kv], pos, cfg.rope_theta)
-            s = np.where(causal, qh @ kh.T / np.sqrt(E), -np.inf)
+            qh = q[:, head] if alibi else np_rope(q[:, head], pos, cfg.rope_theta, inv_freq)
+            kh = k[:, kv] if alibi else np_rope(k[:, kv], pos, cfg.rope_theta, inv_freq)
+            s = qh @ kh.T / np.sqrt(E)
+            if alibi:
+                s = s - slopes[head] * (pos[:, None] - pos[None, :])
+            s = np.where(causal, s, -np.inf)
             s = np.exp(s - s.max(-1, keepdims=True))
             heads.append((s / s.sum(-1, keepdims=True)) @ v[:, kv])
         x = x + np.concatenate(heads, axis=-1) @ lp["wo"]

@@ -179,3 +179,27 @@ def test_export_command_writes_a_loadable_directory(cfg, params, tokenizer, tmp_
     proc = subprocess.run([sys.executable, "-m", "jaxllm.convert", "export", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+
+
+def test_mistral_sliding_window_equals_transformers_past_the_window(tmp_path):
+    torch = pytest.importorskip("torch", reason="torch not installed: parity with transformers not checked")
+    tf = pytest.importorskip("transformers", reason="transformers not installed")
+    torch.manual_seed(7)
+    config = tf.MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=128, sliding_window=8, initializer_range=0.3)
+    model = tf.MistralForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    params, cfg, _, _ = load_hf(tmp_path)
+    assert cfg.sliding_window == 8 and cfg.max_seq_len == 128  # the context is no longer capped at the window
+    ids = np.random.default_rng(3).integers(0, 96, size=(2, 40))
+    with torch.inference_mode():
+        want = model(torch.from_numpy(ids)).logits.numpy()
+        hf_greedy = model.generate(torch.from_numpy(ids[:, :12]), attention_mask=torch.ones(2, 12, dtype=torch.long), max_new_tokens=24,
+                                   min_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0).numpy()[:, 12:]
+    got = np.asarray(forward(params, cfg, jnp.asarray(ids), jnp.broadcast_to(jnp.arange(40), (2, 40)))[0])
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    ours = generate(params, cfg, ids[:, :12].tolist(), max_new_tokens=24, temperature=0.0, eos_token_id=[], prefill_chunk=4)
+    assert ours.token_ids == hf_greedy.tolist()  # an 8-slot ring cache, the prompt fed 4 tokens at a time
+    assert np.abs(got - np.asarray(forward(params, cfg.replace(sliding_window=0), jnp.asarray(ids), jnp.broadcast_to(jnp.arange(40), (2, 40)))[0])).max() > 1e-2
+    back = load_hf(export_hf(tmp_path / "export", params, cfg))[1]
+    assert back == cfg

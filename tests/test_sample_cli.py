@@ -107,6 +107,13 @@ def test_speculative_flags(checkpoint, cfg, params, tokenizer, tmp_path):
         (["--num_speculative_tokens", "0"], "--num_speculative_tokens"),
         (["--draft_checkpoint", "d", "--num_beams", "2"], "--draft_checkpoint"),
         (["--bogus"], "--bogus"),
+        (["--window", "8", "--sinks", "8"], "--sinks"),
+        (["--sinks", "4"], "--sinks"),
+        (["--window", "-4"], "--window"),
+        (["--prefill_chunk", "-1"], "--prefill_chunk"),
+        (["--attention_impl", "flash3"], "--attention_impl"),
+        (["--window", "16", "--num_beams", "2"], "--window"),
+        (["--kv_cache", "int4"], "--kv_cache"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(checkpoint, args, named):
@@ -163,3 +170,13 @@ def test_constrained_output_flags_match_the_library_and_report_validity(checkpoi
 def test_bad_constraint_flags_exit_2_with_one_line(checkpoint, flags, needle):
     proc = run("--checkpoint", checkpoint, "--prompt", "x", *flags)
     assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_window_and_sinks_flags_match_the_library_past_the_context(checkpoint, cfg, params, tokenizer):
+    n = cfg.max_seq_len + 40  # without the window this prompt + n would not fit
+    proc = run("--checkpoint", checkpoint, "--prompt", "def f(x):", "--max_new_tokens", n, "--temperature", 0,
+               "--window", 32, "--sinks", 4, "--attention_impl", "xla", "--format", "jsonl", "--eos_token_id", 511)
+    assert proc.returncode == 0, proc.stderr
+    want = generate(params, cfg.replace(attention_impl="xla"), ["def f(x):"], tokenizer=tokenizer, max_new_tokens=n,
+                    temperature=0.0, window=32, sinks=4, eos_token_id=[511])
+    assert json.loads(proc.stdout)["token_ids"] == want.token_ids[0]
