@@ -30,9 +30,10 @@ from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
 from jaxllm.kvcache import CacheSpec, KVCache, init_cache
 from jaxllm.model import forward, prefill, prefill_length, unembed, unstack_layers
+from jaxllm.results import GenerationResult, collect, final_text, retry_invalid
 from jaxllm.sampling import NEG_INF, History, SamplingParams, choose_next, init_history, last_tokens, record
 from jaxllm.stopping import (
-    CONSTRAINT, FINISH_REASONS, REPEAT_WINDOW, RUNNING, StopParams, check_stops, cut_at_stop, holdback,
+    CONSTRAINT, FINISH_REASONS, REPEAT_WINDOW, RUNNING, StopParams, check_stops, holdback,
 )
 from jaxllm.tokenizer import Tokenizer
 
@@ -241,23 +242,6 @@ _chunk_program = Compiled(decode_chunk, donate_argnames=("state",))
 
 
 @dataclasses.dataclass
-class GenerationResult:
-    """One entry per output sequence (prompt i's samples are rows i*n .. i*n + n - 1)."""
-
-    token_ids: list[list[int]]  # generated ids (EOS kept, padding dropped)
-    finish_reasons: list[str]  # "eos", "stop", "length", "repetition" or "custom"
-    num_prompt_tokens: list[int]
-    prompt_index: list[int]  # which prompt each output continues
-    texts: list[str] | None = None  # decoded and cut at the stop string, when a tokenizer was given
-    logprobs: list[list[float]] | None = None  # per generated token, when asked for
-    top_logprobs: list[list[dict[int, float]]] | None = None  # A alternatives per token, when asked for
-    timing: dict = dataclasses.field(default_factory=dict)  # compile_s, prefill_s, decode_s, decode_tokens_per_s
-    scores: list[float] | None = None  # beam search: each hypothesis' length-normalized score
-    valid: list[bool] | None = None  # with a constraint: whether each text satisfies it (parsed, validated)
-    errors: list[str | None] | None = None  # why a text is not valid
-
-
-@dataclasses.dataclass
 class _Request:
     prompts: list[list[int]]  # one per output row (prompts repeated n times)
     prompt_index: list[int]
@@ -443,35 +427,13 @@ def generate(
     """
     options = {k: v for k, v in locals().items() if k not in ("params", "cfg", "prompts", "tokenizer", "sampling_kwargs")}
     *_, result = _generate(params, cfg, prompts, tokenizer, sampling_kwargs, stream=False, **options)
+
+    def run(prompts, sampling_kwargs, **again):
+        *_, redo = _generate(params, cfg, prompts, tokenizer, sampling_kwargs, stream=False, **dict(again, retries=0))
+        return redo
+
     for attempt in range(1, retries + 1):  # verify-and-retry: sample the invalid rows again, with new seeds
-        bad = [r for r, ok in enumerate(result.valid or []) if ok is False]
-        if not bad:
-            break
-        result = _retry(params, cfg, prompts, tokenizer, dict(sampling_kwargs), options, result, bad, attempt)
-    return result
-
-
-def _retry(params, cfg, prompts, tokenizer, sampling_kwargs, options, result, bad, attempt) -> GenerationResult:
-    """Generates rows `bad` of `result` again (one sample each, seeds moved on) and puts them in."""
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
-        prompts = [prompts]
-    which = [result.prompt_index[r] for r in bad]
-    for k, v in sampling_kwargs.items():
-        if isinstance(v, (list, tuple)) and k not in ("bad_words", "bad_words_ids", "allowed_token_ids"):
-            sampling_kwargs[k] = [v[i] for i in which]
-    seed = sampling_kwargs.get("seed")
-    if seed is not None:
-        seeds = seed if isinstance(seed, list) else [seed] * len(bad)
-        sampling_kwargs["seed"] = [(s + 1_000_003 * attempt + r) % 2**32 for s, r in zip(seeds, bad)]
-    c = options["constraint"]
-    again = dict(options, num_return_sequences=1, retries=0,
-                 constraint=[c[i] for i in which] if isinstance(c, (list, tuple)) else c)
-    *_, redo = _generate(params, cfg, [prompts[i] for i in which], tokenizer, sampling_kwargs, stream=False, **again)
-    for j, r in enumerate(bad):
-        for field in ("token_ids", "finish_reasons", "texts", "logprobs", "top_logprobs", "valid", "errors"):
-            if getattr(result, field) is not None:
-                getattr(result, field)[r] = getattr(redo, field)[j]
-    result.timing["retries"] = result.timing.get("retries", 0) + len(bad)
+        result = retry_invalid(run, prompts, sampling_kwargs, options, result, attempt)
     return result
 
 
@@ -523,44 +485,11 @@ def _generate(
             seen[r] = int(lengths[r])
             if finish[r] != RUNNING:
                 so_far[r] += streams[r].flush()
-                ready = _final_text(so_far[r], FINISH_REASONS[finish[r]], req.stop_strings, include_stop)
+                ready = final_text(so_far[r], FINISH_REASONS[finish[r]], req.stop_strings, include_stop)
             else:
                 ready = so_far[r][: len(so_far[r]) - holdback(so_far[r], req.stop_strings)]
             if len(ready) > shown[r]:
                 yield r, ready[shown[r] :]
                 shown[r] = len(ready)
-    result = _result(state, req, tokenizer, logprobs, include_stop, timing)
+    result = collect(state, req, tokenizer, logprobs, include_stop, timing)
     yield (-1, result) if stream else result
-
-
-def _final_text(text: str, reason: str, stop: Sequence[str], include: bool) -> str:
-    return cut_at_stop(text, stop, include) if reason == "stop" else text
-
-
-def _result(state: DecodeState, req: _Request, tokenizer, logprobs, include_stop, timing) -> GenerationResult:
-    out, lengths, finish, lp, top_ids, top_lp = jax.device_get(
-        (state.tokens, state.length, state.finish, state.logprobs, state.top_ids, state.top_logprobs)
-    )
-    B = len(req.prompts)
-    token_ids = [out[r, : lengths[r]].tolist() for r in range(B)]
-    reasons = [FINISH_REASONS[f] for f in finish]
-    texts = None
-    if tokenizer is not None:
-        texts = [_final_text(tokenizer.decode(ids), why, req.stop_strings, include_stop) for ids, why in zip(token_ids, reasons)]
-    valid, errors = constraints.verify_all(req.constraints, texts) if texts is not None else (None, None)
-    generated = int(np.sum(lengths))
-    timing["decode_tokens_per_s"] = generated / timing["decode_s"] if timing.get("decode_s") else 0.0
-    return GenerationResult(
-        token_ids=token_ids,
-        finish_reasons=reasons,
-        num_prompt_tokens=[len(p) for p in req.prompts],
-        prompt_index=req.prompt_index,
-        texts=texts,
-        logprobs=[lp[r, : lengths[r]].tolist() for r in range(B)] if logprobs is not None else None,
-        top_logprobs=[
-            [dict(zip(top_ids[r, t].tolist(), top_lp[r, t].tolist())) for t in range(lengths[r])] for r in range(B)
-        ] if logprobs else None,
-        timing=timing,
-        valid=valid,
-        errors=errors,
-    )

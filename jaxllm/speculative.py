@@ -39,10 +39,11 @@ from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
 from jaxllm.generate import (
-    DecodeState, GenerationResult, _prepare, _result, _split_kwargs, bucket, decode_params, emit, left_pad,
+    DecodeState, GenerationResult, _prepare, _split_kwargs, bucket, decode_params, emit, left_pad,
 )
 from jaxllm.kvcache import KVCache, init_cache
 from jaxllm.model import forward, hidden_states, unembed
+from jaxllm.results import collect
 from jaxllm.sampling import NEG_INF, History, SamplingParams, draw, init_history, process_logits, record, row_keys, warp
 from jaxllm.stopping import CONSTRAINT, RUNNING
 from jaxllm.tokenizer import Tokenizer
@@ -245,7 +246,7 @@ def speculative_generate(
     blocks, proposed, accepted = (int(x) for x in jax.device_get((state.block, state.proposed, state.accepted)))
     elapsed = time.perf_counter() - t0 - compile_s
     timing = {"compile_s": compile_s, "decode_s": elapsed}
-    result = _result(state.out, req, tokenizer, None, include_stop_str_in_output, timing)
+    result = collect(state.out, req, tokenizer, None, include_stop_str_in_output, timing)
     generated = sum(map(len, result.token_ids))
     timing.update(
         acceptance_rate=accepted / proposed if proposed else 1.0,

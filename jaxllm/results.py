@@ -1,0 +1,98 @@
+"""What generation hands back: the decode state turned into ids, texts, finish reasons and
+checks, and verify-and-retry for constrained output.
+
+Legend: B output rows, N output buffer length, A logprob alternatives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from jaxllm import constraints
+from jaxllm.stopping import FINISH_REASONS, cut_at_stop
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """One entry per output sequence (prompt i's samples are rows i*n .. i*n + n - 1)."""
+
+    token_ids: list[list[int]]  # generated ids (EOS kept, padding dropped)
+    finish_reasons: list[str]  # "eos", "stop", "length", "repetition", "custom" or "constraint"
+    num_prompt_tokens: list[int]
+    prompt_index: list[int]  # which prompt each output continues
+    texts: list[str] | None = None  # decoded and cut at the stop string, when a tokenizer was given
+    logprobs: list[list[float]] | None = None  # per generated token, when asked for
+    top_logprobs: list[list[dict[int, float]]] | None = None  # A alternatives per token, when asked for
+    timing: dict = dataclasses.field(default_factory=dict)  # compile_s, prefill_s, decode_s, decode_tokens_per_s
+    scores: list[float] | None = None  # beam search: each hypothesis' length-normalized score
+    valid: list[bool | None] | None = None  # with a constraint: whether each text satisfies it (None: free row)
+    errors: list[str | None] | None = None  # why a text is not valid
+
+
+def final_text(text: str, reason: str, stop: Sequence[str], include: bool) -> str:
+    return cut_at_stop(text, stop, include) if reason == "stop" else text
+
+
+def collect(state, req, tokenizer, logprobs, include_stop, timing) -> GenerationResult:
+    """The host's view of a finished `generate.DecodeState` for request `req` (`generate._Request`)."""
+    out, lengths, finish, lp, top_ids, top_lp = jax.device_get(
+        (state.tokens, state.length, state.finish, state.logprobs, state.top_ids, state.top_logprobs)
+    )
+    B = len(req.prompts)
+    token_ids = [out[r, : lengths[r]].tolist() for r in range(B)]
+    reasons = [FINISH_REASONS[f] for f in finish]
+    texts = None
+    if tokenizer is not None:
+        texts = [final_text(tokenizer.decode(ids), why, req.stop_strings, include_stop) for ids, why in zip(token_ids, reasons)]
+    valid, errors = constraints.verify_all(req.constraints, texts) if texts is not None else (None, None)
+    generated = int(np.sum(lengths))
+    timing["decode_tokens_per_s"] = generated / timing["decode_s"] if timing.get("decode_s") else 0.0
+    return GenerationResult(
+        token_ids=token_ids,
+        finish_reasons=reasons,
+        num_prompt_tokens=[len(p) for p in req.prompts],
+        prompt_index=req.prompt_index,
+        texts=texts,
+        logprobs=[lp[r, : lengths[r]].tolist() for r in range(B)] if logprobs is not None else None,
+        top_logprobs=[
+            [dict(zip(top_ids[r, t].tolist(), top_lp[r, t].tolist())) for t in range(lengths[r])] for r in range(B)
+        ] if logprobs else None,
+        timing=timing,
+        valid=valid,
+        errors=errors,
+    )
+
+
+def retry_invalid(
+    run: Callable[..., GenerationResult], prompts, sampling_kwargs: dict, options: dict, result: GenerationResult,
+    attempt: int,
+) -> GenerationResult:
+    """Generates the rows of `result` whose output is not valid again (one sample each, seeds moved
+    on) with `run(prompts, sampling_kwargs, **options)`, and puts them in place. -> result"""
+    bad = [r for r, ok in enumerate(result.valid or []) if ok is False]
+    if not bad:
+        return result
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
+        prompts = [prompts]
+    which = [result.prompt_index[r] for r in bad]
+    sampling_kwargs = dict(sampling_kwargs)
+    for k, v in sampling_kwargs.items():  # per-prompt values follow their prompts
+        if isinstance(v, (list, tuple)) and k not in ("bad_words", "bad_words_ids", "allowed_token_ids"):
+            sampling_kwargs[k] = [v[i] for i in which]
+    seed = sampling_kwargs.get("seed")
+    if seed is not None:
+        seeds = seed if isinstance(seed, list) else [seed] * len(bad)
+        sampling_kwargs["seed"] = [(s + 1_000_003 * attempt + r) % 2**32 for s, r in zip(seeds, bad)]
+    c = options["constraint"]
+    again = dict(options, num_return_sequences=1, constraint=[c[i] for i in which] if isinstance(c, (list, tuple)) else c)
+    redo = run([prompts[i] for i in which], sampling_kwargs, **again)
+    for j, r in enumerate(bad):
+        for field in ("token_ids", "finish_reasons", "texts", "logprobs", "top_logprobs", "valid", "errors"):
+            if getattr(result, field) is not None:
+                getattr(result, field)[r] = getattr(redo, field)[j]
+    result.timing["retries"] = result.timing.get("retries", 0) + len(bad)
+    return result
