@@ -251,3 +251,11 @@ def quantization_of(params: dict) -> dict | None:
 def param_bytes(params) -> int:
     """Bytes the params occupy (quantized values and scales counted as stored)."""
     return int(sum(np.dtype(x.dtype).itemsize * x.size for x in jax.tree_util.tree_leaves(params)))
+
+
+def dequantize_params(params: dict, dtype=jnp.float32) -> dict:
+    """The float params that quantized params stand for (QuantizedWeight -> its logical array)."""
+    return jax.tree_util.tree_map(
+        lambda x: dequantize(x, dtype) if isinstance(x, QuantizedWeight) else x,
+        params, is_leaf=lambda x: isinstance(x, QuantizedWeight),
+    )
