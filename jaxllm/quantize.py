@@ -13,8 +13,11 @@ Leading axes (the stacked layer axis L) pass through, so quantized params still 
 stored as its transpose [D, V] (`transposed=True`): that is the tied output head's [I, O], and
 an embedding lookup gathers the ids' columns and dequantizes only those.
 
-Symmetric quantization: scale = max|w| / qmax over the channel (int8, qmax 127) or the group
-(int4, qmax 7); q = round(w / scale) clipped to [-qmax, qmax], so |w - q * scale| <= scale / 2.
+Symmetric quantization (no zero point): int8 scale = max|w| / 127 over the output channel, q in
+[-127, 127]; int4 scale = max(max(w) / 7, min(w) / -8) over the group, the smallest scale that
+fits both extremes into [-8, 7] (8/7 finer than max|w| / 7 when the negative extreme dominates;
+val perplexity of the bundled model at g=64: +5.4% -> see RESULTS.md). q = round(w / scale), so
+|w - q * scale| <= scale / 2 everywhere.
 
 int4 packing: within each group of G input rows, packed row j holds row j in its low nibble
 and row j + G/2 in its high nibble (two's complement). Unpacking is two shifts and no
@@ -126,9 +129,10 @@ def quantize(w: jax.Array, bits: int = 8, group_size: int = 64, *, transposed: b
         g = fits[-1]
     wg = w.reshape(*lead, i // g, g, o)
     qmax = QMAX[bits]
-    amax = jnp.max(jnp.abs(wg), axis=-2)  # [..., I/G, O]
-    scales = jnp.where(amax > 0, amax / qmax, 1.0)  # an all-zero group gets scale 1 (q = 0)
-    q = jnp.clip(jnp.round(wg / scales[..., None, :]), -qmax, qmax).astype(jnp.int8).reshape(*lead, i, o)
+    qmin = -qmax - (bits == 4)  # int4 also uses -8: the smallest scale that fits both extremes
+    step = jnp.maximum(jnp.max(wg, axis=-2) / qmax, jnp.min(wg, axis=-2) / qmin)  # [..., I/G, O]
+    scales = jnp.where(step > 0, step, 1.0)  # an all-zero group gets scale 1 (q = 0)
+    q = jnp.clip(jnp.round(wg / scales[..., None, :]), qmin, qmax).astype(jnp.int8).reshape(*lead, i, o)
     values = q if bits == 8 else pack_int4(q, g)
     return QuantizedWeight(values, scales.astype(jnp.float32), bits, g, transposed)
 

@@ -64,8 +64,9 @@ def test_int4_error_is_at_most_half_a_step_per_group(weight, group_size):
     assert qw.values.dtype == jnp.uint8 and qw.values.shape == (128, 96)
     assert qw.scales.shape == (256 // group_size, 96)
     scale = np.repeat(np.asarray(qw.scales), group_size, axis=0)  # [I, O]: each element's group scale
-    groups = np.abs(weight).reshape(256 // group_size, group_size, 96).max(axis=1)
-    np.testing.assert_allclose(np.asarray(qw.scales), np.where(groups > 0, groups / 7, 1.0), rtol=1e-6)
+    groups = weight.reshape(256 // group_size, group_size, 96)
+    step = np.maximum(groups.max(axis=1) / 7, groups.min(axis=1) / -8)  # both extremes fit [-8, 7]
+    np.testing.assert_allclose(np.asarray(qw.scales), np.where(step > 0, step, 1.0), rtol=1e-6)
     assert np.all(np.abs(np_dequantize(qw) - weight) <= scale / 2 * (1 + 1e-6))
 
 
