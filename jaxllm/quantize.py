@@ -113,8 +113,8 @@ def quantize(w: jax.Array, bits: int = 8, group_size: int = 64, *, transposed: b
     """A float weight -> QuantizedWeight.
 
     w: [..., I, O] (a linear weight, x @ w), or with `transposed` [..., O, I] (the embedding
-    table [V, D], which the tied head reads as h @ w.T). int8 ignores `group_size`; int4 uses
-    the largest of GROUP_SIZES <= group_size that divides I (so d_ff = 704 gets 64 when 128 is asked).
+    table [V, D], which the tied head reads as h @ w.T). int8 ignores `group_size`; where I is not a
+    multiple of it, int4 uses the largest even divisor of I below it (d_ff 704 at G 128 gets 64).
     """
     check_options(bits, group_size)
     w = jnp.asarray(w, jnp.float32)
@@ -122,11 +122,10 @@ def quantize(w: jax.Array, bits: int = 8, group_size: int = 64, *, transposed: b
         w = jnp.swapaxes(w, -1, -2)
     *lead, i, o = w.shape
     g = i if bits == 8 else group_size
-    if i % g:  # e.g. d_ff 704 with G 128: the largest smaller group size that divides I
-        fits = [s for s in GROUP_SIZES if s < g and i % s == 0]
-        if not fits:
-            raise ConfigError(f"int4 needs an input dimension divisible by {GROUP_SIZES[0]}, got {i}")
-        g = fits[-1]
+    if i % g:  # e.g. d_ff 704 with G 128 -> 64, d_ff 688 -> 16: the largest even divisor of I below G
+        g = max((d for d in range(2, g, 2) if i % d == 0), default=0)
+        if not g:
+            raise ConfigError(f"int4 needs an even input dimension, got {i}")
     wg = w.reshape(*lead, i // g, g, o)
     qmax = QMAX[bits]
     qmin = -qmax - (bits == 4)  # int4 also uses -8: the smallest scale that fits both extremes

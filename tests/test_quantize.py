@@ -165,3 +165,10 @@ def test_trained_model_greedy_text_is_unchanged_under_int8():
     want = jaxllm.generate(params, cfg, prompts, **kw).token_ids
     got = jaxllm.generate(quantize_params(params, 8), cfg, prompts, **kw).token_ids
     assert got == want
+
+
+def test_int4_falls_back_to_a_smaller_group_that_divides_the_input():
+    w = np.random.default_rng(6).standard_normal((688, 8)).astype(np.float32)  # 688 = 16 * 43
+    qw = quantize(w, 4, 64)
+    assert qw.group_size == 16 and qw.scales.shape == (43, 8)
+    assert np.all(np.abs(np_dequantize(qw) - w) <= np.repeat(np.asarray(qw.scales), 16, axis=0) / 2 * (1 + 1e-6))
