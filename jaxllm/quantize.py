@@ -31,7 +31,10 @@ one row of x: 26 ms, against 2.3 ms for float32). Small-M products therefore run
 `lax.scan` over blocks of input rows (int8: 64 rows; int4: one group): each block is
 dequantized into a small cache-resident buffer and accumulated, so the weights are read from
 memory once, as int8 or packed int4; the int8 per-channel scale multiplies the output once.
-Large M (prefill, training) is compute-bound and dequantizes the whole weight.
+Large M (prefill, training) is compute-bound and dequantizes the whole weight. So do GPUs and
+TPUs, whose XLA backends fuse the dequantize into the matmul's operand load (XLA:GPU's Triton
+GEMM fusion), where a loop of small matmuls would launch many kernels; benchmarks/gpu_check.sh
+measures it.
 """
 
 from __future__ import annotations
@@ -178,7 +181,7 @@ def matmul(x: jax.Array, qw: QuantizedWeight, dtype=jnp.float32, out_dtype=None)
     lead = x.shape[:-1]
     xm = x.reshape(-1, i).astype(dtype)
     m = xm.shape[0]
-    if m > SMALL_M:  # compute-bound: dequantize once, one big matmul
+    if m > SMALL_M or jax.default_backend() != "cpu":  # one matmul of the dequantized weight (see above)
         w = _dequantize_io(qw.bits, qw.group_size, qw.values, qw.scales, dtype)
         return jnp.dot(xm, w, preferred_element_type=jnp.float32).astype(out_dtype).reshape(*lead, o)
 
