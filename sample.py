@@ -4,6 +4,7 @@
     python sample.py --checkpoint out/run1 --prompt "a" --prompt "b" --top_p 0.9 --format jsonl
     python sample.py --chat --system "You are terse." --prompt "Name a prime." --stream
     python sample.py --prompt "A user record:" --json_schema user.json --format jsonl
+    python sample.py --quantize int4 --group_size 64 --warmup --verbose --prompt "import os"
 
 Flags are named as in shared/SAMPLING.md (hyphenated aliases work too). Without
 --checkpoint, the model bundled with the package is used. Bad input exits with code 2 and
@@ -56,6 +57,7 @@ RANGES = {
     "window": (lambda v: v >= 0, ">= 0 (0 = the model's own)"),
     "sinks": (lambda v: v >= 0, ">= 0"),
     "prefill_chunk": (lambda v: v >= 0, ">= 0 (0 = the whole prompt at once)"),
+    "group_size": (lambda v: v in (32, 64, 128), "32, 64 or 128"),
 }
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")  # jaxllm.config.ATTENTION_IMPLS, without importing jax
 
@@ -108,6 +110,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     _flag(p, "chat", nargs="?", const="auto", default=None, choices=["auto", "jaxllm", "llama2", "plain"], help="wrap prompts in a chat template")
     _flag(p, "format", choices=["text", "jsonl"], default="text")
     _flag(p, "no_compile_cache", action="store_true", help="do not keep compiled programs on disk")
+    _flag(p, "quantize", choices=["int8", "int4"], default=None, help="weight-only quantization after loading")
+    _flag(p, "group_size", type=int, default=64, help="int4: input features per scale (32, 64 or 128)")
+    _flag(p, "warmup", action="store_true", help="compile every prompt-length bucket up to the context first")
+    _flag(p, "verbose", action="store_true", help="report compilations, persistent-cache hits and compile time on stderr")
     args = p.parse_args(argv)
     for name, (ok, allowed) in RANGES.items():
         value = getattr(args, name)
@@ -141,6 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("arguments --verify_only / --retries: need a constraint (--json, --json_schema, --regex or --choice)")
     if (args.retries or args.verify_only) and (args.stream or args.num_beams > 1 or args.draft_checkpoint):
         p.error("arguments --verify_only / --retries: do not combine with --stream, --num_beams or --draft_checkpoint")
+    if args.warmup and (args.num_beams > 1 or args.draft_checkpoint):
+        p.error("argument --warmup: compiles the sampling path only; it does not combine with --num_beams or --draft_checkpoint")
     if args.stream and (len(args.prompt) + len(args.prompt_file) > 1 or args.num_return_sequences > 1 or args.format != "text"):
         p.error("argument --stream: works with one prompt, --num_return_sequences 1 and --format text")
     return args
@@ -191,12 +199,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jaxllm  # after parsing: --help and flag errors stay instant
     from jaxllm import chat
-    from jaxllm.compilation import enable_persistent_cache
+    from jaxllm.compilation import CompileCounter, enable_persistent_cache, warmup
     from jaxllm.checkpoint import load_any
     from jaxllm.generate import decode_params
 
     if not args.no_compile_cache:
         enable_persistent_cache()
+    counter = CompileCounter().__enter__()  # --verbose reports what this process compiled
     try:
         prompts = list(args.prompt)
         for f in args.prompt_file:
@@ -210,6 +219,8 @@ def main(argv=None) -> int:
         if args.checkpoint is None and not checkpoint.exists():
             raise jaxllm.CheckpointError(f"no --checkpoint given and the bundled model is missing ({checkpoint})")
         params, cfg, tokenizer, model_defaults = load_any(checkpoint)
+        if args.quantize:
+            params = _quantize(params, args, checkpoint)
         params = decode_params(params)  # once, not per call (and the stacked copy is freed)
         _apply_defaults(args, model_defaults, checkpoint)
         if args.attention_impl:
@@ -240,12 +251,19 @@ def main(argv=None) -> int:
         if args.retries:
             kwargs["retries"] = args.retries
         long_context = dict(window=args.window, sinks=args.sinks, prefill_chunk=args.prefill_chunk, kv_cache_dtype=args.kv_cache)
+        if args.warmup:
+            done = warmup(params, cfg, batch_size=len(inputs), **{k: v for k, v in kwargs.items() if k != "retries"}, **long_context)
+            if args.verbose:
+                print(f"sample.py: warmup: {len(done['prompt_lengths'])} prompt buckets (prompt lengths "
+                      f"{done['prompt_lengths']}), {done['programs']} programs ({done['cache_hits']} from the "
+                      f"persistent cache) in {done['compile_s']:.2f}s", file=sys.stderr)
         if args.stream:
             print(prompts[0], end="", flush=True)
             for row, piece in jaxllm.generate_stream(params, cfg, inputs, **kwargs, **long_context):
                 if row >= 0:
                     print(piece, end="", flush=True)
             print()
+            _report(counter, args)
             return 0
         if args.draft_checkpoint:
             from jaxllm.speculative import speculative_generate
@@ -273,7 +291,30 @@ def main(argv=None) -> int:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
     _print(result, prompts, args)
+    _report(counter, args, result.timing)
     return 0
+
+
+def _quantize(params, args, checkpoint: Path):
+    """--quantize: float params -> quantized; a checkpoint saved quantized must already match."""
+    import jax
+    import jaxllm
+    from jaxllm.quantize import quantization_of, quantize_params
+
+    bits = {"int8": 8, "int4": 4}[args.quantize]
+    stored = quantization_of(params)
+    if stored is not None and (stored["bits"], stored["group_size"]) != (bits, args.group_size if bits == 4 else 0):
+        raise jaxllm.CheckpointError(f"argument --quantize: {checkpoint} is already quantized as {stored}")
+    return jax.jit(quantize_params, static_argnums=(1, 2))(params, bits, args.group_size)  # one program, not one per op
+
+
+def _report(counter, args, timing=None) -> None:
+    """--verbose: compilations in this process (and how many came from the persistent cache)."""
+    counter.__exit__(None, None, None)
+    if args.verbose:
+        extra = f"; generate's compile_s {timing['compile_s']:.2f}s" if timing and "compile_s" in timing else ""
+        print(f"sample.py: {counter.count} programs compiled or loaded, {counter.cache_hits} of them "
+              f"from the persistent cache ({counter.new} new XLA compilations), {counter.seconds:.2f}s{extra}", file=sys.stderr)
 
 
 def _apply_defaults(args, model_defaults: dict, checkpoint: Path) -> None:

@@ -43,6 +43,7 @@ import numpy as np
 import jaxllm
 from jaxllm.beam import beam_generate
 from jaxllm.generate import bucket, decode_params
+from jaxllm.quantize import quantize_params
 
 CONFIGS = {
     "tiny": dict(vocab_size=8000, d_model=256, n_layers=4, n_heads=8, n_kv_heads=8, d_ff=688),
@@ -76,8 +77,12 @@ def measure_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
     return max(best.values())
 
 
-def bench_jaxllm(cfg: jaxllm.ModelConfig, prompts: np.ndarray, new_tokens: int, reps: int, mode: str) -> dict:
-    params = decode_params(jaxllm.init_params(cfg, jax.random.key(0)))  # laid out once, as sample.py does
+def bench_jaxllm(cfg: jaxllm.ModelConfig, prompts: np.ndarray, new_tokens: int, reps: int, mode: str, quantize=None) -> dict:
+    """quantize: None, or (bits, group_size) for weight-only quantized params (jaxllm.quantize)."""
+    params = jaxllm.init_params(cfg, jax.random.key(0))
+    if quantize:
+        params = jax.jit(quantize_params, static_argnums=(1, 2))(params, *quantize)
+    params = decode_params(params)  # laid out once, as sample.py does
     ids = prompts.tolist()
     if "num_beams" in MODES[mode][0]:
         kwargs = dict(max_new_tokens=new_tokens, eos_token_id=[], **MODES[mode][0])
@@ -99,7 +104,7 @@ def bench_jaxllm(cfg: jaxllm.ModelConfig, prompts: np.ndarray, new_tokens: int, 
                 tokens=np.asarray(result.token_ids))
 
 
-def bench_transformers(spec: dict, prompts: np.ndarray, new_tokens: int, reps: int, mode: str) -> dict:
+def bench_transformers(spec: dict, prompts: np.ndarray, new_tokens: int, reps: int, mode: str, dtype: str = "float32") -> dict:
     import torch
     import transformers
 
@@ -111,7 +116,7 @@ def bench_transformers(spec: dict, prompts: np.ndarray, new_tokens: int, reps: i
     )
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU machine, compare GPU with GPU
-    model = transformers.LlamaForCausalLM(config).float().eval().to(device)
+    model = transformers.LlamaForCausalLM(config).to(getattr(torch, dtype)).eval().to(device)
     input_ids = torch.as_tensor(prompts, dtype=torch.long, device=device)
     mask = torch.ones_like(input_ids)
     gen = dict(attention_mask=mask, eos_token_id=None, pad_token_id=0, **MODES[mode][1])

@@ -15,6 +15,7 @@ from jaxllm.generate import GenerationResult, generate, generate_stream, generat
 from jaxllm.hf import export_hf, load_hf
 from jaxllm.kvcache import KVCache, init_cache
 from jaxllm.model import forward, init_params
+from jaxllm.quantize import QuantizedWeight, quantize_params
 from jaxllm.sampling import SamplingParams
 from jaxllm.stopping import StopParams
 from jaxllm.tokenizer import Tokenizer
@@ -30,6 +31,7 @@ __all__ = [
     "JaxllmError",
     "KVCache",
     "ModelConfig",
+    "QuantizedWeight",
     "SamplingParams",
     "StopParams",
     "Tokenizer",
@@ -45,5 +47,6 @@ __all__ = [
     "export_hf",
     "load_hf",
     "load_checkpoint",
+    "quantize_params",
     "save_checkpoint",
 ]

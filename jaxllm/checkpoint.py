@@ -1,7 +1,10 @@
 """Model directories: params + config + tokenizer, in formats that never execute code.
 
     DIR/config.json          {"format": "jaxllm", "version": 1, "model": {...ModelConfig...}}
-    DIR/params.safetensors   the params pytree, keys joined with "." ("layers.wq")
+                             (+ "quantization": {"bits": 8 | 4, "group_size": G} for quantized params)
+    DIR/params.safetensors   the params pytree, keys joined with "." ("layers.wq"); a quantized
+                             weight is two tensors, "layers.wq.values" (int8 / packed uint8) and
+                             "layers.wq.scales" (float32), laid out as in quantize.py
     DIR/tokenizer.model      the SentencePiece model
 
 Loading checks every array against the shapes the config implies, so a directory whose
@@ -10,6 +13,7 @@ parts disagree (or a config that is not the one expected) fails with one clear l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -23,6 +27,7 @@ from safetensors.numpy import load_file, save_file
 from jaxllm.config import ModelConfig
 from jaxllm.errors import CheckpointError, ConfigError, TokenizerError
 from jaxllm.model import param_shapes
+from jaxllm.quantize import QuantizedWeight, check_options, quantization_of, quantize_params
 from jaxllm.tokenizer import Tokenizer
 
 FORMAT, VERSION = "jaxllm", 1
@@ -30,12 +35,14 @@ CONFIG_FILE, PARAMS_FILE, TOKENIZER_FILE = "config.json", "params.safetensors", 
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """Nested dicts -> {"a.b": leaf}."""
+    """Nested dicts -> {"a.b": leaf}; a QuantizedWeight at "a.b" -> "a.b.values" and "a.b.scales"."""
     flat = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(flatten(value, name + "."))
+        elif isinstance(value, QuantizedWeight):
+            flat[name + ".values"], flat[name + ".scales"] = value.values, value.scales
         else:
             flat[name] = value
     return flat
@@ -68,11 +75,19 @@ def save_checkpoint(directory: str | os.PathLike, params: dict, cfg: ModelConfig
     if tokenizer is not None:
         _write_atomic(directory / TOKENIZER_FILE, tokenizer.save)
     meta = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict()}
+    quantization = quantization_of(params)
+    if quantization is not None:
+        meta["quantization"] = quantization
     _write_atomic(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     return directory
 
 
 def load_config(directory: str | os.PathLike) -> ModelConfig:
+    return _load_meta(directory)[0]
+
+
+def _load_meta(directory: str | os.PathLike) -> tuple[ModelConfig, dict | None]:
+    """-> (config, quantization or None) from config.json."""
     path = Path(directory) / CONFIG_FILE
     if not Path(directory).is_dir():
         raise CheckpointError(f"checkpoint directory not found: {directory}")
@@ -85,9 +100,25 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
         raise CheckpointError(f"{path} is not a jaxllm checkpoint config")
     try:
-        return ModelConfig.from_dict(meta["model"])
+        cfg = ModelConfig.from_dict(meta["model"])
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
+    quantization = meta.get("quantization")
+    if quantization is not None:
+        try:
+            check_options(quantization["bits"], quantization["group_size"] or 64)
+        except (ConfigError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: bad quantization record {quantization!r} ({e})") from None
+    return cfg, quantization
+
+
+def expected_shapes(cfg: ModelConfig, quantization: dict | None = None) -> dict:
+    """{"layers.wq": ShapeDtypeStruct, ...} that a checkpoint for `cfg` (quantized as recorded) holds."""
+    shapes = param_shapes(cfg)
+    if quantization is not None:
+        bits, group = quantization["bits"], quantization["group_size"] or 64
+        shapes = jax.eval_shape(lambda p: quantize_params(p, bits, group), shapes)
+    return flatten(shapes)
 
 
 def load_checkpoint(
@@ -98,7 +129,7 @@ def load_checkpoint(
     With `expect_config`, a checkpoint saved with any other config is refused, naming the fields.
     """
     directory = Path(directory)
-    cfg = load_config(directory)
+    cfg, quantization = _load_meta(directory)
     if expect_config is not None and expect_config != cfg:
         diffs = [
             f"{k}={v!r} (expected {expect_config.to_dict()[k]!r})"
@@ -114,8 +145,14 @@ def load_checkpoint(
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{directory / PARAMS_FILE} is corrupt ({e})") from None
 
-    expected = flatten(param_shapes(cfg))
+    expected = expected_shapes(cfg, quantization)
     missing, unexpected = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
+    stored_q = any(k.endswith(".values") for k in flat)
+    if (missing or unexpected) and stored_q != (quantization is not None):
+        raise CheckpointError(
+            f"{directory / PARAMS_FILE} holds {'quantized' if stored_q else 'float'} weights but "
+            f"{directory / CONFIG_FILE} records {f'quantization {quantization}' if quantization else 'no quantization'}"
+        )
     if missing or unexpected:
         raise CheckpointError(
             f"{directory / PARAMS_FILE} does not match its config: missing {missing or 'nothing'}, "
@@ -127,7 +164,15 @@ def load_checkpoint(
                 f"{directory / PARAMS_FILE}: {name} has shape {tuple(flat[name].shape)}, "
                 f"the config implies {tuple(spec.shape)}"
             )
-    params = unflatten({k: jax.numpy.asarray(v, dtype=cfg.param_dtype) for k, v in flat.items()})
+        if quantization is not None and name.endswith((".values", ".scales")) and flat[name].dtype != spec.dtype:
+            raise CheckpointError(
+                f"{directory / PARAMS_FILE}: {name} is {flat[name].dtype}, the config's quantization "
+                f"{quantization} implies {np.dtype(spec.dtype)}"
+            )
+    if quantization is None:
+        params = unflatten({k: jax.numpy.asarray(v, dtype=cfg.param_dtype) for k, v in flat.items()})
+    else:
+        params = _quantized_tree(flat, cfg, quantization)
 
     tokenizer = None
     if (directory / TOKENIZER_FILE).exists():
@@ -140,6 +185,21 @@ def load_checkpoint(
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is only {cfg.vocab_size}"
             )
     return params, cfg, tokenizer
+
+
+def _quantized_tree(flat: dict, cfg: ModelConfig, quantization: dict) -> dict:
+    """Checked arrays -> params with a QuantizedWeight wherever "name.values"/"name.scales" are."""
+    bits, group = quantization["bits"], quantization["group_size"] or 64
+    specs = jax.eval_shape(lambda p: quantize_params(p, bits, group), param_shapes(cfg))
+
+    def build(spec, node):
+        if isinstance(spec, dict):
+            return {k: build(v, node[k]) for k, v in spec.items()}
+        if isinstance(spec, QuantizedWeight):
+            return dataclasses.replace(spec, values=jax.numpy.asarray(node["values"]), scales=jax.numpy.asarray(node["scales"]))
+        return jax.numpy.asarray(node, dtype=cfg.param_dtype)
+
+    return build(specs, unflatten(flat))
 
 
 def load_any(directory: str | os.PathLike) -> tuple[dict, ModelConfig, Tokenizer | None, dict]:

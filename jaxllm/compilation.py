@@ -1,4 +1,5 @@
-"""Compile-time bookkeeping: count XLA compilations, enable the persistent cache."""
+"""Compile-time bookkeeping: count XLA compilations and persistent-cache hits, enable the
+persistent cache, and compile generation's programs ahead of time (`warmup`)."""
 
 from __future__ import annotations
 
@@ -8,34 +9,49 @@ from pathlib import Path
 
 import jax
 
+# JAX reports this duration for every program it compiles *or loads from the persistent cache*;
+# a load also reports a cache hit, so new compilations = compiles - cache hits.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-_compiles = 0
+_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_counts = {"compiles": 0, "cache_hits": 0, "compile_s": 0.0}
 _listening = False
 
 
-def _on_event(name: str, duration: float, **kwargs) -> None:
-    global _compiles
+def _on_duration(name: str, duration: float, **kwargs) -> None:
     if name == _COMPILE_EVENT:
-        _compiles += 1
+        _counts["compiles"] += 1
+        _counts["compile_s"] += duration
+
+
+def _on_event(name: str, **kwargs) -> None:
+    if name == _HIT_EVENT:
+        _counts["cache_hits"] += 1
 
 
 class CompileCounter:
-    """`with CompileCounter() as c: ...; c.count` — XLA compilations inside the block."""
+    """`with CompileCounter() as c: ...` — inside the block: `c.count` programs compiled or loaded
+    from the persistent cache, `c.cache_hits` of them loaded, `c.new` really compiled by XLA,
+    `c.seconds` spent on them."""
 
     def __enter__(self) -> "CompileCounter":
         global _listening
         if not _listening:
-            jax.monitoring.register_event_duration_secs_listener(_on_event)
+            jax.monitoring.register_event_duration_secs_listener(_on_duration)
+            jax.monitoring.register_event_listener(_on_event)
             _listening = True
-        self._start = _compiles
+        self._start = dict(_counts)
         return self
 
     def __exit__(self, *exc) -> None:
-        self.count = _compiles - self._start
+        self.count, self.cache_hits, self.seconds = self.so_far, self._delta("cache_hits"), self._delta("compile_s")
+        self.new = self.count - self.cache_hits
+
+    def _delta(self, key):
+        return _counts[key] - self._start[key]
 
     @property
     def so_far(self) -> int:
-        return _compiles - self._start
+        return self._delta("compiles")
 
 
 def enable_persistent_cache(path: str | os.PathLike | None = None) -> Path:
@@ -67,3 +83,31 @@ class Compiled:
             self._programs[key] = jitted.lower(**args, **static).compile()
             compile_s = time.perf_counter() - t
         return self._programs[key](**args), compile_s
+
+
+def warmup_lengths(max_seq_len: int, max_new_tokens: int) -> list[int]:
+    """One prompt length per prompt bucket that fits the context with `max_new_tokens` after it."""
+    from jaxllm.generate import bucket
+
+    longest = max_seq_len - max_new_tokens
+    lengths, b = [], bucket(1)
+    while longest >= 1 and (not lengths or b // 2 < longest):
+        lengths.append(min(b, longest))
+        b *= 2
+    return lengths
+
+
+def warmup(params, cfg, *, batch_size: int = 1, max_new_tokens: int = 64, **generate_kwargs) -> dict:
+    """Compiles (or loads from the persistent cache) `generate`'s programs for every prompt bucket
+    up to the context, so no later prompt length compiles. Pass the same options as the real calls
+    (`max_new_tokens`, stop strings, logprobs, ...: they set the programs' static shapes; sampling
+    values do not matter). Runs one dummy generation per bucket.
+    -> {"prompt_lengths": one per bucket, "programs", "cache_hits", "compile_s"}.
+    """
+    from jaxllm.generate import generate
+
+    lengths = warmup_lengths(cfg.max_seq_len, max_new_tokens)
+    with CompileCounter() as c:
+        for n in lengths:
+            generate(params, cfg, [[1] * n] * batch_size, max_new_tokens=max_new_tokens, **generate_kwargs)
+    return {"prompt_lengths": lengths, "programs": c.count, "cache_hits": c.cache_hits, "compile_s": c.seconds}

@@ -31,6 +31,7 @@ from jaxllm import kvcache
 from jaxllm.attention import (
     alibi_bias, alibi_slopes, attend, attend_masked, causal_mask, grouped, scores_reference, softmax_values,
 )
+from jaxllm.quantize import QuantizedWeight, matmul as quantized_matmul, take_rows
 from jaxllm.config import ModelConfig
 from jaxllm.kvcache import KVCache
 
@@ -76,9 +77,18 @@ def param_shapes(cfg: ModelConfig) -> Params:
 # ---------------------------------------------------------------------------- building blocks
 
 
-def linear(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
-    """The model's one matmul: x [..., Din] @ w [Din, Dout] in `dtype`."""
+def linear(x: jax.Array, w: jax.Array | QuantizedWeight, dtype) -> jax.Array:
+    """The model's one matmul: x [..., Din] @ w [Din, Dout] in `dtype` (w may be quantized)."""
+    if isinstance(w, QuantizedWeight):
+        return quantized_matmul(x, w, dtype)
     return jnp.einsum("...i,io->...o", x.astype(dtype), w.astype(dtype))
+
+
+def embed_tokens(table: jax.Array | QuantizedWeight, tokens: jax.Array, dtype) -> jax.Array:
+    """tokens [B, T] -> rows of the [V, D] table [B, T, D] (a quantized table dequantizes only those rows)."""
+    if isinstance(table, QuantizedWeight):
+        return take_rows(table, tokens, dtype)
+    return table[tokens].astype(dtype)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -224,7 +234,7 @@ def hidden_states(
     filled slot they may see (a ring cache: the sinks and the window; see kvcache.py); the
     cursor then moves on by T. cfg.sliding_window and ALiBi apply with or without a cache.
     """
-    x = params["embed"][tokens].astype(cfg.compute_dtype)
+    x = embed_tokens(params["embed"], tokens, cfg.compute_dtype)
     opts = dict(window=cfg.sliding_window, slopes=_slopes(cfg), impl=cfg.attention_impl)
 
     if cache is None:
@@ -309,6 +319,8 @@ def unembed(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     else:
         w, spec = params["lm_head"], "...d,dv->...v"
     dt = cfg.compute_dtype
+    if isinstance(w, QuantizedWeight):  # stored [D, V] whether tied or not (see quantize.py)
+        return quantized_matmul(h, w, dt, out_dtype=jnp.float32)
     return jnp.einsum(spec, h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
 
 def forward(

@@ -69,3 +69,61 @@ def test_broken_directories_fail_with_one_clear_line(cfg, params, tokenizer, tmp
     with pytest.raises(CheckpointError, match=message) as err:
         load_checkpoint(d)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, 64), (4, 32)])
+def test_quantized_round_trip_equals_the_params_in_memory(cfg, params, tokenizer, tmp_path, bits, group_size):
+    from jaxllm.quantize import QuantizedWeight, quantize_params
+
+    q = quantize_params(params, bits, group_size)
+    save_checkpoint(tmp_path, q, cfg, tokenizer)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["quantization"] == {"bits": bits, "group_size": group_size if bits == 4 else 0}
+    loaded, loaded_cfg, _ = load_checkpoint(tmp_path, expect_config=cfg)
+    assert loaded_cfg == cfg
+    is_q = lambda x: isinstance(x, QuantizedWeight)
+    want, got = jax.tree_util.tree_leaves(q, is_leaf=is_q), jax.tree_util.tree_leaves(loaded, is_leaf=is_q)
+    assert jax.tree_util.tree_structure(q) == jax.tree_util.tree_structure(loaded)  # bits, group, layout included
+    for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(loaded)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert isinstance(loaded["layers"]["wq"], QuantizedWeight) and isinstance(loaded["embed"], QuantizedWeight)
+    assert len(want) == len(got)
+
+
+def _edit_config(d, **quantization):
+    meta = json.loads((d / "config.json").read_text())
+    meta["quantization"] = quantization
+    (d / "config.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda d: _edit_config(d, bits=4, group_size=32), r"embed.values has shape \(32, 512\), the config implies \(16, 512\)"),
+        (lambda d: _edit_config(d, bits=9, group_size=0), "bad quantization record"),
+        (lambda d: (d / "config.json").write_text((d / "config.json").read_text().replace('"quantization"', '"q"')),
+         "holds quantized weights but .*config.json records no quantization"),
+        (lambda d: (d / "params.safetensors").write_bytes((d / "params.safetensors").read_bytes()[:-100]), "corrupt"),
+    ],
+)
+def test_mismatched_or_corrupt_quantized_checkpoint_fails_with_one_clear_line(cfg, params, tmp_path, damage, message):
+    from jaxllm.quantize import quantize_params
+
+    save_checkpoint(tmp_path, quantize_params(params, 8), cfg)
+    damage(tmp_path)
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_checkpoint(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_quantized_values_of_the_wrong_dtype_are_refused(cfg, params, tmp_path):
+    from safetensors.numpy import load_file, save_file
+    from jaxllm.quantize import quantize_params
+
+    save_checkpoint(tmp_path, quantize_params(params, 8), cfg)
+    arrays = load_file(str(tmp_path / "params.safetensors"))
+    arrays["layers.wo.values"] = arrays["layers.wo.values"].astype(np.float32)
+    save_file(arrays, str(tmp_path / "params.safetensors"))
+    with pytest.raises(CheckpointError, match=r"layers.wo.values is float32, the config's quantization .* implies int8"):
+        load_checkpoint(tmp_path)

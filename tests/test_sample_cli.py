@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 
 from jaxllm import generate, save_checkpoint
 from jaxllm.chat import build_prompt
+from jaxllm.compilation import warmup_lengths
 from conftest import REPO
 
 
@@ -20,8 +22,8 @@ def checkpoint(cfg, params, tokenizer, tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("cli") / "ckpt", params, cfg, tokenizer)
 
 
-def run(*args):
-    env = {**os.environ, "JAXLLM_CACHE_DIR": str(REPO / ".jax_cache")}
+def run(*args, cache_dir=None):
+    env = {**os.environ, "JAXLLM_CACHE_DIR": str(cache_dir or REPO / ".jax_cache")}
     return subprocess.run([sys.executable, str(REPO / "sample.py"), *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -114,6 +116,9 @@ def test_speculative_flags(checkpoint, cfg, params, tokenizer, tmp_path):
         (["--attention_impl", "flash3"], "--attention_impl"),
         (["--window", "16", "--num_beams", "2"], "--window"),
         (["--kv_cache", "int4"], "--kv_cache"),
+        (["--quantize", "int9"], "--quantize"),
+        (["--quantize", "int4", "--group_size", "48"], "--group_size"),
+        (["--warmup", "--num_beams", "2"], "--warmup"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(checkpoint, args, named):
@@ -180,3 +185,39 @@ def test_window_and_sinks_flags_match_the_library_past_the_context(checkpoint, c
     want = generate(params, cfg.replace(attention_impl="xla"), ["def f(x):"], tokenizer=tokenizer, max_new_tokens=n,
                     temperature=0.0, window=32, sinks=4, eos_token_id=[511])
     assert json.loads(proc.stdout)["token_ids"] == want.token_ids[0]
+
+
+def test_quantize_flag_matches_the_library(checkpoint, cfg, params, tokenizer):
+    from jaxllm.quantize import quantize_params
+
+    proc = run("--checkpoint", checkpoint, "--quantize", "int4", "--group_size", 32, "--prompt", "def f(x):",
+               "--max_new_tokens", 8, "--temperature", 0, "--format", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    want = generate(quantize_params(params, 4, 32), cfg, ["def f(x):"], tokenizer=tokenizer, max_new_tokens=8, temperature=0.0)
+    assert json.loads(proc.stdout)["token_ids"] == want.token_ids[0]
+
+
+def _verbose_counts(stderr: str) -> tuple[int, int, int]:
+    line = [x for x in stderr.splitlines() if "programs compiled or loaded" in x][-1]
+    total, hits, new = (int(w) for w in re.findall(r"(\d+) (?:programs|of them|new)", line))
+    return total, hits, new
+
+
+def test_a_second_process_compiles_nothing_new_thanks_to_the_persistent_cache(checkpoint, tmp_path):
+    args = ("--checkpoint", checkpoint, "--quantize", "int8", "--prompt", "for i", "--max_new_tokens", 4, "--temperature", 0, "--verbose")
+    first = run(*args, cache_dir=tmp_path / "xla")
+    assert first.returncode == 0, first.stderr
+    total, hits, new = _verbose_counts(first.stderr)
+    assert new > 0 and hits == 0 and any((tmp_path / "xla").iterdir())
+    second = run(*args, cache_dir=tmp_path / "xla")
+    assert second.returncode == 0 and second.stdout == first.stdout
+    assert _verbose_counts(second.stderr) == (total, total, 0)  # every program came from the disk cache
+
+
+def test_warmup_compiles_every_prompt_bucket_ahead(checkpoint, cfg):
+    proc = run("--checkpoint", checkpoint, "--warmup", "--verbose", "--prompt", "word " * 12, "--max_new_tokens", 8,
+               "--format", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["timing"]["compile_s"] == 0  # the real call found its programs compiled
+    warm = [x for x in proc.stderr.splitlines() if "warmup" in x][0]
+    assert f"{len(warmup_lengths(cfg.max_seq_len, 8))} prompt buckets" in warm

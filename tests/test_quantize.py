@@ -1,0 +1,174 @@
+"""Weight-only quantization: error bounds, packing, the quantized matmul against numpy, and the
+model under quantized weights (logits near fp32, a trained model's greedy text unchanged)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxllm
+from jaxllm import forward, init_cache, init_params
+from jaxllm.model import unstack_layers
+from jaxllm.quantize import (
+    QuantizedWeight, dequantize, dequantize_params, matmul, pack_int4, quantize, quantize_params, take_rows, unpack_int4,
+)
+from reference import np_forward
+from conftest import tiny_config
+
+BUNDLED = Path(jaxllm.__file__).parent / "assets" / "default"
+
+
+def np_dequantize(qw: QuantizedWeight) -> np.ndarray:
+    """Independent reference: unpack nibbles with numpy and apply the scales -> logical [I, O] (or [O, I])."""
+    v, s = np.asarray(qw.values), np.asarray(qw.scales, np.float64)
+    if qw.bits == 4:
+        g = qw.group_size
+        lo = (v & 0xF).astype(np.int16)
+        hi = (v >> 4).astype(np.int16)
+        lo, hi = np.where(lo > 7, lo - 16, lo), np.where(hi > 7, hi - 16, hi)
+        n, o = v.shape[-2:]
+        lo, hi = lo.reshape(*v.shape[:-2], n * 2 // g, g // 2, o), hi.reshape(*v.shape[:-2], n * 2 // g, g // 2, o)
+        q = np.concatenate([lo, hi], axis=-2)  # [..., I/G, G, O]
+        w = (q * s[..., :, None, :]).reshape(*v.shape[:-2], n * 2, o)
+    else:
+        w = v.astype(np.float64) * s
+    return np.swapaxes(w, -1, -2) if qw.transposed else w
+
+
+@pytest.fixture(scope="module")
+def weight():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((256, 96)).astype(np.float32)
+    w[:, 3] = 0.0  # an all-zero output channel
+    w[5, 7] = 40.0  # an outlier: its channel / group gets a large scale
+    return w
+
+
+def test_int8_error_is_at_most_half_a_step_per_element(weight):
+    qw = quantize(weight, 8)
+    assert qw.values.dtype == jnp.int8 and qw.values.shape == (256, 96) and qw.scales.shape == (1, 96)
+    scale = np.asarray(qw.scales)[0]
+    np.testing.assert_allclose(scale, np.abs(weight).max(axis=0) / 127 + (np.abs(weight).max(axis=0) == 0))
+    err = np.abs(np_dequantize(qw) - weight)
+    assert np.all(err <= scale / 2 * (1 + 1e-6))
+    assert np.all(np_dequantize(qw)[:, 3] == 0)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_error_is_at_most_half_a_step_per_group(weight, group_size):
+    qw = quantize(weight, 4, group_size)
+    assert qw.values.dtype == jnp.uint8 and qw.values.shape == (128, 96)
+    assert qw.scales.shape == (256 // group_size, 96)
+    scale = np.repeat(np.asarray(qw.scales), group_size, axis=0)  # [I, O]: each element's group scale
+    groups = weight.reshape(256 // group_size, group_size, 96)
+    step = np.maximum(groups.max(axis=1) / 7, groups.min(axis=1) / -8)  # both extremes fit [-8, 7]
+    np.testing.assert_allclose(np.asarray(qw.scales), np.where(step > 0, step, 1.0), rtol=1e-6)
+    assert np.all(np.abs(np_dequantize(qw) - weight) <= scale / 2 * (1 + 1e-6))
+
+
+def test_int4_packing_round_trips_every_value_including_minus_eight():
+    rng = np.random.default_rng(1)
+    q = rng.integers(-8, 8, (128, 10)).astype(np.int8)
+    q[:16, 0] = np.arange(-8, 8)  # every nibble value, in the low half of group 0
+    q[16:32, 0] = np.arange(-8, 8)  # and in its high half
+    packed = pack_int4(jnp.asarray(q), 32)
+    assert packed.dtype == jnp.uint8 and packed.shape == (64, 10)
+    lo, hi = unpack_int4(packed, 32)
+    back = np.concatenate([np.asarray(lo), np.asarray(hi)], axis=1).reshape(128, 10)
+    np.testing.assert_array_equal(back, q)
+    # the documented layout: within a group, byte j = row j (low nibble) | row j + G/2 (high nibble)
+    assert int(packed[3, 0]) == (int(q[3, 0]) & 0xF) | ((int(q[19, 0]) & 0xF) << 4)
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, 0), (4, 32), (4, 128)])
+@pytest.mark.parametrize("rows", [1, 5, 130])  # the blocked small-M path and the dequantize-whole path
+def test_quantized_matmul_equals_dequantize_then_matmul(weight, bits, group_size, rows):
+    qw = quantize(weight, bits, group_size or 64)
+    x = np.random.default_rng(rows).standard_normal((rows, 256)).astype(np.float32)
+    want = x.astype(np.float64) @ np_dequantize(qw)
+    got = np.asarray(jax.jit(matmul)(jnp.asarray(x), qw))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_embedding_lookup_dequantizes_the_rows_and_the_tied_head_uses_the_transpose(bits):
+    table = np.random.default_rng(2).standard_normal((50, 64)).astype(np.float32)  # [V, D]
+    qw = quantize(table, bits, 32, transposed=True)
+    assert qw.shape == (50, 64) and qw.values.shape[-1] == 50  # stored [D, V]
+    ref = np_dequantize(qw)  # [V, D]
+    ids = jnp.asarray([[3, 49, 0], [7, 7, 12]])
+    np.testing.assert_allclose(np.asarray(take_rows(qw, ids, jnp.float32)), ref[np.asarray(ids)], rtol=1e-6)
+    h = np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(matmul(jnp.asarray(h), qw)), h @ ref.T, rtol=1e-5, atol=1e-4)
+
+
+def test_quantized_matmul_composes_with_grad_and_vmap(weight):
+    qw = quantize(weight, 4, 64)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 256)), jnp.float32)
+    g = jax.grad(lambda x: jnp.sum(matmul(x, qw) ** 2))(x)
+    w = dequantize(qw)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(2 * (x @ w) @ w.T), rtol=1e-4, atol=1e-3)
+    per_row = jax.vmap(lambda r: matmul(r, qw))(x)
+    np.testing.assert_allclose(np.asarray(per_row), np.asarray(matmul(x, qw)), rtol=1e-6, atol=1e-5)
+
+
+def test_bad_options_name_the_argument():
+    with pytest.raises(jaxllm.ConfigError, match="bits must be one of"):
+        quantize(np.ones((64, 4)), 9)
+    with pytest.raises(jaxllm.ConfigError, match="group_size must be one of"):
+        quantize(np.ones((64, 4)), 4, 48)
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, 0), (4, 32)])
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantized_model_equals_the_numpy_forward_of_its_dequantized_weights(bits, group_size, tied):
+    cfg = tiny_config(97, tie_embeddings=tied)
+    params = quantize_params(init_params(cfg, jax.random.key(1)), bits, group_size or 64)
+    ids = list(np.random.default_rng(0).integers(0, 97, size=11))
+    want = np_forward(jax.device_get(dequantize_params(params)), cfg, ids)
+    for p in (params, unstack_layers(params)):  # stacked (scan) and unstacked layers
+        got = forward(p, cfg, jnp.asarray([ids]), jnp.arange(len(ids))[None])[0][0]
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_decode_logits_stay_within_tolerance_of_fp32(cfg, params):
+    """Cached decoding, step by step, of the shared tiny model (random weights scaled x5, so errors
+    are amplified): int8 logits equal fp32 decoding of the dequantized weights (1e-4), stay within
+    6% of the fp32 logits' range, and pick the same argmax at >= 90% of the steps."""
+    q = unstack_layers(quantize_params(params, 8))
+    ids = list(np.random.default_rng(5).integers(4, cfg.vocab_size, size=12))
+
+    def decode(p):
+        cache = init_cache(cfg, 1, 16)
+        logits, cache = forward(p, cfg, jnp.asarray([ids[:4]]), jnp.arange(4)[None], cache)
+        out = [logits[0]]
+        for t in range(4, len(ids)):
+            logits, cache = forward(p, cfg, jnp.asarray([[ids[t]]]), jnp.asarray([[t]]), cache)
+            out.append(logits[0])
+        return np.concatenate([np.asarray(o) for o in out])
+
+    want, got = decode(params), decode(q)
+    np.testing.assert_allclose(got, decode(dequantize_params(q)), atol=1e-4, rtol=1e-4)
+    assert np.max(np.abs(got - want)) <= 0.06 * np.ptp(want)
+    assert np.mean(np.argmax(got, -1) == np.argmax(want, -1)) >= 0.9
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="the bundled model is missing")
+def test_trained_model_greedy_text_is_unchanged_under_int8():
+    params, cfg, tok = jaxllm.load_checkpoint(BUNDLED)
+    kw = dict(tokenizer=tok, max_new_tokens=32, temperature=0.0, eos_token_id=[])
+    prompts = ["def __init__(self", "import os\n"]
+    want = jaxllm.generate(params, cfg, prompts, **kw).token_ids
+    got = jaxllm.generate(quantize_params(params, 8), cfg, prompts, **kw).token_ids
+    assert got == want
+
+
+def test_int4_falls_back_to_a_smaller_group_that_divides_the_input():
+    w = np.random.default_rng(6).standard_normal((688, 8)).astype(np.float32)  # 688 = 16 * 43
+    qw = quantize(w, 4, 64)
+    assert qw.group_size == 16 and qw.scales.shape == (43, 8)
+    assert np.all(np.abs(np_dequantize(qw) - w) <= np.repeat(np.asarray(qw.scales), 16, axis=0) / 2 * (1 + 1e-6))
