@@ -383,34 +383,50 @@ def _any_object(depth: int) -> str:
 
 def token_table(
     trans: np.ndarray, token_bytes: np.ndarray, lengths: np.ndarray, *, skip: np.ndarray | None = None,
-    states: np.ndarray | None = None, block: int = 1 << 22,
+    states: np.ndarray | None = None,
 ) -> np.ndarray:
     """next [N, V] int32: the state after each token's bytes from each state, DEAD if any byte fails.
 
     trans: [N, 256] byte DFA; token_bytes [V, L], lengths [V]. Tokens without bytes and
     tokens in `skip` (bool [V]) are DEAD. With `states` [M], only rows for those start states
-    ([M, V]). Only (state, token) pairs whose first byte is allowed are followed, so the work
-    is proportional to what the automaton allows.
+    ([M, V]). The vocabulary is walked as a trie, one byte level at a time, with the live
+    (state, prefix) pairs: a prefix shared by many tokens is followed once per state, and a
+    pair whose byte is not allowed is dropped with everything below it.
     """
     states = np.arange(trans.shape[0]) if states is None else np.asarray(states)
-    V = token_bytes.shape[0]
-    out = np.full((len(states), V), DEAD, np.int32)
+    out = np.full((len(states), token_bytes.shape[0]), DEAD, np.int32)
     usable = lengths > 0
     if skip is not None:
         usable &= ~skip
-    first = token_bytes[:, 0].astype(np.intp)
-    s_all, t_all = np.nonzero((trans[states][:, first] >= 0) & usable[None])
-    for i in range(0, len(s_all), block):
-        s0, t = s_all[i : i + block], t_all[i : i + block]
-        cur = trans[states[s0], first[t]]
-        for j in range(1, token_bytes.shape[1] + 1):
-            ended = lengths[t] == j
-            out[s0[ended], t[ended]] = cur[ended]
-            go = ~ended
-            s0, t, cur = s0[go], t[go], cur[go]
-            if not len(t):
-                break
-            cur = trans[cur, token_bytes[t, j]]
-            alive = cur >= 0
-            s0, t, cur = s0[alive], t[alive], cur[alive]
+    toks = np.nonzero(usable)[0]
+    node = np.zeros(len(toks), np.int64)  # each token's prefix node at the previous level (the root: 0)
+    row, at, cur = np.arange(len(states)), np.zeros(len(states), np.int64), states.astype(np.int64)  # live pairs
+    previous = 1
+    for j in range(token_bytes.shape[1]):
+        live = lengths[toks] > j
+        toks, node = toks[live], node[live]
+        if not len(toks) or not len(row):
+            break
+        # this level's trie nodes, sorted by (parent, byte): a parent's children are contiguous
+        nodes, child = np.unique(node * 256 + token_bytes[toks, j], return_inverse=True)
+        child = child.reshape(-1)
+        first_child = np.searchsorted(nodes // 256, np.arange(previous + 1))
+        src, at = _runs(first_child[at], first_child[at + 1] - first_child[at])
+        cur = trans[cur[src], nodes[at] % 256]
+        alive = cur >= 0
+        row, at, cur = row[src][alive], at[alive], cur[alive]
+        # the tokens that end at this level take their node's state
+        ending = lengths[toks] == j + 1
+        order = np.argsort(child[ending], kind="stable")
+        end_tok, end_node = toks[ending][order], child[ending][order]
+        first_end = np.searchsorted(end_node, np.arange(len(nodes) + 1))
+        src, k = _runs(first_end[at], first_end[at + 1] - first_end[at])
+        out[row[src], end_tok[k]] = cur[src]
+        node, previous = child, len(nodes)
     return out
+
+
+def _runs(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Expands item i into counts[i] outputs -> (i for each output, starts[i] + 0..counts[i]-1)."""
+    src = np.repeat(np.arange(len(counts)), counts)
+    return src, starts[src] + np.arange(len(src)) - np.repeat(np.cumsum(counts) - counts, counts)

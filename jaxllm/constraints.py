@@ -155,9 +155,8 @@ class TokenTable:
 
 def compress(full: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """next [N, V] -> (next [N, C], token_class [V]): identical columns share a class."""
-    rng = np.random.default_rng(0)
-    weights = rng.integers(1, 2**62, size=full.shape[0], dtype=np.int64)
-    hashes = (full.astype(np.int64) + 3).T @ weights  # wraps around; equal columns, equal hashes
+    weights = np.random.default_rng(0).random(full.shape[0])
+    hashes = full.T.astype(np.float64) @ weights  # a BLAS product; the exact check below guards merges
     _, first, token_class = np.unique(hashes, return_index=True, return_inverse=True)
     table = full[:, first]
     if not np.array_equal(table[:, token_class.reshape(-1)], full):  # a hash collision: do not merge
