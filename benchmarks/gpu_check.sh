@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks for one short device session (< 8 minutes): installs nothing, prints tables, writes to $OUT.
+# GPU checks for one short device session (about 9 minutes at the limits): installs nothing, prints tables, writes to $OUT.
 #   bash benchmarks/gpu_check.sh              (from the repository root, on a machine with an NVIDIA GPU)
 #   bash benchmarks/gpu_check.sh --dry-run    print the commands and their time limits, run nothing
 #   bash benchmarks/gpu_check.sh --cpu-smoke  the same steps on the CPU with tiny shapes (checks the script)
