@@ -123,20 +123,20 @@ def _refine(dfa: ByteDFA, exact: bool) -> np.ndarray:
 FAR = 1 << 20  # distance of a state that cannot reach its goal
 
 
-def distances(trans: np.ndarray, goal: np.ndarray) -> np.ndarray:
-    """[N] int32: the fewest bytes from each state to a `goal` state (FAR if none).
+def token_distances(table: np.ndarray, goal: np.ndarray) -> np.ndarray:
+    """[N] int32: the fewest tokens from each state to a `goal` state (FAR if none), moving by
+    the token table [N, C] (negative entries are not moves).
 
-    With one token per byte available (byte fallback), this bounds the tokens a row still
-    needs to finish, so the decode loop can keep every row finishable within its budget.
+    The decode loop allows a token only if this many tokens still fit after it, so every row
+    stays finishable within max_new_tokens without giving up on paths that need long tokens.
     """
-    dist = np.where(goal, 0, FAR).astype(np.int32)
-    src, byte = np.nonzero(trans >= 0)
-    dst = trans[src, byte]
+    dist = np.where(goal, 0, FAR).astype(np.int64)
+    moves = table >= 0
+    target = np.maximum(table, 0)
     while True:
-        best = dist.copy()
-        np.minimum.at(best, src, dist[dst] + 1)
+        best = np.minimum(dist, np.where(moves, dist[target], FAR).min(axis=1, initial=FAR) + 1)
         if np.array_equal(best, dist):
-            return np.minimum(dist, FAR)
+            return np.minimum(dist, FAR).astype(np.int32)
         dist = best
 
 
@@ -170,14 +170,15 @@ class JsonAutomaton:
         trans = np.where((self.code >= 0) & (self.code % 8 == NORMAL), self.code // 8, DEAD)
         return ByteDFA(trans.astype(np.int32), self.accepting)
 
-    def close_cost(self) -> np.ndarray:
-        """[N]: fewest bytes from each state to one where the innermost bracket can close.
+    def close_cost(self, table: np.ndarray) -> np.ndarray:
+        """[N]: fewest tokens from each state to one where the innermost bracket can close,
+        moving with the tokens of `table` [N, C] that do not touch the stack.
 
-        The bytes to finish a document from (state, depth d) are close_cost + d (one bracket
-        per level); `done` costs 0.
+        The tokens to finish a document from (state, depth d) are at most close_cost + d (one
+        bracket token per level); `done` costs 0.
         """
         action = np.where(self.code >= 0, self.code % 8, -1)
-        cost = distances(self.normal_dfa().trans, ((action == POP_OBJECT) | (action == POP_ARRAY)).any(axis=1))
+        cost = token_distances(table, ((action == POP_OBJECT) | (action == POP_ARRAY)).any(axis=1))
         cost[self.done] = 0
         opens = ((action == PUSH_OBJECT) | (action == PUSH_ARRAY)).any(axis=1)
         cost[opens & (cost >= FAR)] = 2  # before the document (only a bracket can follow): "{}"

@@ -146,7 +146,7 @@ class TokenTable:
     token_class: np.ndarray  # [V] int32
     accepting: np.ndarray  # [N] bool
     initial: int
-    cost: np.ndarray  # [N] int32 fewest bytes still needed to finish (JSON: plus one per open bracket)
+    cost: np.ndarray  # [N] int32 fewest tokens still needed to finish (JSON: plus one per open bracket)
 
     def full(self) -> np.ndarray:
         """next [N, V] (expanded from classes)."""
@@ -177,9 +177,8 @@ def dfa_table(dfa: automata.ByteDFA, tokenizer) -> TokenTable:
         first = np.where(spaced & (lengths == 1), 0, first)  # a lone space: text still empty
         full = np.concatenate([full, np.where(spaced, first, full[0])[None]])
         accepting, initial = np.append(accepting, accepting[0]), full.shape[0] - 1
-    cost = automata.distances(dfa.trans, dfa.accepting)
-    cost = np.append(cost, cost[0]) if len(cost) < full.shape[0] else cost
-    return TokenTable(*compress(full), accepting, initial, cost)
+    table, token_class = compress(full)
+    return TokenTable(table, token_class, accepting, initial, automata.token_distances(table, accepting))
 
 
 def json_table(spec: Json, tokenizer) -> tuple[TokenTable, automata.JsonAutomaton]:
@@ -189,7 +188,8 @@ def json_table(spec: Json, tokenizer) -> tuple[TokenTable, automata.JsonAutomato
     on_stack = _stack_tokens(token_bytes, lengths)
     full = automata.token_table(auto.normal_dfa().trans, token_bytes, lengths, skip=on_stack)
     full[:, on_stack] = STACK
-    return TokenTable(*compress(full), auto.accepting, 0, auto.close_cost()), auto
+    table, token_class = compress(full)
+    return TokenTable(table, token_class, auto.accepting, 0, auto.close_cost(table)), auto
 
 
 def _stack_tokens(token_bytes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -440,9 +440,9 @@ def allowed(auto: Automaton, rows: RowState, st: Step, eos_ids: jax.Array, budge
     """bool [B, V]: the tokens each row may emit next.
 
     A token is allowed when the constraint accepts it and the output can still be finished
-    within `budget` [B] more tokens after it (counting one token per byte, which byte
-    fallback guarantees), so a row cut by max_new_tokens still ends valid. EOS is allowed
-    only in accepting states.
+    within `budget` [B] more tokens after it (`cost`: shortest paths in tokens; JSON adds
+    one token per open bracket), so a row cut by max_new_tokens still ends valid. EOS is
+    allowed only in accepting states.
     """
     V = st.entry.shape[1]
     mask = (st.entry >= 0) & (auto.cost[jnp.maximum(st.entry, 0)] + rows.depth[:, None] <= budget[:, None])

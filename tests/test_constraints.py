@@ -76,7 +76,7 @@ def dfa_accepts(dfa, text: str) -> bool:
 
 def dfa_sample(dfa, rng, max_len=16) -> str | None:
     """A random string the DFA accepts: a random walk that heads for acceptance half the time."""
-    dist = automata.distances(dfa.trans, dfa.accepting)
+    dist = automata.token_distances(dfa.trans, dfa.accepting)  # a byte DFA is a table of 256 one-byte tokens
     s, out = 0, []
     for _ in range(max_len):
         if dfa.accepting[s] and rng.random() < 0.3:
@@ -158,6 +158,21 @@ def test_tokenizers_that_drop_the_first_space_get_a_fresh_start_state():
     assert {tok.pieces[i] for i in np.nonzero(np.asarray(ok[0]))[0]} == {b"yes", b"y", b"n"}  # no second strip
     ok_piece, _, done = _advance_one(auto, rows, jnp.array([tok.index[b" yes"]]), eos)
     assert bool(ok_piece[0]) and walk(auto, done, [], tok.eos_id)[1]
+
+
+def test_token_distances_are_shortest_paths():
+    """The budget check's cost: fewest tokens to a goal state, against a breadth-first search."""
+    rng = np.random.default_rng(3)
+    table = np.where(rng.random((40, 12)) < 0.15, rng.integers(0, 40, (40, 12)), -1)
+    goal = rng.random(40) < 0.1
+    dist = automata.token_distances(table, goal)
+    for s in range(40):
+        seen, frontier, d = {s}, [s], 0
+        while frontier and not goal[frontier].any():
+            frontier = list({int(t) for f in frontier for t in table[f] if t >= 0} - seen)
+            seen |= set(frontier)
+            d += 1
+        assert dist[s] == (d if frontier else automata.FAR)
 
 
 # ---------------------------------------------------------------------------- JSON
@@ -330,7 +345,7 @@ def test_free_rows_in_a_constrained_batch_are_untouched_and_impossible_rows_end_
     prompts = ["def f(x):", "the of", "for i"]
     free = generate(params, cfg, prompts, tokenizer=tokenizer, max_new_tokens=12, temperature=0.0)
     mixed = generate(params, cfg, prompts, tokenizer=tokenizer, max_new_tokens=12, temperature=0.0,
-                     constraint=[None, C.Regex("[a-z]{20}"), C.Choice(["yes", "no"])])
+                     constraint=[None, C.Regex("[a-z]{400}"), C.Choice(["yes", "no"])])  # 400 letters: > 12 tokens
     assert mixed.token_ids[0] == free.token_ids[0] and mixed.valid[0] is None
     assert mixed.finish_reasons[1] == "constraint" and mixed.token_ids[1] == [] and mixed.valid[1] is False
     assert mixed.texts[2] in ("yes", "no") and mixed.finish_reasons[2] == "eos"
@@ -398,3 +413,12 @@ def test_speculative_decoding_sees_the_same_masks(params, cfg, tokenizer):
     sampled = speculative_generate(params, cfg, draft, cfg, prompts * 8, tokenizer=tokenizer, max_new_tokens=40,
                                    temperature=1.0, seed=2, constraint=specs * 8, num_speculative_tokens=3)
     assert sampled.valid == [True] * 24, sampled.errors
+
+
+def test_constraints_run_past_the_context_with_a_ring_cache(params, cfg, tokenizer):
+    """The mask sits in the shared decode step: window + sinks + an int8 cache change nothing about validity."""
+    n = cfg.max_seq_len + 100
+    out = generate(params, cfg, ["x", "def f"], tokenizer=tokenizer, max_new_tokens=n, temperature=1.0, seed=5,
+                   constraint=[C.Json(), C.Regex("[a-z ]{600,}!")], window=32, sinks=4, kv_cache_dtype="int8")
+    assert out.valid == [True, True], out.errors
+    assert len(out.texts[1]) > 600 and len(out.token_ids[1]) + 3 > cfg.max_seq_len  # past the context
