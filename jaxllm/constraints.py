@@ -39,6 +39,7 @@ import numpy as np
 from jaxllm import automata
 from jaxllm.automata import DEAD, STACK
 from jaxllm.errors import ConstraintError
+from jaxllm.sampling import pow2_bucket
 
 FORMAT_VERSION = 1  # of the cached .npz files (changes to the code that builds them are detected)
 
@@ -295,10 +296,6 @@ class RowState:
     depth: jax.Array  # [B] int32 open brackets
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def build(constraints: Sequence[Constraint | None], tokenizer, vocab_size: int) -> tuple[Automaton, RowState]:
     """One automaton for a batch (row r follows constraints[r]; None = unconstrained) and the
     rows' initial states. Table shapes are rounded up to powers of two, so a new constraint
@@ -340,7 +337,7 @@ def build(constraints: Sequence[Constraint | None], tokenizer, vocab_size: int) 
         accepting[off : off + len(t.accepting)] = t.accepting
         cost[off : off + len(t.cost)] = t.cost
 
-    N, C = _pow2(next_.shape[0]), _pow2(next_.shape[1])
+    N, C = pow2_bucket(next_.shape[0]), pow2_bucket(next_.shape[1])
     next_ = np.pad(next_, ((0, N - next_.shape[0]), (0, C - next_.shape[1])), constant_values=DEAD)
     accepting = np.pad(accepting, (0, N - len(accepting)))
     cost = np.pad(cost, (0, N - len(cost)), constant_values=automata.FAR)

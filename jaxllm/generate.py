@@ -31,7 +31,9 @@ from jaxllm.errors import GenerationError
 from jaxllm.kvcache import CacheSpec, KVCache, init_cache
 from jaxllm.model import forward, prefill, prefill_length, unembed, unstack_layers
 from jaxllm.results import GenerationResult, collect, final_text, retry_invalid
-from jaxllm.sampling import NEG_INF, History, SamplingParams, choose_next, init_history, last_tokens, record
+from jaxllm.sampling import (
+    NEG_INF, History, SamplingParams, choose_next, init_history, last_tokens, pow2_bucket, record,
+)
 from jaxllm.stopping import (
     CONSTRAINT, FINISH_REASONS, REPEAT_WINDOW, RUNNING, StopParams, check_stops, holdback,
 )
@@ -83,7 +85,7 @@ class DecodeState:
 
 def bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
     """The next power of two >= n (and >= minimum): few shapes, so few compilations."""
-    return max(minimum, 1 << max(0, n - 1).bit_length())
+    return max(minimum, pow2_bucket(n))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -141,7 +141,7 @@ class SamplingParams:
                 bias[:, seq[0]] = -np.inf
             else:
                 longer.append(seq)
-        nb, m = _bucket(len(longer)), _bucket(max((len(w) - 1 for w in longer), default=1))
+        nb, m = pow2_bucket(len(longer)), pow2_bucket(max((len(w) - 1 for w in longer), default=1))
         bad_prefix, bad_mask = np.zeros((nb, m), i32), np.zeros((nb, m), bool)
         bad_last, bad_used = np.zeros((nb,), i32), np.zeros((nb,), bool)
         for i, seq in enumerate(longer):
@@ -165,8 +165,8 @@ class SamplingParams:
         )
 
 
-def _bucket(n: int) -> int:
-    """Small power-of-two shapes: changing the bad-word list rarely changes a shape."""
+def pow2_bucket(n: int) -> int:
+    """The next power of two >= n: array sizes rounded up so a new size rarely compiles a new program."""
     return 1 << max(0, n - 1).bit_length()
 
 
