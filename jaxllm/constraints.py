@@ -182,7 +182,7 @@ def dfa_table(dfa: automata.ByteDFA, tokenizer) -> TokenTable:
     return TokenTable(table, token_class, accepting, initial, automata.token_distances(table, accepting))
 
 
-def json_table(spec: Json, tokenizer) -> tuple[TokenTable, automata.JsonAutomaton]:
+def json_table(spec: Json, tokenizer) -> TokenTable:
     """Token table of JSON mode: tokens with stack bytes are STACK in every state."""
     auto = automata.json_automaton(spec.max_whitespace, spec.allow_array)
     token_bytes, lengths = tokenizer.token_bytes()
@@ -190,7 +190,7 @@ def json_table(spec: Json, tokenizer) -> tuple[TokenTable, automata.JsonAutomato
     full = automata.token_table(auto.normal_dfa().trans, token_bytes, lengths, skip=on_stack)
     full[:, on_stack] = STACK
     table, token_class = compress(full)
-    return TokenTable(table, token_class, auto.accepting, 0, auto.close_cost(table)), auto
+    return TokenTable(table, token_class, auto.accepting, 0, auto.close_cost(table))
 
 
 def _stack_tokens(token_bytes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -218,8 +218,6 @@ def compile_table(constraint: Constraint, tokenizer) -> TokenTable:
     Cached as .npz (no pickle) keyed by the constraint, the tokenizer's fingerprint and the
     table-building code; `JAXLLM_CONSTRAINT_CACHE=DIR` moves the cache, `=off` turns it off.
     """
-    if isinstance(constraint, Json):
-        return json_table(constraint, tokenizer)[0]
     key = hashlib.sha256(repr((_code_version(), constraint, tokenizer.fingerprint)).encode()).hexdigest()[:32]
     folder = _cache_dir()
     path = folder / f"{key}.npz" if folder else None
@@ -229,7 +227,10 @@ def compile_table(constraint: Constraint, tokenizer) -> TokenTable:
                 return TokenTable(z["next"], z["token_class"], z["accepting"], int(z["initial"]), z["cost"])
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache file is rebuilt
-    table = dfa_table(_dfa(constraint), tokenizer)
+    if isinstance(constraint, Json):
+        table = json_table(constraint, tokenizer)
+    else:
+        table = dfa_table(_dfa(constraint), tokenizer)
     if path is not None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -311,11 +312,10 @@ def build(constraints: Sequence[Constraint | None], tokenizer, vocab_size: int) 
     tables, start = [], {}
     offset, json_auto, json_offset = 1, None, 0
     for c in distinct:
+        table = compile_table(c, tokenizer)
         if isinstance(c, Json):
-            table, json_auto = json_table(c, tokenizer)
+            json_auto = automata.json_automaton(c.max_whitespace, c.allow_array)  # its byte moves (cheap)
             json_offset = offset
-        else:
-            table = compile_table(c, tokenizer)
         tables.append((offset, table))
         start[c] = offset + table.initial
         offset += table.next.shape[0]
