@@ -137,20 +137,30 @@ def hf_models(tmp_path_factory):
     return torch, tf, models
 
 
+def compare_with_transformers(torch, model, params, cfg, ids: np.ndarray, prompt_len: int, new: int, **gen_kwargs):
+    """Logits over `ids` [B, T] and greedy continuations of its first `prompt_len` columns equal
+    transformers'. -> our logits [B, T, V]"""
+    B, T = ids.shape
+    with torch.inference_mode():
+        want = model(torch.from_numpy(ids)).logits.numpy()
+        hf_greedy = model.generate(
+            torch.from_numpy(ids[:, :prompt_len]), attention_mask=torch.ones(B, prompt_len, dtype=torch.long),
+            max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0,
+        ).numpy()[:, prompt_len:]
+    got = np.asarray(forward(params, cfg, jnp.asarray(ids), jnp.broadcast_to(jnp.arange(T), (B, T)))[0])
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    ours = generate(params, cfg, ids[:, :prompt_len].tolist(), max_new_tokens=new, temperature=0.0, eos_token_id=[], **gen_kwargs)
+    assert ours.token_ids == hf_greedy.tolist()
+    return got
+
+
 @pytest.mark.parametrize("case", range(len(HF_CASES)))
 def test_logits_and_greedy_equal_transformers(hf_models, case):
     torch, tf, models = hf_models
     model, path = models[case]
     params, cfg, _, _ = load_hf(path)
     ids = np.random.default_rng(case).integers(0, 96, size=(3, 40))
-    with torch.inference_mode():
-        want = model(torch.from_numpy(ids)).logits.numpy()
-        hf_greedy = model.generate(torch.from_numpy(ids[:, :8]), attention_mask=torch.ones(3, 8, dtype=torch.long), max_new_tokens=32,
-                                   min_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0).numpy()[:, 8:]
-    got = np.asarray(forward(params, cfg, jnp.asarray(ids), jnp.broadcast_to(jnp.arange(40), (3, 40)))[0])
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    ours = generate(params, cfg, ids[:, :8].tolist(), max_new_tokens=32, temperature=0.0, eos_token_id=[])
-    assert ours.token_ids == hf_greedy.tolist()
+    compare_with_transformers(torch, model, params, cfg, ids, 8, 32)
 
 
 def test_transformers_loads_a_jaxllm_export_with_equal_logits(hf_models, tmp_path):
@@ -192,14 +202,8 @@ def test_mistral_sliding_window_equals_transformers_past_the_window(tmp_path):
     params, cfg, _, _ = load_hf(tmp_path)
     assert cfg.sliding_window == 8 and cfg.max_seq_len == 128  # the context is no longer capped at the window
     ids = np.random.default_rng(3).integers(0, 96, size=(2, 40))
-    with torch.inference_mode():
-        want = model(torch.from_numpy(ids)).logits.numpy()
-        hf_greedy = model.generate(torch.from_numpy(ids[:, :12]), attention_mask=torch.ones(2, 12, dtype=torch.long), max_new_tokens=24,
-                                   min_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0).numpy()[:, 12:]
-    got = np.asarray(forward(params, cfg, jnp.asarray(ids), jnp.broadcast_to(jnp.arange(40), (2, 40)))[0])
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    ours = generate(params, cfg, ids[:, :12].tolist(), max_new_tokens=24, temperature=0.0, eos_token_id=[], prefill_chunk=4)
-    assert ours.token_ids == hf_greedy.tolist()  # an 8-slot ring cache, the prompt fed 4 tokens at a time
+    # greedy through an 8-slot ring cache, the prompt fed 4 tokens at a time
+    got = compare_with_transformers(torch, model, params, cfg, ids, 12, 24, prefill_chunk=4)
     assert np.abs(got - np.asarray(forward(params, cfg.replace(sliding_window=0), jnp.asarray(ids), jnp.broadcast_to(jnp.arange(40), (2, 40)))[0])).max() > 1e-2
     back = load_hf(export_hf(tmp_path / "export", params, cfg))[1]
     assert back == cfg
