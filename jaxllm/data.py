@@ -166,7 +166,7 @@ def encode_documents(tokenizer: Tokenizer, docs: Sequence[Document]) -> np.ndarr
     """
     if tokenizer.bos_id is None or tokenizer.eos_id is None:
         raise DataError("the tokenizer needs <s> and </s> tokens to frame documents")
-    ids = tokenizer.sp.encode([d.text for d in docs], num_threads=os.cpu_count() or 1)
+    ids = tokenizer.encode_batch([d.text for d in docs])
     dtype = token_dtype(tokenizer.vocab_size)
     parts = []
     for row in ids:

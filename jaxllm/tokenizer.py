@@ -4,7 +4,9 @@ Two promises hold everything else up:
 
 * exact round trip: `decode(encode(s)) == s` for any text. Tokenizers trained here use
   identity normalization, keep every whitespace, and fall back to bytes for characters
-  outside the vocabulary, so nothing is ever UNK or rewritten.
+  outside the vocabulary, so nothing is ever UNK or rewritten. SentencePiece writes a
+  space as "▁" and reads a typed "▁" as a space; the character itself is
+  encoded as its three byte pieces instead, so it survives too.
 * text is text: a user typing "<s>" or a chat marker gets those characters, never the
   special id, unless the caller asks for special tokens to be parsed
   (`encode(..., parse_special=True)`). Special tokens are SentencePiece *control*
@@ -29,6 +31,7 @@ from jaxllm.errors import TokenizerError
 # everywhere in code but never inside a SentencePiece training "sentence" (one line).
 WHITESPACE_SYMBOLS = ("\n", "\t", "\r")
 DEFAULT_SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+META_SPACE = "\u2581"  # SentencePiece's symbol for a space inside pieces
 
 
 class Tokenizer:
@@ -51,6 +54,11 @@ class Tokenizer:
         names = sorted(self.special_tokens, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, names))) if names else None
         self._strips_dummy_prefix = _adds_dummy_prefix(self._proto)
+        # A typed META_SPACE is spelled with byte pieces (when the model has them), and the
+        # text after it is encoded without a second dummy prefix.
+        meta_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in META_SPACE.encode("utf-8")]
+        self._meta_ids = meta_ids if all(self.sp.is_byte(i) for i in meta_ids) else None
+        self._sp_inner = _without_dummy_prefix(self._proto) if self._strips_dummy_prefix else self.sp
         self._token_bytes: tuple[np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ construction
@@ -177,16 +185,27 @@ class Tokenizer:
             ids: list[int] = []
             pos = 0
             for m in self._special_re.finditer(text):
-                ids += self.sp.encode(text[pos : m.start()]) if m.start() > pos else []
+                ids += self._encode_plain(text[pos : m.start()])
                 ids.append(self.special_tokens[m.group()])
                 pos = m.end()
-            ids += self.sp.encode(text[pos:]) if pos < len(text) else []
+            ids += self._encode_plain(text[pos:])
         else:
-            ids = self.sp.encode(text)
+            ids = self._encode_plain(text)
         if add_bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
         if add_eos and self.eos_id is not None:
             ids = ids + [self.eos_id]
+        return ids
+
+    def _encode_plain(self, text: str) -> list[int]:
+        if self._meta_ids is None or META_SPACE not in text:
+            return self.sp.encode(text) if text else []
+        ids: list[int] = []
+        for k, part in enumerate(text.split(META_SPACE)):
+            if k:
+                ids += self._meta_ids
+            if part:
+                ids += (self._sp_inner if k else self.sp).encode(part)
         return ids
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
@@ -207,7 +226,10 @@ class Tokenizer:
         return "".join(parts + [self.sp.decode(run)])
 
     def encode_batch(self, texts: Sequence[str], **kwargs) -> list[list[int]]:
-        return [self.encode(t, **kwargs) for t in texts]
+        """Many texts at once; plain texts go through SentencePiece's threaded batch encoder."""
+        if kwargs or self._meta_ids is not None and any(META_SPACE in t for t in texts):
+            return [self.encode(t, **kwargs) for t in texts]
+        return self.sp.encode(list(texts), num_threads=os.cpu_count() or 1)
 
     def decode_batch(self, batch: Sequence[Iterable[int]], **kwargs) -> list[str]:
         return [self.decode(ids, **kwargs) for ids in batch]
@@ -234,7 +256,7 @@ class Tokenizer:
             return bytes([int(self.sp.id_to_piece(i)[3:5], 16)])
         if self.sp.is_control(i) or self.sp.is_unknown(i) or self.sp.is_unused(i):
             return b""
-        return self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8")
+        return self.sp.id_to_piece(i).replace(META_SPACE, " ").encode("utf-8")
 
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
@@ -273,6 +295,18 @@ def _lines(files: Sequence[Path]) -> Iterator[str]:
                     yield line
 
 
+def _without_dummy_prefix(proto: bytes) -> spm.SentencePieceProcessor:
+    """The same model with `add_dummy_prefix` off: for text that continues a sentence."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(proto)
+    model.normalizer_spec.add_dummy_prefix = False
+    sp = spm.SentencePieceProcessor()
+    sp.load_from_serialized_proto(model.SerializeToString())
+    return sp
+
+
 def _adds_dummy_prefix(proto: bytes) -> bool:
     """Whether decode drops the first piece's leading space (Llama-style models do)."""
     try:
@@ -285,4 +319,4 @@ def _adds_dummy_prefix(proto: bytes) -> bool:
         sp = spm.SentencePieceProcessor()
         sp.load_from_serialized_proto(proto)
         pieces = sp.encode("a", out_type=str)
-        return bool(pieces) and pieces[0].startswith("\u2581")
+        return bool(pieces) and pieces[0].startswith(META_SPACE)

@@ -19,10 +19,14 @@ FIXED = MULTILINGUAL + [
     "<s> </s> <unk> <pad> <|user|> typed by a user",
     "\x00\x01 control \u200b zero-width",
     "ﬁ ligature and e\u0301 combining",
+    "\u2581", " \u2581 a\u2581b\u2581\u2581 c\u2581",  # SentencePiece's own space symbol, typed
     "",
 ]
 # Text a tokenizer must round-trip: everything but lone surrogates (not valid UTF-8).
-any_text = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=200)
+any_text = st.one_of(
+    st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=200),
+    st.text(alphabet=" \u2581\nab<>|", max_size=30),  # characters SentencePiece treats specially
+)
 
 
 @pytest.mark.parametrize("text", FIXED)
@@ -99,7 +103,7 @@ def test_loads_llama_style_model_with_dummy_prefix(corpus, tmp_path):
     )
     tok = Tokenizer.load(tmp_path / "llama.model")
     assert tok.sp.encode("hello", out_type=str)[0].startswith("\u2581")
-    for text in ["hello world", "  two spaces", "こんにちは", "a\nb"]:
+    for text in ["hello world", "  two spaces", "こんにちは", "a\nb", "\u2581x", "a \u2581b\u2581", " \u2581"]:
         ids = tok.encode(text)
         assert tok.decode(ids) == text
         stream = tok.stream_decoder()
@@ -108,6 +112,9 @@ def test_loads_llama_style_model_with_dummy_prefix(corpus, tmp_path):
 
 def test_batch_encode_decode(tokenizer):
     texts = ["a b", "こんにちは", ""]
+    assert tokenizer.decode_batch(tokenizer.encode_batch(texts)) == texts
+    texts.append("x\u2581y")
+    assert tokenizer.encode_batch(texts) == [tokenizer.encode(t) for t in texts]
     assert tokenizer.decode_batch(tokenizer.encode_batch(texts)) == texts
 
 
