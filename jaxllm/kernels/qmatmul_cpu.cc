@@ -1,0 +1,266 @@
+// Weight-only quantized matmul for XLA:CPU: y [M, O] = x [M, I] @ dequantize(W) [I, O].
+//
+// Why this exists: XLA:CPU never fuses an int8 -> float convert into a dot, so the XLA
+// formulations in quantize.py read int8 weights no faster than float32 ones (see
+// benchmarks/RESULTS.md). Decoding a few rows of x is bound by reading the weight, so here
+// each 16-column slice of a weight row is loaded as bytes, widened to floats in registers and
+// multiplied at once: memory traffic is the int8 (or packed int4) bytes and nothing else.
+//
+// Layouts (quantize.py): bits 8: values int8 [I, O], scales f32 [1, O], one per column.
+// bits 4: values uint8 [I/2, O], scales f32 [I/G, O]; in group k, packed row k*G/2 + j holds
+// input row k*G + j in its low nibble and k*G + G/2 + j in its high nibble (two's complement).
+//
+// Work is split into column chunks handed out through an atomic counter. The calling thread
+// takes chunks too and waits only for chunks another thread has already started, so a task
+// that XLA's pool runs late finds nothing left to do: no deadlock, whatever the pool's state.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define JAXLLM_AVX512 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Problem {
+  const float* x;     // [M, I]
+  const uint8_t* w;   // [I, O] int8 or [I/2, O] packed int4
+  const float* s;     // [I/G, O]
+  float* y;           // [M, O]
+  int64_t m, i, o, bits, group;
+};
+
+// ------------------------------------------------------------------------ portable reference
+// Used for column tails narrower than one vector, and for whole problems without AVX-512.
+
+void columns_scalar(const Problem& p, int64_t c0, int64_t c1) {
+  for (int64_t r = 0; r < p.m; ++r) {
+    const float* xr = p.x + r * p.i;
+    for (int64_t c = c0; c < c1; ++c) {
+      float acc = 0.f;
+      if (p.bits == 8) {
+        const int8_t* w = reinterpret_cast<const int8_t*>(p.w);
+        for (int64_t k = 0; k < p.i; ++k) acc += xr[k] * float(w[k * p.o + c]);
+        acc *= p.s[c];
+      } else {
+        const int64_t half = p.group / 2;
+        for (int64_t g = 0; g < p.i / p.group; ++g) {
+          float gacc = 0.f;
+          for (int64_t j = 0; j < half; ++j) {
+            const int8_t b = static_cast<int8_t>(p.w[(g * half + j) * p.o + c]);
+            const int lo = int8_t(b << 4) >> 4, hi = b >> 4;
+            gacc += xr[g * p.group + j] * float(lo) + xr[g * p.group + half + j] * float(hi);
+          }
+          acc += gacc * p.s[g * p.o + c];
+        }
+      }
+      p.y[r * p.o + c] = acc;
+    }
+  }
+}
+
+#ifdef JAXLLM_AVX512
+// ------------------------------------------------------------------------ AVX-512 tiles
+// A tile is MT rows of x times NV vectors of 16 columns, its accumulators held in registers.
+
+constexpr int kLanes = 16;
+constexpr int64_t kPrefetchRows = 12;  // 6-24 measured the same end to end
+
+// Prefetches stored row k + kPrefetchRows of this tile's columns, or, near the tile's last row,
+// the first rows of the next tile (columns from next_c): each tile then starts warm.
+template <int NV>
+inline void prefetch_ahead(const Problem& p, int64_t rows, int64_t k, int64_t c0, int64_t next_c) {
+  int64_t t = k + kPrefetchRows, c = c0;
+  if (t >= rows) {
+    if (next_c < 0) return;
+    t -= rows;
+    c = next_c;
+  }
+  const uint8_t* at = p.w + t * p.o + c;
+  for (int v = 0; v < NV; v += 4) _mm_prefetch(reinterpret_cast<const char*>(at + v * kLanes), _MM_HINT_T0);
+}
+
+inline __m512 widen_i8(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <int MT, int NV>
+void tile_int8(const Problem& p, int64_t r0, int64_t c0, int64_t next_c) {
+  __m512 acc[MT][NV];
+  for (int r = 0; r < MT; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  const uint8_t* w = p.w + c0;
+  const float* x = p.x + r0 * p.i;
+  for (int64_t k = 0; k < p.i; ++k) {
+    const uint8_t* row = w + k * p.o;
+    prefetch_ahead<NV>(p, p.i, k, c0, next_c);
+    __m512 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = widen_i8(row + v * kLanes);
+    for (int r = 0; r < MT; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * p.i + k]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(xb, wv[v], acc[r][v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const __m512 scale = _mm512_loadu_ps(p.s + c0 + v * kLanes);
+    for (int r = 0; r < MT; ++r) _mm512_storeu_ps(p.y + (r0 + r) * p.o + c0 + v * kLanes, _mm512_mul_ps(acc[r][v], scale));
+  }
+}
+
+template <int MT, int NV>
+void tile_int4(const Problem& p, int64_t r0, int64_t c0, int64_t next_c) {
+  // Each group's integer products accumulate in registers; the group's scale is applied once,
+  // into the output rows (which stay in L1 for the tile's lifetime).
+  const int64_t half = p.group / 2;
+  const float* x = p.x + r0 * p.i;
+  for (int r = 0; r < MT; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(p.y + (r0 + r) * p.o + c0 + v * kLanes, _mm512_setzero_ps());
+  for (int64_t g = 0; g < p.i / p.group; ++g) {
+    __m512 gacc[MT][NV];
+    for (int r = 0; r < MT; ++r)
+      for (int v = 0; v < NV; ++v) gacc[r][v] = _mm512_setzero_ps();
+    const float* xg = x + g * p.group;
+    for (int64_t j = 0; j < half; ++j) {
+      const uint8_t* row = p.w + (g * half + j) * p.o + c0;
+      prefetch_ahead<NV>(p, p.i / 2, g * half + j, c0, next_c);
+      for (int v = 0; v < NV; ++v) {
+        const __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + v * kLanes)));
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(b, 4));  // b is sign-extended: >> 4 is the high nibble
+        for (int r = 0; r < MT; ++r) {
+          gacc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(xg[r * p.i + j]), lo, gacc[r][v]);
+          gacc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(xg[r * p.i + half + j]), hi, gacc[r][v]);
+        }
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      const __m512 scale = _mm512_loadu_ps(p.s + g * p.o + c0 + v * kLanes);
+      for (int r = 0; r < MT; ++r) {
+        float* out = p.y + (r0 + r) * p.o + c0 + v * kLanes;
+        _mm512_storeu_ps(out, _mm512_fmadd_ps(gacc[r][v], scale, _mm512_loadu_ps(out)));
+      }
+    }
+  }
+}
+
+template <int MT, int NV>
+void tile(const Problem& p, int64_t r0, int64_t c0, int64_t next_c) {
+  if (p.bits == 8) tile_int8<MT, NV>(p, r0, c0, next_c);
+  else tile_int4<MT, NV>(p, r0, c0, next_c);
+}
+
+// Rows [r0, r0 + MT) over columns [c0, c1): wide tiles, then single vectors, then a scalar tail.
+template <int MT, int NV>
+void row_block(const Problem& p, int64_t r0, int64_t c0, int64_t c1) {
+  int64_t c = c0;
+  auto next = [c1](int64_t c) { return c < c1 ? c : int64_t(-1); };
+  for (; c + NV * kLanes <= c1; c += NV * kLanes) tile<MT, NV>(p, r0, c, next(c + NV * kLanes));
+  if constexpr (NV > 4) {  // four vectors keep four independent FMA chains per row of x
+    for (; c + 4 * kLanes <= c1; c += 4 * kLanes) tile<MT, 4>(p, r0, c, next(c + 4 * kLanes));
+  }
+  for (; c + kLanes <= c1; c += kLanes) tile<MT, 1>(p, r0, c, next(c + kLanes));
+  if (c < c1) {
+    Problem rows = p;
+    rows.x = p.x + r0 * p.i;
+    rows.y = p.y + r0 * p.o;
+    rows.m = MT;
+    columns_scalar(rows, c, c1);
+  }
+}
+
+void columns(const Problem& p, int64_t c0, int64_t c1) {
+  // Register budget: MT * NV accumulators (int4 also needs two widened vectors per NV).
+  int64_t r = 0;
+  if (p.bits == 8) {
+    for (; r + 4 <= p.m; r += 4) row_block<4, 4>(p, r, c0, c1);
+    switch (p.m - r) {
+      case 3: row_block<3, 4>(p, r, c0, c1); break;
+      case 2: row_block<2, 8>(p, r, c0, c1); break;
+      case 1: row_block<1, 16>(p, r, c0, c1); break;
+    }
+  } else {
+    for (; r + 4 <= p.m; r += 4) row_block<4, 2>(p, r, c0, c1);
+    switch (p.m - r) {
+      case 3: row_block<3, 2>(p, r, c0, c1); break;
+      case 2: row_block<2, 4>(p, r, c0, c1); break;
+      case 1: row_block<1, 8>(p, r, c0, c1); break;
+    }
+  }
+}
+#else
+void columns(const Problem& p, int64_t c0, int64_t c1) { columns_scalar(p, c0, c1); }
+#endif
+
+// ------------------------------------------------------------------------ work sharing
+
+constexpr int64_t kBytesPerChunk = 128 << 10;  // no chunk gets less weight than this: handing it to a thread costs more
+
+struct Work {
+  Problem p;
+  int64_t chunk = 0, n_chunks = 0;  // columns per chunk, chunks
+  std::atomic<int64_t> next{0}, done{0};
+};
+
+void drain(Work& work) {
+  for (int64_t c; (c = work.next.fetch_add(1, std::memory_order_relaxed)) < work.n_chunks;) {
+    const int64_t c0 = c * work.chunk;
+    columns(work.p, c0, std::min(c0 + work.chunk, work.p.o));
+    work.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> s,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("qmatmul: x and w must be 2-D");
+  const int64_t m = xd[0], i = xd[1], o = wd[1];
+  if ((bits != 8 && bits != 4) || group <= 0 || i % group || (bits == 4 && group % 2) ||
+      wd[0] != (bits == 8 ? i : i / 2) || w.element_type() != (bits == 8 ? ffi::S8 : ffi::U8))
+    return ffi::Error::InvalidArgument("qmatmul: weight shape, dtype or group size does not match x");
+  if (m == 0 || o == 0) return ffi::Error::Success();
+  auto work = std::make_shared<Work>();
+  work->p = Problem{x.typed_data(), static_cast<const uint8_t*>(w.untyped_data()), s.typed_data(),
+                    y->typed_data(), m, i, o, bits, group};
+  // Up to four chunks per thread (threads that start late still find work), each a multiple
+  // of 64 columns and none under kBytesPerChunk of weight.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t bytes = wd[0] * o;
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(4 * threads, bytes / kBytesPerChunk));
+  work->chunk = ((o + want - 1) / want + 63) / 64 * 64;
+  work->n_chunks = (o + work->chunk - 1) / work->chunk;
+  const int64_t helpers = std::min(threads, work->n_chunks) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { drain(*work); });
+  drain(*work);
+  while (work->done.load(std::memory_order_acquire) < work->n_chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmQMatmul, qmatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group"));
+
+// 512 when built with the AVX-512 tiles, 0 for the portable loops (too slow to prefer over XLA).
+extern "C" int jaxllm_qmatmul_simd() {
+#ifdef JAXLLM_AVX512
+  return 512;
+#else
+  return 0;
+#endif
+}

@@ -1,0 +1,142 @@
+"""jaxllm's own CPU kernel for the quantized matmul, compiled on first use and called through XLA's FFI.
+
+XLA:CPU has no fused dequantize-matmul (quantize.py says why that matters), so decoding with
+int8/int4 weights on a CPU calls `kernels/qmatmul_cpu.cc`: it widens each weight slice to
+float in registers, so only the quantized bytes cross the memory bus. The library is built with
+the machine's C++ compiler (`$CXX`, else g++/c++) for this very CPU (`-march=native`) and kept
+under ~/.cache/jaxllm/kernels (or `$JAXLLM_KERNEL_DIR`), keyed by the source, the compiler, the
+CPU's feature flags and jaxlib's FFI headers.
+
+Whenever the kernel cannot be used — not an x86 CPU with AVX-512, no compiler, a failed build,
+or `JAXLLM_NATIVE=0` — `available()` is False and quantize.py runs its pure-XLA formulation
+instead; nothing else changes. Why it was not used is in `status()`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).parent / "kernels" / "qmatmul_cpu.cc"
+TARGET = "jaxllm_qmatmul"
+_status = {"reason": "not tried yet"}
+
+
+def status() -> str:
+    """Why the kernel is (not) in use: "in use: <path>" or the reason, e.g. "JAXLLM_NATIVE=0"."""
+    available()
+    return _status["reason"]
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """True when the kernel is built (or loads from the cache) and registered with XLA."""
+    if os.environ.get("JAXLLM_NATIVE", "1") == "0":
+        return _fail("JAXLLM_NATIVE=0")
+    if platform.machine().lower() not in ("x86_64", "amd64") or platform.system() != "Linux":
+        return _fail(f"no kernel for {platform.system()} {platform.machine()}")
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        return _fail("no C++ compiler found (set CXX)")
+    try:
+        lib = ctypes.CDLL(str(_build(cxx)))
+    except (OSError, subprocess.SubprocessError) as e:
+        return _fail(f"kernel build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
+    if not lib.jaxllm_qmatmul_simd():
+        return _fail("this CPU has no AVX-512: the portable loops are slower than XLA")
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxllmQMatmul), platform="cpu")
+    _status["reason"] = f"in use: {lib._name}"
+    return True
+
+
+def _fail(reason: str) -> bool:
+    _status["reason"] = reason
+    return False
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(cxx: str) -> Path:
+    include = jax.ffi.include_dir()
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", "-isystem", include]
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), version.encode(), _cpu_flags().encode(),
+                 (Path(include) / "xla" / "ffi" / "api" / "c_api.h").read_bytes()):
+        key.update(part)
+    out_dir = Path(os.environ.get("JAXLLM_KERNEL_DIR") or Path.home() / ".cache" / "jaxllm" / "kernels")
+    path = out_dir / f"qmatmul-{key.hexdigest()[:16]}.so"
+    if path.exists():
+        return path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # concurrent builds each write their own file
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise OSError(done.stderr or f"{cxx} exited with {done.returncode}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def qmatmul(x: jax.Array, values: jax.Array, scales: jax.Array, bits: int, group_size: int) -> jax.Array:
+    """x f32 [M, I] @ the weight (`values`, `scales`) in quantize.py's layout -> f32 [M, O].
+
+    Differentiable in x and the scales (the backward pass runs the XLA formulation); under
+    vmap it runs once per batch element.
+    """
+    return _qmatmul(x, values, scales, bits, group_size)
+
+
+def _call(x, values, scales, bits, group_size):
+    out = jax.ShapeDtypeStruct((x.shape[0], values.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(
+        x, values, scales, bits=np.int64(bits), group=np.int64(group_size)
+    )
+
+
+def _reference(x, values, scales, bits, group_size):
+    from jaxllm.quantize import _dequantize_io
+
+    return x @ _dequantize_io(bits, group_size, values, scales, jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _qmatmul(x, values, scales, bits, group_size):
+    return _call(x, values, scales, bits, group_size)
+
+
+def _fwd(x, values, scales, bits, group_size):
+    return _call(x, values, scales, bits, group_size), (x, values, scales)
+
+
+def _bwd(bits, group_size, saved, g):
+    x, values, scales = saved
+    _, vjp = jax.vjp(lambda x, s: _reference(x, values, s, bits, group_size), x, scales)
+    dx, ds = vjp(g)
+    return dx, np.zeros(values.shape, jax.dtypes.float0), ds
+
+
+_qmatmul.defvjp(_fwd, _bwd)
