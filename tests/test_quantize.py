@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxllm
-from jaxllm import forward, init_cache, init_params
+from jaxllm import forward, init_cache, init_params, native
 from jaxllm.model import unstack_layers
 from jaxllm.quantize import (
     QuantizedWeight, dequantize, dequantize_params, matmul, pack_int4, quantize, quantize_params, take_rows, unpack_int4,
@@ -37,6 +37,21 @@ def np_dequantize(qw: QuantizedWeight) -> np.ndarray:
     else:
         w = v.astype(np.float64) * s
     return np.swapaxes(w, -1, -2) if qw.transposed else w
+
+
+@pytest.fixture(params=["native", "xla"])
+def matmul_path(request, monkeypatch):
+    """The quantized matmul through jaxllm's CPU kernel (native.py), or through the pure-XLA formulation."""
+    if request.param == "native" and not native.available():
+        pytest.skip(f"native kernel not in use here: {native.status()}")
+    if request.param == "xla":
+        monkeypatch.setattr(native, "available", lambda: False)
+    return request.param
+
+
+def fresh_matmul(x, qw):
+    """A new jit wrapper each call, so a test's choice of path is traced anew."""
+    return jax.jit(lambda x, qw: matmul(x, qw))(x, qw)
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +100,61 @@ def test_int4_packing_round_trips_every_value_including_minus_eight():
 
 
 @pytest.mark.parametrize("bits,group_size", [(8, 0), (4, 32), (4, 128)])
-@pytest.mark.parametrize("rows", [1, 5, 130])  # the blocked small-M path and the dequantize-whole path
-def test_quantized_matmul_equals_dequantize_then_matmul(weight, bits, group_size, rows):
+@pytest.mark.parametrize("rows", [1, 5, 130])  # xla: the blocked small-M path and the dequantize-whole path
+def test_quantized_matmul_equals_dequantize_then_matmul(matmul_path, weight, bits, group_size, rows):
     qw = quantize(weight, bits, group_size or 64)
     x = np.random.default_rng(rows).standard_normal((rows, 256)).astype(np.float32)
     want = x.astype(np.float64) @ np_dequantize(qw)
-    got = np.asarray(jax.jit(matmul)(jnp.asarray(x), qw))
+    got = np.asarray(fresh_matmul(jnp.asarray(x), qw))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits,group_size,i", [(8, 0, 100), (8, 0, 768), (4, 32, 256), (4, 32, 80), (4, 128, 384)])
+def test_native_kernel_matches_numpy_on_every_tile_shape(bits, group_size, i):
+    # Widths cover the kernel's wide tiles (256/128/64 columns), single vectors and scalar tails
+    # (O = 1, 17, 700, 1000); rows of x cover 1-4 and the 4-row blocks plus remainders (5, 9, 34).
+    if not native.available():
+        pytest.skip(f"native kernel not in use here: {native.status()}")
+    rng = np.random.default_rng(i)
+    for o in (1, 17, 700, 1000):
+        qw = quantize(rng.standard_normal((i, o)).astype(np.float32), bits, group_size or 64)
+        assert bits == 8 or qw.group_size == (20 if i == 80 else group_size)  # 80 rows: groups of 20 (10 packed)
+        ref = np_dequantize(qw)
+        for m in (1, 2, 3, 4, 5, 9, 34):
+            x = rng.standard_normal((m, i)).astype(np.float32)
+            got = np.asarray(native.qmatmul(jnp.asarray(x), qw.values, qw.scales, qw.bits, qw.group_size))
+            np.testing.assert_allclose(got, x.astype(np.float64) @ ref, rtol=1e-5, atol=1e-4, err_msg=f"O={o} M={m}")
+
+
+def test_decoding_program_calls_the_kernel_and_never_widens_a_whole_weight(weight):
+    if not native.available():
+        pytest.skip(f"native kernel not in use here: {native.status()}")
+    qw = quantize(weight, 8)
+    hlo = jax.jit(lambda x, qw: matmul(x, qw)).lower(jnp.ones((1, 256)), qw).compile().as_text()
+    assert native.TARGET in hlo
+    assert "f32[256,96]" not in hlo  # the float weight is never materialized
+
+
+def test_without_the_kernel_the_matmul_falls_back_to_xla(tmp_path):
+    # A compiler that fails: the reason is reported and results still come (from XLA).
+    code = (
+        "import numpy as np, jax.numpy as jnp\n"
+        "from jaxllm import native\n"
+        "from jaxllm.quantize import quantize, matmul, dequantize\n"
+        "print(native.available(), native.status())\n"
+        "w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32); qw = quantize(w, 8)\n"
+        "x = jnp.ones((2, 64)); print(float(abs(matmul(x, qw) - x @ dequantize(qw)).max()))\n"
+    )
+    import subprocess, sys, os
+
+    for env in ({"CXX": "/bin/false"}, {"JAXLLM_NATIVE": "0"}):
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+            env={**os.environ, "JAXLLM_KERNEL_DIR": str(tmp_path), **env},
+        ).stdout.splitlines()
+        assert out[0].startswith("False") and ("build failed" in out[0] or "JAXLLM_NATIVE=0" in out[0]), out
+        assert float(out[1]) < 1e-4
+    assert not list(tmp_path.glob("*.so"))  # a failed build leaves nothing behind
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -106,12 +169,17 @@ def test_embedding_lookup_dequantizes_the_rows_and_the_tied_head_uses_the_transp
     np.testing.assert_allclose(np.asarray(matmul(jnp.asarray(h), qw)), h @ ref.T, rtol=1e-5, atol=1e-4)
 
 
-def test_quantized_matmul_composes_with_grad_and_vmap(weight):
-    qw = quantize(weight, 4, 64)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_matmul_composes_with_grad_and_vmap(matmul_path, weight, bits):
+    qw = quantize(weight, bits, 64)
     x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 256)), jnp.float32)
     g = jax.grad(lambda x: jnp.sum(matmul(x, qw) ** 2))(x)
     w = dequantize(qw)
     np.testing.assert_allclose(np.asarray(g), np.asarray(2 * (x @ w) @ w.T), rtol=1e-4, atol=1e-3)
+    # the scales are float parameters: their gradient too
+    ds = jax.grad(lambda s: jnp.sum(matmul(x, QuantizedWeight(qw.values, s, bits, qw.group_size, False))))(qw.scales)
+    ds_ref = jax.grad(lambda s: jnp.sum(x @ dequantize(QuantizedWeight(qw.values, s, bits, qw.group_size, False))))(qw.scales)
+    np.testing.assert_allclose(np.asarray(ds), np.asarray(ds_ref), rtol=1e-4, atol=1e-3)
     per_row = jax.vmap(lambda r: matmul(r, qw))(x)
     np.testing.assert_allclose(np.asarray(per_row), np.asarray(matmul(x, qw)), rtol=1e-6, atol=1e-5)
 
