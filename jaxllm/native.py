@@ -101,40 +101,42 @@ def _build(cxx: str) -> Path:
     return path
 
 
-def qmatmul(x: jax.Array, values: jax.Array, scales: jax.Array, bits: int, group_size: int) -> jax.Array:
+def qmatmul(x: jax.Array, values: jax.Array, scales: jax.Array, bits: int, group_size: int, tile: int = 0) -> jax.Array:
     """x f32 [M, I] @ the weight (`values`, `scales`) in quantize.py's layout -> f32 [M, O].
+
+    `tile` > 0: `values` are in quantize.tile_weight's layout [ceil(O/T), rows, T].
 
     Differentiable in x and the scales (the backward pass runs the XLA formulation); under
     vmap it runs once per batch element.
     """
-    return _qmatmul(x, values, scales, bits, group_size)
+    return _qmatmul(x, values, scales, bits, group_size, tile)
 
 
-def _call(x, values, scales, bits, group_size):
-    out = jax.ShapeDtypeStruct((x.shape[0], values.shape[1]), jnp.float32)
+def _call(x, values, scales, bits, group_size, tile):
+    out = jax.ShapeDtypeStruct((x.shape[0], scales.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(
-        x, values, scales, bits=np.int64(bits), group=np.int64(group_size)
+        x, values, scales, bits=np.int64(bits), group=np.int64(group_size), tile=np.int64(tile)
     )
 
 
-def _reference(x, values, scales, bits, group_size):
-    from jaxllm.quantize import _dequantize_io
+def _reference(x, values, scales, bits, group_size, tile):
+    from jaxllm.quantize import QuantizedWeight, dequantize
 
-    return x @ _dequantize_io(bits, group_size, values, scales, jnp.float32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _qmatmul(x, values, scales, bits, group_size):
-    return _call(x, values, scales, bits, group_size)
+    return x @ dequantize(QuantizedWeight(values, scales, bits, group_size, False, tile))
 
 
-def _fwd(x, values, scales, bits, group_size):
-    return _call(x, values, scales, bits, group_size), (x, values, scales)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _qmatmul(x, values, scales, bits, group_size, tile):
+    return _call(x, values, scales, bits, group_size, tile)
 
 
-def _bwd(bits, group_size, saved, g):
+def _fwd(x, values, scales, bits, group_size, tile):
+    return _call(x, values, scales, bits, group_size, tile), (x, values, scales)
+
+
+def _bwd(bits, group_size, tile, saved, g):
     x, values, scales = saved
-    _, vjp = jax.vjp(lambda x, s: _reference(x, values, s, bits, group_size), x, scales)
+    _, vjp = jax.vjp(lambda x, s: _reference(x, values, s, bits, group_size, tile), x, scales)
     dx, ds = vjp(g)
     return dx, np.zeros(values.shape, jax.dtypes.float0), ds
 

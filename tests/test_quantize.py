@@ -14,7 +14,8 @@ import jaxllm
 from jaxllm import forward, init_cache, init_params, native
 from jaxllm.model import unstack_layers
 from jaxllm.quantize import (
-    QuantizedWeight, dequantize, dequantize_params, matmul, pack_int4, quantize, quantize_params, take_rows, unpack_int4,
+    QuantizedWeight, dequantize, dequantize_params, matmul, pack_int4, quantize, quantize_params, take_rows,
+    tile_weight, unpack_int4, untile_weight,
 )
 from reference import np_forward
 from conftest import tiny_config
@@ -120,10 +121,41 @@ def test_native_kernel_matches_numpy_on_every_tile_shape(bits, group_size, i):
         qw = quantize(rng.standard_normal((i, o)).astype(np.float32), bits, group_size or 64)
         assert bits == 8 or qw.group_size == (20 if i == 80 else group_size)  # 80 rows: groups of 20 (10 packed)
         ref = np_dequantize(qw)
-        for m in (1, 2, 3, 4, 5, 9, 34):
-            x = rng.standard_normal((m, i)).astype(np.float32)
-            got = np.asarray(native.qmatmul(jnp.asarray(x), qw.values, qw.scales, qw.bits, qw.group_size))
-            np.testing.assert_allclose(got, x.astype(np.float64) @ ref, rtol=1e-5, atol=1e-4, err_msg=f"O={o} M={m}")
+        for layout in (qw, tile_weight(qw)):  # [rows, O], and tiles of 128 columns (the last one padded)
+            for m in (1, 2, 3, 4, 5, 9, 34):
+                x = rng.standard_normal((m, i)).astype(np.float32)
+                got = native.qmatmul(jnp.asarray(x), layout.values, layout.scales, bits, layout.group_size, layout.tile)
+                np.testing.assert_allclose(
+                    np.asarray(got), x.astype(np.float64) @ ref, rtol=1e-5, atol=1e-4, err_msg=f"O={o} M={m} tile={layout.tile}",
+                )
+
+
+def test_tiled_layout_round_trips_and_keeps_the_logical_weight(weight):
+    for bits in (8, 4):
+        qw = quantize(weight, bits, 32)
+        t = tile_weight(qw, tile=64)  # 96 columns -> two tiles of 64, the second half padding
+        assert t.values.shape == (2, qw.values.shape[0], 64) and t.shape == qw.shape
+        assert np.all(np.asarray(t.values)[1, :, 32:] == 0)
+        np.testing.assert_array_equal(np.asarray(t.values)[0], np.asarray(qw.values)[:, :64])
+        np.testing.assert_array_equal(np.asarray(untile_weight(t).values), np.asarray(qw.values))
+        np.testing.assert_array_equal(np.asarray(dequantize(t)), np.asarray(dequantize(qw)))
+        assert tile_weight(t) is t and untile_weight(qw) is qw
+
+
+def test_decode_params_tile_for_the_kernel_and_checkpoints_store_the_plain_layout(tmp_path):
+    from jaxllm.checkpoint import load_checkpoint, save_checkpoint
+    from jaxllm.generate import decode_params
+
+    cfg = tiny_config(96)
+    params = quantize_params(init_params(cfg, jax.random.key(0)), 8)
+    ready = decode_params(params)
+    tiled = [x for x in jax.tree.leaves(ready, is_leaf=lambda x: isinstance(x, QuantizedWeight)) if isinstance(x, QuantizedWeight) and x.tile]
+    assert bool(tiled) == native.available()
+    assert decode_params(ready) is not None  # idempotent: tiling tiled params changes nothing
+    save_checkpoint(tmp_path / "ckpt", ready, cfg)
+    back, _, _ = load_checkpoint(tmp_path / "ckpt")
+    for a, b in zip(jax.tree.leaves(unstack_layers(back)), jax.tree.leaves(unstack_layers(params))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_decoding_program_calls_the_kernel_and_never_widens_a_whole_weight(weight):

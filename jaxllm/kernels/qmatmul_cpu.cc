@@ -33,11 +33,19 @@ namespace {
 
 struct Problem {
   const float* x;     // [M, I]
-  const uint8_t* w;   // [I, O] int8 or [I/2, O] packed int4
+  const uint8_t* w;   // rows x O: [I, O] int8 or [I/2, O] packed int4; tiled: [ceil(O/T), rows, T]
   const float* s;     // [I/G, O]
   float* y;           // [M, O]
   int64_t m, i, o, bits, group;
+  int64_t tile = 0;   // T > 0: column tiles of T stored one after another (zero-padded past O)
+  int64_t rows = 0;   // stored rows: I (int8) or I/2 (int4)
 };
+
+// Where stored row k, column c lives, and the distance between rows of one tile.
+inline const uint8_t* at(const Problem& p, int64_t k, int64_t c) {
+  return p.tile ? p.w + (c / p.tile) * p.rows * p.tile + k * p.tile + c % p.tile : p.w + k * p.o + c;
+}
+inline int64_t row_stride(const Problem& p) { return p.tile ? p.tile : p.o; }
 
 // ------------------------------------------------------------------------ portable reference
 // Used for column tails narrower than one vector, and for whole problems without AVX-512.
@@ -48,15 +56,14 @@ void columns_scalar(const Problem& p, int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       float acc = 0.f;
       if (p.bits == 8) {
-        const int8_t* w = reinterpret_cast<const int8_t*>(p.w);
-        for (int64_t k = 0; k < p.i; ++k) acc += xr[k] * float(w[k * p.o + c]);
+        for (int64_t k = 0; k < p.i; ++k) acc += xr[k] * float(int8_t(*at(p, k, c)));
         acc *= p.s[c];
       } else {
         const int64_t half = p.group / 2;
         for (int64_t g = 0; g < p.i / p.group; ++g) {
           float gacc = 0.f;
           for (int64_t j = 0; j < half; ++j) {
-            const int8_t b = static_cast<int8_t>(p.w[(g * half + j) * p.o + c]);
+            const int8_t b = static_cast<int8_t>(*at(p, g * half + j, c));
             const int lo = int8_t(b << 4) >> 4, hi = b >> 4;
             gacc += xr[g * p.group + j] * float(lo) + xr[g * p.group + half + j] * float(hi);
           }
@@ -85,8 +92,14 @@ inline void prefetch_ahead(const Problem& p, int64_t rows, int64_t k, int64_t c0
     t -= rows;
     c = next_c;
   }
-  const uint8_t* at = p.w + t * p.o + c;
-  for (int v = 0; v < NV; v += 4) _mm_prefetch(reinterpret_cast<const char*>(at + v * kLanes), _MM_HINT_T0);
+  const uint8_t* a = at(p, t, c);
+  for (int v = 0; v < NV; v += 4) _mm_prefetch(reinterpret_cast<const char*>(a + v * kLanes), _MM_HINT_T0);
+}
+
+// Lanes of the vector at column c that hold real columns (a tiled weight's last tile is padded).
+inline __mmask16 valid(const Problem& p, int64_t c) {
+  const int64_t n = p.o - c;
+  return n >= kLanes ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
 inline __m512 widen_i8(const uint8_t* p) {
@@ -98,10 +111,11 @@ void tile_int8(const Problem& p, int64_t r0, int64_t c0, int64_t next_c) {
   __m512 acc[MT][NV];
   for (int r = 0; r < MT; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  const uint8_t* w = p.w + c0;
+  const uint8_t* w = at(p, 0, c0);
+  const int64_t ld = row_stride(p);
   const float* x = p.x + r0 * p.i;
   for (int64_t k = 0; k < p.i; ++k) {
-    const uint8_t* row = w + k * p.o;
+    const uint8_t* row = w + k * ld;
     prefetch_ahead<NV>(p, p.i, k, c0, next_c);
     __m512 wv[NV];
     for (int v = 0; v < NV; ++v) wv[v] = widen_i8(row + v * kLanes);
@@ -111,31 +125,39 @@ void tile_int8(const Problem& p, int64_t r0, int64_t c0, int64_t next_c) {
     }
   }
   for (int v = 0; v < NV; ++v) {
-    const __m512 scale = _mm512_loadu_ps(p.s + c0 + v * kLanes);
-    for (int r = 0; r < MT; ++r) _mm512_storeu_ps(p.y + (r0 + r) * p.o + c0 + v * kLanes, _mm512_mul_ps(acc[r][v], scale));
+    const int64_t c = c0 + v * kLanes;
+    const __mmask16 ok = valid(p, c);
+    const __m512 scale = _mm512_maskz_loadu_ps(ok, p.s + c);
+    for (int r = 0; r < MT; ++r) _mm512_mask_storeu_ps(p.y + (r0 + r) * p.o + c, ok, _mm512_mul_ps(acc[r][v], scale));
   }
 }
 
 template <int MT, int NV>
 void tile_int4(const Problem& p, int64_t r0, int64_t c0, int64_t next_c) {
-  // Each group's integer products accumulate in registers; the group's scale is applied once,
-  // into the output rows (which stay in L1 for the tile's lifetime).
+  // Each group's integer products accumulate in registers (gacc); the group's scale is applied
+  // once per group, into the tile's running sums (acc).
   const int64_t half = p.group / 2;
   const float* x = p.x + r0 * p.i;
+  const __m512 nibbles = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+  const uint8_t* w = at(p, 0, c0);
+  const int64_t ld = row_stride(p);
+  __m512 acc[MT][NV];
   for (int r = 0; r < MT; ++r)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(p.y + (r0 + r) * p.o + c0 + v * kLanes, _mm512_setzero_ps());
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.i / p.group; ++g) {
     __m512 gacc[MT][NV];
     for (int r = 0; r < MT; ++r)
       for (int v = 0; v < NV; ++v) gacc[r][v] = _mm512_setzero_ps();
     const float* xg = x + g * p.group;
     for (int64_t j = 0; j < half; ++j) {
-      const uint8_t* row = p.w + (g * half + j) * p.o + c0;
+      const uint8_t* row = w + (g * half + j) * ld;
       prefetch_ahead<NV>(p, p.i / 2, g * half + j, c0, next_c);
       for (int v = 0; v < NV; ++v) {
-        const __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + v * kLanes)));
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(b, 4));  // b is sign-extended: >> 4 is the high nibble
+        // A nibble indexes a 16-entry table of its two's-complement values: vpermps reads only
+        // the low 4 bits of each lane, so the low nibble needs no masking and both skip a convert.
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + v * kLanes)));
+        const __m512 lo = _mm512_permutexvar_ps(b, nibbles);
+        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), nibbles);
         for (int r = 0; r < MT; ++r) {
           gacc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(xg[r * p.i + j]), lo, gacc[r][v]);
           gacc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(xg[r * p.i + half + j]), hi, gacc[r][v]);
@@ -143,13 +165,13 @@ void tile_int4(const Problem& p, int64_t r0, int64_t c0, int64_t next_c) {
       }
     }
     for (int v = 0; v < NV; ++v) {
-      const __m512 scale = _mm512_loadu_ps(p.s + g * p.o + c0 + v * kLanes);
-      for (int r = 0; r < MT; ++r) {
-        float* out = p.y + (r0 + r) * p.o + c0 + v * kLanes;
-        _mm512_storeu_ps(out, _mm512_fmadd_ps(gacc[r][v], scale, _mm512_loadu_ps(out)));
-      }
+      const __m512 scale = _mm512_maskz_loadu_ps(valid(p, c0 + v * kLanes), p.s + g * p.o + c0 + v * kLanes);
+      for (int r = 0; r < MT; ++r) acc[r][v] = _mm512_fmadd_ps(gacc[r][v], scale, acc[r][v]);
     }
   }
+  for (int v = 0; v < NV; ++v)
+    for (int r = 0; r < MT; ++r)
+      _mm512_mask_storeu_ps(p.y + (r0 + r) * p.o + c0 + v * kLanes, valid(p, c0 + v * kLanes), acc[r][v]);
 }
 
 template <int MT, int NV>
@@ -162,6 +184,10 @@ void tile(const Problem& p, int64_t r0, int64_t c0, int64_t next_c) {
 template <int MT, int NV>
 void row_block(const Problem& p, int64_t r0, int64_t c0, int64_t c1) {
   int64_t c = c0;
+  if (p.tile) {  // chunks start on tile boundaries, tiles are whole (zero-padded), stores are masked
+    for (; c < c1; c += NV * kLanes) tile<MT, NV>(p, r0, c, c + NV * kLanes < c1 ? c + NV * kLanes : -1);
+    return;
+  }
   auto next = [c1](int64_t c) { return c < c1 ? c : int64_t(-1); };
   for (; c + NV * kLanes <= c1; c += NV * kLanes) tile<MT, NV>(p, r0, c, next(c + NV * kLanes));
   if constexpr (NV > 4) {  // four vectors keep four independent FMA chains per row of x
@@ -179,7 +205,26 @@ void row_block(const Problem& p, int64_t r0, int64_t c0, int64_t c1) {
 
 void columns(const Problem& p, int64_t c0, int64_t c1) {
   // Register budget: MT * NV accumulators (int4 also needs two widened vectors per NV).
+  // Tiled weights (tiles of kTile columns) take tiles no wider than one stored tile.
   int64_t r = 0;
+  if (p.tile) {
+    if (p.bits == 8) {
+      for (; r + 4 <= p.m; r += 4) row_block<4, 4>(p, r, c0, c1);
+      switch (p.m - r) {
+        case 3: row_block<3, 4>(p, r, c0, c1); break;
+        case 2: row_block<2, 8>(p, r, c0, c1); break;
+        case 1: row_block<1, 8>(p, r, c0, c1); break;
+      }
+    } else {
+      for (; r + 4 <= p.m; r += 4) row_block<4, 2>(p, r, c0, c1);
+      switch (p.m - r) {
+        case 3: row_block<3, 2>(p, r, c0, c1); break;
+        case 2: row_block<2, 4>(p, r, c0, c1); break;
+        case 1: row_block<1, 8>(p, r, c0, c1); break;
+      }
+    }
+    return;
+  }
   if (p.bits == 8) {
     for (; r + 4 <= p.m; r += 4) row_block<4, 4>(p, r, c0, c1);
     switch (p.m - r) {
@@ -202,6 +247,7 @@ void columns(const Problem& p, int64_t c0, int64_t c1) { columns_scalar(p, c0, c
 
 // ------------------------------------------------------------------------ work sharing
 
+constexpr int64_t kTile = 128;  // columns per stored tile (quantize.py's KERNEL_TILE)
 constexpr int64_t kBytesPerChunk = 128 << 10;  // no chunk gets less weight than this: handing it to a thread costs more
 
 struct Work {
@@ -219,23 +265,26 @@ void drain(Work& work) {
 }
 
 ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> s,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group) {
-  const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("qmatmul: x and w must be 2-D");
-  const int64_t m = xd[0], i = xd[1], o = wd[1];
-  if ((bits != 8 && bits != 4) || group <= 0 || i % group || (bits == 4 && group % 2) ||
-      wd[0] != (bits == 8 ? i : i / 2) || w.element_type() != (bits == 8 ? ffi::S8 : ffi::U8))
+                   ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group, int64_t tile) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
+  if (xd.size() != 2 || sd.size() != 2 || wd.size() != (tile ? 3 : 2))
+    return ffi::Error::InvalidArgument("qmatmul: x and scales must be 2-D, w 2-D (3-D when tiled)");
+  const int64_t m = xd[0], i = xd[1], o = sd[1], rows = bits == 8 ? i : i / 2;
+  const bool shape_ok = tile ? (tile == kTile && wd[1] == rows && wd[2] == tile && wd[0] == (o + tile - 1) / tile)
+                             : (wd[0] == rows && wd[1] == o);
+  if ((bits != 8 && bits != 4) || group <= 0 || i % group || (bits == 4 && group % 2) || !shape_ok ||
+      sd[0] != i / group || w.element_type() != (bits == 8 ? ffi::S8 : ffi::U8))
     return ffi::Error::InvalidArgument("qmatmul: weight shape, dtype or group size does not match x");
   if (m == 0 || o == 0) return ffi::Error::Success();
   auto work = std::make_shared<Work>();
   work->p = Problem{x.typed_data(), static_cast<const uint8_t*>(w.untyped_data()), s.typed_data(),
-                    y->typed_data(), m, i, o, bits, group};
+                    y->typed_data(), m, i, o, bits, group, tile, rows};
   // Up to four chunks per thread (threads that start late still find work), each a multiple
-  // of 64 columns and none under kBytesPerChunk of weight.
+  // of 64 columns (of a whole tile when tiled) and none under kBytesPerChunk of weight.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t bytes = wd[0] * o;
+  const int64_t bytes = rows * o, unit = tile ? tile : 64;
   const int64_t want = std::max<int64_t>(1, std::min<int64_t>(4 * threads, bytes / kBytesPerChunk));
-  work->chunk = ((o + want - 1) / want + 63) / 64 * 64;
+  work->chunk = ((o + want - 1) / want + unit - 1) / unit * unit;
   work->n_chunks = (o + work->chunk - 1) / work->chunk;
   const int64_t helpers = std::min(threads, work->n_chunks) - 1;
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { drain(*work); });
@@ -254,7 +303,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmQMatmul, qmatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("bits")
-                                  .Attr<int64_t>("group"));
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("tile"));
 
 // 512 when built with the AVX-512 tiles, 0 for the portable loops (too slow to prefer over XLA).
 extern "C" int jaxllm_qmatmul_simd() {
