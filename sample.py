@@ -202,6 +202,7 @@ def main(argv=None) -> int:
     from jaxllm.compilation import CompileCounter, enable_persistent_cache, warmup
     from jaxllm.checkpoint import load_any
     from jaxllm.generate import decode_params
+    from jaxllm.quantize import is_quantized
 
     if not args.no_compile_cache:
         enable_persistent_cache()
@@ -221,6 +222,8 @@ def main(argv=None) -> int:
         params, cfg, tokenizer, model_defaults = load_any(checkpoint)
         if args.quantize:
             params = _quantize(params, args, checkpoint)
+        if args.verbose and is_quantized(params):
+            print(f"sample.py: quantized matmul: {_matmul_kind()}", file=sys.stderr)
         params = decode_params(params)  # once, not per call (and the stacked copy is freed)
         _apply_defaults(args, model_defaults, checkpoint)
         if args.attention_impl:
@@ -306,6 +309,15 @@ def _quantize(params, args, checkpoint: Path):
     if stored is not None and (stored["bits"], stored["group_size"]) != (bits, args.group_size if bits == 4 else 0):
         raise jaxllm.CheckpointError(f"argument --quantize: {checkpoint} is already quantized as {stored}")
     return jax.jit(quantize_params, static_argnums=(1, 2))(params, bits, args.group_size)  # one program, not one per op
+
+
+def _matmul_kind() -> str:
+    import jax
+    from jaxllm import native
+
+    if jax.default_backend() != "cpu":
+        return f"XLA on {jax.default_backend()}"
+    return "jaxllm's CPU kernel" if native.available() else f"XLA on cpu (kernel not used: {native.status()})"
 
 
 def _report(counter, args, timing=None) -> None:
