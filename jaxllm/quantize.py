@@ -202,11 +202,19 @@ def untile_weight(qw: QuantizedWeight) -> QuantizedWeight:
 
 
 def tile_params(params):
-    """Every 2-D, non-transposed QuantizedWeight in `params` in the CPU kernel's tiled layout."""
-    return jax.tree_util.tree_map(
-        lambda x: tile_weight(x) if isinstance(x, QuantizedWeight) else x,
-        params, is_leaf=lambda x: isinstance(x, QuantizedWeight),
-    )
+    """Every 2-D, non-transposed QuantizedWeight in `params` in the CPU kernel's tiled layout
+    (one compiled program for the whole tree; params with nothing left to tile come back as they are)."""
+    is_q = lambda x: isinstance(x, QuantizedWeight)  # noqa: E731
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=is_q)
+    if not any(is_q(x) and tile_weight(x) is not x for x in leaves):
+        return params
+    return _tile_all(params)
+
+
+@jax.jit
+def _tile_all(params):
+    is_q = lambda x: isinstance(x, QuantizedWeight)  # noqa: E731
+    return jax.tree_util.tree_map(lambda x: tile_weight(x) if is_q(x) else x, params, is_leaf=is_q)
 
 
 # ---------------------------------------------------------------------------- the matmul
