@@ -203,43 +203,25 @@ void row_block(const Problem& p, int64_t r0, int64_t c0, int64_t c1) {
   }
 }
 
-void columns(const Problem& p, int64_t c0, int64_t c1) {
-  // Register budget: MT * NV accumulators (int4 also needs two widened vectors per NV).
-  // Tiled weights (tiles of kTile columns) take tiles no wider than one stored tile.
+// Rows of x in blocks of four (then 3, 2 or 1), each block with its own tile width: NV4 vectors
+// for blocks of 3-4 rows, NV2 for 2 rows, NV1 for one row.
+template <int NV4, int NV2, int NV1>
+void by_rows(const Problem& p, int64_t c0, int64_t c1) {
   int64_t r = 0;
-  if (p.tile) {
-    if (p.bits == 8) {
-      for (; r + 4 <= p.m; r += 4) row_block<4, 4>(p, r, c0, c1);
-      switch (p.m - r) {
-        case 3: row_block<3, 4>(p, r, c0, c1); break;
-        case 2: row_block<2, 8>(p, r, c0, c1); break;
-        case 1: row_block<1, 8>(p, r, c0, c1); break;
-      }
-    } else {
-      for (; r + 4 <= p.m; r += 4) row_block<4, 2>(p, r, c0, c1);
-      switch (p.m - r) {
-        case 3: row_block<3, 2>(p, r, c0, c1); break;
-        case 2: row_block<2, 4>(p, r, c0, c1); break;
-        case 1: row_block<1, 8>(p, r, c0, c1); break;
-      }
-    }
-    return;
+  for (; r + 4 <= p.m; r += 4) row_block<4, NV4>(p, r, c0, c1);
+  switch (p.m - r) {
+    case 3: row_block<3, NV4>(p, r, c0, c1); break;
+    case 2: row_block<2, NV2>(p, r, c0, c1); break;
+    case 1: row_block<1, NV1>(p, r, c0, c1); break;
   }
-  if (p.bits == 8) {
-    for (; r + 4 <= p.m; r += 4) row_block<4, 4>(p, r, c0, c1);
-    switch (p.m - r) {
-      case 3: row_block<3, 4>(p, r, c0, c1); break;
-      case 2: row_block<2, 8>(p, r, c0, c1); break;
-      case 1: row_block<1, 16>(p, r, c0, c1); break;
-    }
-  } else {
-    for (; r + 4 <= p.m; r += 4) row_block<4, 2>(p, r, c0, c1);
-    switch (p.m - r) {
-      case 3: row_block<3, 2>(p, r, c0, c1); break;
-      case 2: row_block<2, 4>(p, r, c0, c1); break;
-      case 1: row_block<1, 8>(p, r, c0, c1); break;
-    }
-  }
+}
+
+void columns(const Problem& p, int64_t c0, int64_t c1) {
+  // Register budget: MT * NV accumulators (int4 also holds a group's sums and two widened
+  // vectors per NV). Tiled weights take tiles no wider than one stored tile (kTile = 8 vectors).
+  if (p.bits == 4) by_rows<2, 4, 8>(p, c0, c1);
+  else if (p.tile) by_rows<4, 8, 8>(p, c0, c1);
+  else by_rows<4, 8, 16>(p, c0, c1);
 }
 #else
 void columns(const Problem& p, int64_t c0, int64_t c1) { columns_scalar(p, c0, c1); }
