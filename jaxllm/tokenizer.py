@@ -53,12 +53,11 @@ class Tokenizer:
         self._special_ids = frozenset(self.special_tokens.values())
         names = sorted(self.special_tokens, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, names))) if names else None
-        self._strips_dummy_prefix = _adds_dummy_prefix(self._proto)
         # A typed META_SPACE is spelled with byte pieces (when the model has them), and the
-        # text after it is encoded without a second dummy prefix.
+        # text after it is encoded without a second dummy prefix (by `_sp_inner`).
+        self._strips_dummy_prefix, self._sp_inner = _dummy_prefix(self._proto, self.sp)
         meta_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in META_SPACE.encode("utf-8")]
         self._meta_ids = meta_ids if all(self.sp.is_byte(i) for i in meta_ids) else None
-        self._sp_inner = _without_dummy_prefix(self._proto) if self._strips_dummy_prefix else self.sp
         self._token_bytes: tuple[np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ construction
@@ -295,28 +294,20 @@ def _lines(files: Sequence[Path]) -> Iterator[str]:
                     yield line
 
 
-def _without_dummy_prefix(proto: bytes) -> spm.SentencePieceProcessor:
-    """The same model with `add_dummy_prefix` off: for text that continues a sentence."""
-    from sentencepiece import sentencepiece_model_pb2
-
-    model = sentencepiece_model_pb2.ModelProto()
-    model.ParseFromString(proto)
-    model.normalizer_spec.add_dummy_prefix = False
-    sp = spm.SentencePieceProcessor()
-    sp.load_from_serialized_proto(model.SerializeToString())
-    return sp
-
-
-def _adds_dummy_prefix(proto: bytes) -> bool:
-    """Whether decode drops the first piece's leading space (Llama-style models do)."""
+def _dummy_prefix(proto: bytes, sp: spm.SentencePieceProcessor) -> tuple[bool, spm.SentencePieceProcessor]:
+    """(whether the model adds a dummy prefix, which decode drops again (Llama-style models do);
+    the same model with that prefix off, for text that continues a sentence)."""
     try:
         from sentencepiece import sentencepiece_model_pb2
 
         model = sentencepiece_model_pb2.ModelProto()
         model.ParseFromString(proto)
-        return bool(model.normalizer_spec.add_dummy_prefix)
-    except Exception:  # protobuf missing or too old: fall back to asking the model
-        sp = spm.SentencePieceProcessor()
-        sp.load_from_serialized_proto(proto)
+    except Exception:  # protobuf missing or too old: ask the model, and keep its prefix everywhere
         pieces = sp.encode("a", out_type=str)
-        return bool(pieces) and pieces[0].startswith(META_SPACE)
+        return bool(pieces) and pieces[0].startswith(META_SPACE), sp
+    if not model.normalizer_spec.add_dummy_prefix:
+        return False, sp
+    model.normalizer_spec.add_dummy_prefix = False
+    inner = spm.SentencePieceProcessor()
+    inner.load_from_serialized_proto(model.SerializeToString())
+    return True, inner
