@@ -209,6 +209,10 @@ def test_a_second_process_compiles_nothing_new_thanks_to_the_persistent_cache(ch
     assert first.returncode == 0, first.stderr
     total, hits, new = _verbose_counts(first.stderr)
     assert new > 0 and hits == 0 and any((tmp_path / "xla").iterdir())
+    from jaxllm import native  # --verbose names the quantized matmul that runs, and why
+
+    kind = "jaxllm's CPU kernel" if native.available() else f"kernel not used: {native.status()}"
+    assert "quantized matmul: " in first.stderr and kind in first.stderr
     second = run(*args, cache_dir=tmp_path / "xla")
     assert second.returncode == 0 and second.stdout == first.stdout
     assert _verbose_counts(second.stderr) == (total, total, 0)  # every program came from the disk cache
