@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_check.sh              (from the repository root, on a machine with an NVIDIA GPU)
 #   bash benchmarks/gpu_check.sh --dry-run    print the commands and their time limits, run nothing
 #   bash benchmarks/gpu_check.sh --cpu-smoke  the same steps on the CPU with tiny shapes (checks the script)
+#   PARTS=234 bash benchmarks/gpu_check.sh    only the parts named (default: all four)
 # Parts run independently with their own time limits (150 + 60 + 240 + 90 s at most), so one
 # failure does not hide the rest; a part that hits its limit prints "TIMEOUT".
 set -u
@@ -11,6 +12,7 @@ case "$MODE" in ""|--dry-run|--cpu-smoke) ;; *) echo "usage: $0 [--dry-run | --c
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/jaxllm_gpu}
 PY=${PY:-python3}
+PARTS=${PARTS:-1234}
 mkdir -p "$OUT"
 
 # The benchmark table: bf16, a ~1B config (TinyLlama-1.1B shapes: 22 layers, d 2048, GQA 32/4,
@@ -33,6 +35,7 @@ fi
 
 part() {  # part SECONDS DESCRIPTION -- COMMAND...
   local limit=$1 what=$2; shift 3
+  [[ "$PARTS" == *"${what:0:1}"* ]] || return 0
   echo "== $what (limit ${limit}s) =="
   if [ "$MODE" = "--dry-run" ]; then printf '   %q' "$@"; echo; return 0; fi
   timeout "$limit" "$@"
