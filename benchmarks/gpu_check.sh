@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# GPU checks for one short device session (about 9 minutes at the limits): installs nothing, prints tables, writes to $OUT.
+# GPU checks for one short device session (about 10 minutes at the limits): installs nothing, prints tables, writes to $OUT.
 #   bash benchmarks/gpu_check.sh              (from the repository root, on a machine with an NVIDIA GPU)
 #   bash benchmarks/gpu_check.sh --dry-run    print the commands and their time limits, run nothing
 #   bash benchmarks/gpu_check.sh --cpu-smoke  the same steps on the CPU with tiny shapes (checks the script)
 #   PARTS=234 bash benchmarks/gpu_check.sh    only the parts named (default: all four)
-# Parts run independently with their own time limits (150 + 60 + 240 + 90 s at most), so one
+# Parts run independently with their own time limits (240 + 60 + 240 + 90 s at most), so one
 # failure does not hide the rest; a part that hits its limit prints "TIMEOUT".
 set -u
 MODE=${1:-}
@@ -23,14 +23,14 @@ SUITE=(benchmarks/suite.py --configs 1b --dtype bfloat16 --modes greedy --batche
        --note "benchmarks/gpu_check.sh")
 TESTS=(tests/test_model.py tests/test_generate.py tests/test_sampling.py tests/test_quantize.py
        tests/test_attention.py tests/test_long_context.py)  # attention: cuDNN flash (bf16) vs the reference
-SCAN_CFG="vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, d_ff=5632, param_dtype='bfloat16', compute_dtype='bfloat16'"
+PROFILE=(--config 1b --dtype bfloat16 --batch 1 --weights fp,int8 --new_tokens 64)
 if [ "$MODE" = "--cpu-smoke" ]; then
   export JAX_PLATFORMS=cpu
   SUITE=(benchmarks/suite.py --configs tiny --dtype float32 --modes greedy --batches 1 --weights fp,int8,int4
          --new_tokens 8 --reps 1 --ttft_configs "" --train_configs "" --no_reference --results "$OUT/RESULTS_gpu.md"
          --note "gpu_check.sh --cpu-smoke")
   TESTS=(tests/test_quantize.py tests/test_attention.py)
-  SCAN_CFG="vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128"
+  PROFILE=(--config tiny --batch 1 --weights fp,int8 --new_tokens 8)
 fi
 
 part() {  # part SECONDS DESCRIPTION -- COMMAND...
@@ -54,21 +54,14 @@ try:
     import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())
 except ImportError: print('torch not installed: the transformers reference is skipped')"
 
-# float32 matmuls at full precision so the numpy-reference tolerances hold on TF32 hardware.
-part 150 "1. numerics on the device: model, generation, sampling, quantization, attention backends, ring caches" -- \
-  env JAX_DEFAULT_MATMUL_PRECISION=highest $PY -m pytest -q -x -p no:cacheprovider "${TESTS[@]}"
+# float32 matmuls at full precision so the numpy-reference tolerances hold on TF32 hardware;
+# four workers and no GEMM autotuning, since compiling dominates (one worker took 150 s for half).
+part 240 "1. numerics on the device: model, generation, sampling, quantization, attention backends, ring caches" -- \
+  env JAX_DEFAULT_MATMUL_PRECISION=highest XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
+  $PY -m pytest -q -n 4 --durations=8 -p no:cacheprovider "${TESTS[@]}"
 
-part 60 "2. decode with stacked (scan) vs unstacked layers, 1B bf16, batch 1" -- $PY - <<PYEOF
-import jax, jaxllm
-from jaxllm.model import unstack_layers
-cfg = jaxllm.ModelConfig($SCAN_CFG, max_seq_len=1024)
-params = jaxllm.init_params(cfg, jax.random.key(0))
-for name, p in [("stacked (scan)", params), ("unstacked", unstack_layers(params))]:
-    kw = dict(max_new_tokens=64, temperature=0.0, eos_token_id=[])
-    jaxllm.generate(p, cfg, [[1] * 32], **kw)
-    best = min(jaxllm.generate(p, cfg, [[1] * 32], **kw).timing["decode_s"] for _ in range(2))
-    print(f"B=1 {name:15s} {64 / best:8.1f} tok/s")
-PYEOF
+part 60 "2. where a decode step's time goes: kernels per step, 1B bf16, batch 1, fp and int8" -- \
+  $PY benchmarks/profile_decode.py "${PROFILE[@]}"
 
 part 240 "3. benchmark table: 1B bf16, batch 1 and 32, fp/int8/int4, roofline, vs transformers" -- \
   $PY "${SUITE[@]}"

@@ -322,16 +322,18 @@ def _prepare(
 def decode_params(params):
     """Params laid out for decoding on this backend.
 
-    On CPU, XLA copies each layer's weights out of the stacked arrays inside a `lax.scan`
-    before every matmul, so a decode step reads the weights about twice over; unstacked
-    layers are read once (measured: 2.3x faster decoding on the small config). Other
-    backends keep the scan. Quantized weights go into the CPU kernel's tiled layout when the
-    kernel is in use. `sample.py` calls this once after loading.
+    On CPU and GPU, XLA copies each layer's weights out of the stacked arrays inside a
+    `lax.scan` before every matmul, so a decode step reads the weights about twice over;
+    unstacked layers are read once (measured: 2.3x faster decoding on the small config on
+    CPU, 1.47x on a 1B config in bf16 on an H100). TPUs keep the scan (not measured).
+    Quantized weights go into the CPU kernel's tiled layout when the kernel is in use.
+    `sample.py` calls this once after loading.
     """
-    if jax.default_backend() == "cpu":
+    backend = jax.default_backend()
+    if backend == "cpu":
         params = unstack_layers(params)
         return tile_params(params) if native.available() else params  # the CPU kernel's layout (quantize.py)
-    return params
+    return unstack_layers(params) if backend == "gpu" else params
 
 
 def _run(params, cfg, req: _Request, *, chunk, num_alternatives, stop_fn, timing, spec) -> Iterator[DecodeState]:
