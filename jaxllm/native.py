@@ -7,8 +7,8 @@ the machine's C++ compiler (`$CXX`, else g++/c++) for this very CPU (`-march=nat
 under ~/.cache/jaxllm/kernels (or `$JAXLLM_KERNEL_DIR`), keyed by the source, the compiler, the
 CPU's feature flags and jaxlib's FFI headers.
 
-Whenever the kernel cannot be used — not an x86 CPU with AVX-512, no compiler, a failed build,
-or `JAXLLM_NATIVE=0` — `available()` is False and quantize.py runs its pure-XLA formulation
+Whenever the kernel cannot be used — JAX runs on a GPU or TPU, not an x86 CPU with AVX-512, no
+compiler, a failed build, or `JAXLLM_NATIVE=0` — `available()` is False and quantize.py runs its pure-XLA formulation
 instead; nothing else changes. Why it was not used is in `status()`.
 """
 
@@ -44,6 +44,8 @@ def available() -> bool:
     """True when the kernel is built (or loads from the cache) and registered with XLA."""
     if os.environ.get("JAXLLM_NATIVE", "1") == "0":
         return _fail("JAXLLM_NATIVE=0")
+    if jax.default_backend() != "cpu":  # arrays live on the accelerator: XLA's own matmuls run there
+        return _fail(f"the kernel is for XLA:CPU and JAX runs on {jax.default_backend()}")
     if platform.machine().lower() not in ("x86_64", "amd64") or platform.system() != "Linux":
         return _fail(f"no kernel for {platform.system()} {platform.machine()}")
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
