@@ -377,6 +377,15 @@ def draw(weights: jax.Array, keys: jax.Array) -> jax.Array:
     return jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), weights.shape[-1] - 1).astype(jnp.int32)
 
 
+def first_argmax(z: jax.Array) -> jax.Array:
+    """jnp.argmax(z, axis=-1) for logits [B, V] (the first index of the maximum), as two plain
+    reductions. XLA:CPU runs argmax's (value, index) reduction element by element: 1.9 ms for
+    [8, 32000] against 0.3 ms for this. A row with a NaN gets V - 1, never an out-of-range id."""
+    V = z.shape[-1]
+    top = jnp.max(z, axis=-1, keepdims=True)
+    return jnp.minimum(jnp.min(jnp.where(z == top, jnp.arange(V, dtype=jnp.int32), V), axis=-1), V - 1)
+
+
 def warp(z: jax.Array, sp: SamplingParams) -> jax.Array:
     """temperature -> top_k -> top_p -> min_p on processed logits [B, V] (what sampled rows draw from)."""
     t = sp.temperature
@@ -401,5 +410,5 @@ def choose_next(
         return jnp.where(greedy[:, None], z, warped), draw(weights, row_keys(sp, history.step))
 
     final, drawn = jax.lax.cond(jnp.all(greedy), lambda z: (z, jnp.zeros(z.shape[:1], jnp.int32)), sample, z)
-    token = jnp.where(greedy, jnp.argmax(z, axis=-1), drawn).astype(jnp.int32)
+    token = jnp.where(greedy, first_argmax(z), drawn).astype(jnp.int32)
     return token, jax.nn.log_softmax(final, axis=-1)

@@ -44,7 +44,7 @@ from jaxllm.generate import (
 from jaxllm.kvcache import KVCache, init_cache
 from jaxllm.model import forward, hidden_states, unembed
 from jaxllm.results import collect
-from jaxllm.sampling import NEG_INF, History, SamplingParams, draw, init_history, process_logits, record, row_keys, warp
+from jaxllm.sampling import NEG_INF, History, SamplingParams, draw, first_argmax, init_history, process_logits, record, row_keys, warp
 from jaxllm.stopping import CONSTRAINT, RUNNING
 from jaxllm.tokenizer import Tokenizer
 
@@ -60,7 +60,7 @@ def distribution(
         logits = jnp.where(allowed, logits, NEG_INF)
     z = process_logits(logits, sp, history, eos_ids)
     greedy = (sp.temperature == 0)[:, None]
-    return jnp.where(greedy, jax.nn.one_hot(jnp.argmax(z, axis=-1), z.shape[-1]), jax.nn.softmax(warp(z, sp), axis=-1))
+    return jnp.where(greedy, jax.nn.one_hot(first_argmax(z), z.shape[-1]), jax.nn.softmax(warp(z, sp), axis=-1))
 
 
 def _keys(sp: SamplingParams, block: jax.Array, salt: int) -> jax.Array:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jaxllm.sampling import (
-    SamplingParams, choose_next, init_history, no_repeat_ngram_mask, bad_words_mask, penalize_frequency_presence,
+    SamplingParams, choose_next, first_argmax, init_history, no_repeat_ngram_mask, bad_words_mask, penalize_frequency_presence,
     penalize_repetition, record, truncate,
 )
 from jaxllm.errors import GenerationError
@@ -58,6 +58,26 @@ def np_banned_ngrams(tokens, n):
         return set()
     prefix = tuple(tokens[len(tokens) - n + 1 :]) if n > 1 else ()
     return {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == prefix}
+
+
+# ---------------------------------------------------------------------------- greedy choice
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([1, 3, 8]))
+def test_first_argmax_is_numpy_argmax_with_ties_and_masked_rows(seed, levels):
+    # Few distinct levels make ties common; whole rows of -inf are fully masked rows.
+    rng = np.random.default_rng(seed)
+    z = rng.integers(0, levels, (6, V)).astype(np.float32)
+    z[rng.random((6, V)) < 0.5] = -np.inf
+    z[0] = -np.inf
+    np.testing.assert_array_equal(jax.jit(first_argmax)(z), np.argmax(z, axis=-1))
+
+
+def test_first_argmax_never_returns_an_out_of_range_id_for_nan():
+    z = np.zeros((2, V), np.float32)
+    z[1, 7] = np.nan
+    assert list(np.asarray(first_argmax(z))) == [0, V - 1]
 
 
 # ---------------------------------------------------------------------------- truncation
