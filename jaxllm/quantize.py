@@ -37,9 +37,11 @@ dequantized into a small cache-resident buffer and accumulated, so the weights a
 memory once, as int8 or packed int4; the int8 per-channel scale multiplies the output once.
 Larger M (batch > 8 in decoding, prefill, training) is compute-bound: there the blocks cost more
 than one dequantize of the whole weight, which is what it does (SMALL_M). So do GPUs and
-TPUs, whose XLA backends fuse the dequantize into the matmul's operand load (XLA:GPU's Triton
-GEMM fusion), where a loop of small matmuls would launch many kernels; benchmarks/gpu_check.sh
-measures it.
+TPUs, where a loop of small matmuls would launch many kernels. Measured on an H100
+(benchmarks/gpu_check.sh, RESULTS.md): XLA:GPU wrote each dequantized weight (int8 widened and
+scaled) out in bf16 before its GEMM, so int8 decoded at 0.65x bf16. int8 therefore feeds the
+dot a bare convert and scales the output, the operand pattern XLA:GPU's Triton GEMM fusion
+takes in (to be measured on the next GPU run); int4's nibble unpacking has no such form yet.
 """
 
 from __future__ import annotations
@@ -246,7 +248,10 @@ def matmul(x: jax.Array, qw: QuantizedWeight, dtype=jnp.float32, out_dtype=None)
         y = native.qmatmul(xm.astype(jnp.float32), qw.values, qw.scales, qw.bits, qw.group_size, qw.tile)
         return y.astype(out_dtype).reshape(*lead, o)
     qw = untile_weight(qw)
-    if m > SMALL_M or jax.default_backend() != "cpu":  # one matmul of the dequantized weight (see above)
+    if m > SMALL_M or jax.default_backend() != "cpu":  # one matmul over the whole weight (see above)
+        if qw.bits == 8:  # the per-channel scale factors out, so only a convert feeds the dot
+            y = jnp.dot(xm, qw.values.astype(dtype), preferred_element_type=jnp.float32) * qw.scales[0]
+            return y.astype(out_dtype).reshape(*lead, o)
         w = _dequantize_io(qw.bits, qw.group_size, qw.values, qw.scales, dtype)
         return jnp.dot(xm, w, preferred_element_type=jnp.float32).astype(out_dtype).reshape(*lead, o)
 

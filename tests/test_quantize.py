@@ -193,6 +193,7 @@ def test_without_the_kernel_the_matmul_falls_back_to_xla(tmp_path):
 def test_the_kernel_stays_off_when_jax_runs_on_an_accelerator(monkeypatch):
     # On a GPU machine with an AVX-512 host, arrays live on the GPU: XLA's matmul must run there.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.delenv("JAXLLM_NATIVE", raising=False)
     native.available.cache_clear()
     try:
         assert not native.available() and "JAX runs on gpu" in native.status()
