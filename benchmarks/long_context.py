@@ -63,7 +63,7 @@ def attention_only() -> None:
                           (512, 512, 8, 8, 32), (512, 2048, 8, 8, 32), (2048, 2048, 8, 8, 32), (512, 2048, 12, 4, 64)):
         rng = np.random.default_rng(0)
         q = jnp.asarray(rng.normal(size=(1, T, H, E)), jnp.float32)
-        k = jnp.asarray(rng.normal(size=(1, S, K, E)), jnp.float32)
+        k = jnp.asarray(rng.normal(size=(1, K, S, E)), jnp.float32)  # heads-major, as the cache stores it
         qp, kp = jnp.arange(S - T, S)[None], jnp.arange(S)[None]
         fns = {i: jax.jit(lambda q, k, qp, kp, i=i: attend(q, k, k, qp, kp, impl=i)) for i in ("reference", "xla")}
         best = {}

@@ -3,6 +3,11 @@
 Legend: B batch, T queries, S keys (cache slots), H query heads, K kv heads, G = H // K
 query heads per kv head, E head dim.
 
+Queries and outputs are token-major [B, T, H, E], as the projections make them; keys and values
+are heads-major [B, K, S, E], the KV cache's layout (kvcache.py), so a decode step's einsums read
+the cache as stored. The backends that want [B, S, K, E] (dot_product_attention) transpose
+inside their call.
+
 Masks are built from positions, not indices: a key at position -1 is empty or padding
 and is never attended to; otherwise a query at position p sees keys at positions <= p,
 and with a sliding window W only those at positions > p - W (Mistral: W keys, the query's
@@ -77,10 +82,10 @@ def alibi_bias(slopes: np.ndarray, q_pos: jax.Array, k_pos: jax.Array) -> jax.Ar
 
 
 def scores_reference(q: jax.Array, k: jax.Array) -> jax.Array:
-    """q: [B, T, H, E], k: [B, S, K, E] -> scaled float32 scores [B, K, G, T, S] (head h = k * G + g)."""
+    """q: [B, T, H, E], k: [B, K, S, E] -> scaled float32 scores [B, K, G, T, S] (head h = k * G + g)."""
     B, T, H, E = q.shape
-    K = k.shape[2]
-    s = jnp.einsum("btkge,bske->bkgts", q.reshape(B, T, K, H // K, E), k, preferred_element_type=jnp.float32)
+    K = k.shape[1]
+    s = jnp.einsum("btkge,bkse->bkgts", q.reshape(B, T, K, H // K, E), k, preferred_element_type=jnp.float32)
     return s * (E**-0.5)
 
 
@@ -91,24 +96,25 @@ def grouped(bias: jax.Array, K: int) -> jax.Array:
 
 
 def softmax_values(scores: jax.Array, mask: jax.Array, v: jax.Array) -> jax.Array:
-    """scores [B, K, G, T, S] f32, mask [B, T, S] bool, v [B, S, K, E] -> [B, T, H, E]."""
+    """scores [B, K, G, T, S] f32, mask [B, T, S] bool, v [B, K, S, E] -> [B, T, H, E]."""
     B, K, G, T, S = scores.shape
     probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, MASKED), axis=-1)
-    out = jnp.einsum("bkgts,bske->btkge", probs.astype(v.dtype), v)
+    out = jnp.einsum("bkgts,bkse->btkge", probs.astype(v.dtype), v)
     return out.reshape(B, T, K * G, v.shape[-1])
 
 
 def attend_reference(q, k, v, mask, bias=None):
-    """The oracle. q: [B, T, H, E], k/v: [B, S, K, E], mask: [B, T, S], bias: [B, H, T, S] or None."""
+    """The oracle. q: [B, T, H, E], k/v: [B, K, S, E], mask: [B, T, S], bias: [B, H, T, S] or None."""
     scores = scores_reference(q, k)
     if bias is not None:
-        scores = scores + grouped(bias, k.shape[2])
+        scores = scores + grouped(bias, k.shape[1])
     return softmax_values(scores, mask, v)
 
 
 def _attend_dpa(q, k, v, mask, bias, implementation):
     """jax.nn.dot_product_attention with the position mask as a bool mask (xla) or an additive bias
-    (cudnn takes arbitrary masks only as a bias)."""
+    (cudnn takes arbitrary masks only as a bias). It wants k/v as [B, S, K, E]."""
+    k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
     if implementation == "cudnn":
         add = jnp.where(mask[:, None], 0.0, MASKED).astype(jnp.float32)
         bias = add if bias is None else bias + add
@@ -121,11 +127,11 @@ def _attend_dpa(q, k, v, mask, bias, implementation):
 def _attend_pallas(q, k, v, mask, bias):
     from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
 
-    G = q.shape[2] // k.shape[2]
+    G = q.shape[2] // k.shape[1]
     add = jnp.where(mask[:, None], 0.0, MASKED).astype(jnp.float32)
     bias = add if bias is None else bias + add
-    kh = jnp.repeat(k, G, axis=2).transpose(0, 2, 1, 3)  # the kernel wants one kv head per query head
-    vh = jnp.repeat(v, G, axis=2).transpose(0, 2, 1, 3)
+    kh = jnp.repeat(k, G, axis=1)  # the kernel wants one kv head per query head: [B, H, S, E]
+    vh = jnp.repeat(v, G, axis=1)
     out = flash_attention(q.transpose(0, 2, 1, 3), kh, vh, ab=bias, sm_scale=q.shape[-1] ** -0.5)
     return out.transpose(0, 2, 1, 3)
 
@@ -141,9 +147,10 @@ def _fallback(reason: str) -> str:
 
 
 def resolve_impl(impl: str, q: jax.Array, k: jax.Array) -> str:
-    """The backend that will really run for these shapes on this device (static: at trace time)."""
+    """The backend that will really run for q [B, T, H, E] against k [B, K, S, E] on this device
+    (static: at trace time)."""
     backend = jax.default_backend()
-    E, T, S = q.shape[-1], q.shape[1], k.shape[1]
+    E, T, S = q.shape[-1], q.shape[1], k.shape[2]
     if impl == "auto":
         if backend == "gpu":
             impl = "cudnn" if T > 1 else "xla"  # decode steps: one query, nothing for flash to tile
@@ -178,7 +185,7 @@ def attend(
 ) -> jax.Array:
     """Grouped-query attention under the position mask, by the backend `impl` (static).
 
-    q: [B, T, H, E], k/v: [B, S, K, E], q_pos: [B, T], k_pos: [B, S] -> [B, T, H, E]
+    q: [B, T, H, E], k/v: [B, K, S, E], q_pos: [B, T], k_pos: [B, S] -> [B, T, H, E]
     window: sliding window W (0 = none); min_pos: see `causal_mask`; slopes [H]: ALiBi (None =
     none; RoPE is the caller's). Softmax in float32.
     """

@@ -240,7 +240,7 @@ def _beam_program(
 
     def reorder(aux, rows):
         # One gather per layer: each layer's rows are contiguous, where a gather along axis 1
-        # of the stacked [L, R, S, K, E] cache moved strided pieces (2.5x slower on CPU).
+        # of the stacked [L, R, K, S, E] cache moved strided pieces (2.5x slower on CPU).
         cache, pos = aux
         follow = lambda buf: jnp.stack([buf[layer][rows] for layer in range(buf.shape[0])])
         return KVCache(k=follow(cache.k), v=follow(cache.v), pos=cache.pos[rows], cursor=cache.cursor), pos[rows]

@@ -18,6 +18,11 @@ Two layouts (static, chosen when the cache is made):
 In a ring with sinks, positions inside attention are the slots' positions in the kept
 sequence, not the tokens' original ones, so keys are stored without RoPE and rotated when
 read (model.py).
+
+Keys and values are stored heads-major, [L, B, K, S, E], as HF transformers and vLLM store
+them: a decode step's attention contracts each row and kv head's [S, E] block with its
+queries, and here that block is contiguous. Stored [L, B, S, K, E], XLA:CPU transposed the
+whole cache for keys and values in every layer and step (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -82,12 +87,12 @@ class CacheSpec:
 )
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array  # [L, B, S, K, E] keys (RoPE applied, except in a ring with sinks); int8 if quantized
-    v: jax.Array  # [L, B, S, K, E] values; int8 if quantized
+    k: jax.Array  # [L, B, K, S, E] keys (RoPE applied, except in a ring with sinks); int8 if quantized
+    v: jax.Array  # [L, B, K, S, E] values; int8 if quantized
     pos: jax.Array  # [B, S] int32 position of the token in each slot; -1 = empty or padding
     cursor: jax.Array  # [] int32 columns written so far, shared by all rows
-    k_scale: jax.Array | None = None  # [L, B, S, K] float32 when int8: key = k * k_scale
-    v_scale: jax.Array | None = None  # [L, B, S, K] float32 when int8
+    k_scale: jax.Array | None = None  # [L, B, K, S] float32 when int8: key = k * k_scale
+    v_scale: jax.Array | None = None  # [L, B, K, S] float32 when int8
     ring: bool = False  # static: ring layout (see the module docstring)
     sinks: int = 0  # static: N sink slots at the front of a ring
 
@@ -109,7 +114,7 @@ def init_cache(cfg: ModelConfig, batch: int, num_slots: int, dtype=None, *, ring
     """An empty cache of `num_slots` slots per row (dtype defaults to the compute dtype; "int8"
     stores int8 values with a float32 scale per token and kv head)."""
     dtype = dtype or cfg.compute_dtype
-    shape = (cfg.n_layers, batch, num_slots, cfg.n_kv_heads, cfg.dim_per_head)
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, num_slots, cfg.dim_per_head)
     if dtype == "int8":
         scale = jnp.zeros(shape[:-1], jnp.float32)
         return dataclasses.replace(init_cache(cfg, batch, num_slots, jnp.int8, ring=ring, sinks=sinks), k_scale=scale, v_scale=scale)
@@ -125,14 +130,15 @@ def init_cache(cfg: ModelConfig, batch: int, num_slots: int, dtype=None, *, ring
 
 def write_positions(cache: KVCache, positions: jax.Array) -> KVCache:
     """Records the positions [B, T] of the tokens about to be written at the cursor."""
-    return dataclasses.replace(cache, pos=write_slots(cache, cache.pos, positions.astype(jnp.int32), positions))
+    # slots on axis 1 here: written as a one-head [B, 1, S] buffer, pos was copied in every step
+    return dataclasses.replace(cache, pos=write_slots(cache, cache.pos, positions.astype(jnp.int32), positions, axis=1))
 
 
-Buffer = tuple  # (values [L, B, S, K, E], float32 scales [L, B, S, K] or None): keys or values
+Buffer = tuple  # (values [L, B, K, S, E], float32 scales [L, B, K, S] or None): keys or values
 
 
 def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x: [B, T, K, E] -> (int8 [B, T, K, E], float32 scale [B, T, K]); symmetric, per token and head."""
+    """x: [B, K, T, E] -> (int8 [B, K, T, E], float32 scale [B, K, T]); symmetric, per token and head."""
     x = x.astype(jnp.float32)
     scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
     q = jnp.round(x / jnp.where(scale > 0, scale, 1.0)[..., None])
@@ -140,7 +146,7 @@ def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def read(buf: Buffer, layer, dtype) -> jax.Array:
-    """One layer's keys or values [B, S, K, E] in `dtype` (dequantized when int8)."""
+    """One layer's keys or values [B, K, S, E] in `dtype` (dequantized when int8)."""
     values, scale = buf
     if scale is None:
         return values[layer]
@@ -148,7 +154,7 @@ def read(buf: Buffer, layer, dtype) -> jax.Array:
 
 
 def write_layer(cache: KVCache, buf: Buffer, new: jax.Array, layer, positions: jax.Array) -> Buffer:
-    """buf: (values [L, B, S, K, E], scales), new: [B, T, K, E], positions [B, T] -> buf with `new`
+    """buf: (values [L, B, K, S, E], scales), new: [B, K, T, E], positions [B, T] -> buf with `new`
     in layer `layer`'s slots for the T columns at the cursor (quantized first when int8).
 
     Writing into the whole stacked buffer (rather than returning a new layer slice) lets XLA
@@ -162,39 +168,45 @@ def write_layer(cache: KVCache, buf: Buffer, new: jax.Array, layer, positions: j
 
 
 def _write_layer(cache: KVCache, buf: jax.Array, new: jax.Array, layer, positions: jax.Array) -> jax.Array:
+    """buf: values [L, B, K, S, E] or scales [L, B, K, S]; new: [B, K, T, ...]."""
     new = new.astype(buf.dtype)
-    tail = (0,) * (buf.ndim - 3)
-    if not cache.ring or (new.shape[1] == 1 and not cache.sinks):
+    tail = (0,) * (buf.ndim - 4)
+    if not cache.ring or (new.shape[2] == 1 and not cache.sinks):
         slot = cache.cursor % cache.ring_slots if cache.ring else cache.cursor
-        return jax.lax.dynamic_update_slice(buf, new[None], (layer, 0, slot) + tail)
+        return jax.lax.dynamic_update_slice(buf, new[None], (layer, 0, 0, slot) + tail)
     layer_buf = write_slots(cache, jax.lax.dynamic_index_in_dim(buf, layer, keepdims=False), new, positions)
-    return jax.lax.dynamic_update_slice(buf, layer_buf[None], (layer, 0, 0) + tail)
+    return jax.lax.dynamic_update_slice(buf, layer_buf[None], (layer, 0, 0, 0) + tail)
 
 
-def write_slots(cache: KVCache, buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """buf: [B, S, ...], new: [B, T, ...], positions: [B, T] -> buf with the T columns at the cursor.
+def write_slots(cache: KVCache, buf: jax.Array, new: jax.Array, positions: jax.Array, axis: int = 2) -> jax.Array:
+    """buf: [B, K, S, ...], new: [B, K, T, ...], positions: [B, T] -> buf with the T columns at the
+    cursor; slots (and columns) on `axis`: 2 for a layer's keys/values or scales, 1 for `pos` [B, S].
 
     Linear: slots cursor..cursor+T-1. Ring: sink slots take each row's tokens at positions
     0..N-1 wherever they are in the block (a per-row gather: exact); ring slots take the last
     min(T, R) columns at N + column % R.
     """
     new = new.astype(buf.dtype)
-    start = (0,) * (buf.ndim - 2)
+
+    def at(slot):  # start indices of an update at `slot`
+        return tuple(slot if d == axis else 0 for d in range(buf.ndim))
+
     if not cache.ring:
-        return jax.lax.dynamic_update_slice(buf, new, (0, cache.cursor) + start)
-    N, R, T = cache.sinks, cache.ring_slots, new.shape[1]
+        return jax.lax.dynamic_update_slice(buf, new, at(cache.cursor))
+    N, R, T = cache.sinks, cache.ring_slots, new.shape[axis]
     if N:
-        tail = (1,) * (buf.ndim - 2)
+        shape = tuple(-1 if d == 0 else N if d == axis else 1 for d in range(buf.ndim))  # broadcasts over the other axes
         hit = positions[:, :, None] == jnp.arange(N)  # [B, T, N]
-        idx = jnp.argmax(hit, axis=1).reshape((-1, N) + tail)  # the column holding position n
-        found = jnp.any(hit, axis=1).reshape((-1, N) + tail)
-        sinks = jnp.where(found, jnp.take_along_axis(new, idx, axis=1), buf[:, :N])
-        buf = jax.lax.dynamic_update_slice(buf, sinks, (0, 0) + start)
+        idx = jnp.argmax(hit, axis=1).reshape(shape)  # the column holding position n
+        found = jnp.any(hit, axis=1).reshape(shape)
+        sinks = jnp.where(found, jnp.take_along_axis(new, idx, axis=axis), jax.lax.slice_in_dim(buf, 0, N, axis=axis))
+        buf = jax.lax.dynamic_update_slice(buf, sinks, at(0))
     if T == 1:  # a decode step never wraps: an in-place slice update
-        return jax.lax.dynamic_update_slice(buf, new, (0, N + cache.cursor % R) + start)
+        return jax.lax.dynamic_update_slice(buf, new, at(N + cache.cursor % R))
     keep = min(T, R)
     slots = N + (cache.cursor + T - keep + jnp.arange(keep)) % R  # distinct: keep <= R
-    return buf.at[:, slots].set(new[:, T - keep :], unique_indices=True)
+    ring = (slice(None),) * axis + (slots,)
+    return buf.at[ring].set(jax.lax.slice_in_dim(new, T - keep, T, axis=axis), unique_indices=True)
 
 
 def advance(cache: KVCache, num_tokens: int) -> KVCache:

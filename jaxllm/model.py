@@ -16,7 +16,8 @@ H query heads, K kv heads, E head dim, F d_ff.
     }
 
 One `forward` serves training (no cache), prefill and decode (with a cache). Positions
-are given explicitly per token; -1 marks padding, which no query ever attends to.
+are given explicitly per token; -1 marks padding, which no query ever attends to. Queries are
+token-major [B, T, H, E]; keys and values heads-major [B, K, T, E], the cache's layout.
 """
 
 from __future__ import annotations
@@ -118,27 +119,29 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotary embedding, "rotate half" layout (HF Llama). x: [B, T, N, E], positions: [B, T]."""
+def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, heads_major: bool = False) -> jax.Array:
+    """Rotary embedding, "rotate half" layout (HF Llama). x: [B, T, N, E] ([B, N, T, E] when
+    heads_major), positions: [B, T]."""
     angles = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
-    cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+    head_axis = 1 if heads_major else 2
+    cos, sin = jnp.expand_dims(jnp.cos(angles), head_axis), jnp.expand_dims(jnp.sin(angles), head_axis)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def _qkv(x, lp, cfg: ModelConfig, positions, rotate: bool = True):
-    """x: [B, T, D] -> q [B, T, H, E], k/v [B, T, K, E] (RoPE applied to q and k when the model
-    uses RoPE and `rotate`)."""
+    """x: [B, T, D] -> q [B, T, H, E], k/v [B, K, T, E] (RoPE applied to q and k when the model
+    uses RoPE and `rotate`). Only this block's keys are transposed to the cache's layout."""
     B, T, _ = x.shape
     dt = cfg.compute_dtype
     h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
     q = linear(h, lp["wq"], dt).reshape(B, T, cfg.n_heads, cfg.dim_per_head)
     k = linear(h, lp["wk"], dt).reshape(B, T, cfg.n_kv_heads, cfg.dim_per_head)
     v = linear(h, lp["wv"], dt).reshape(B, T, cfg.n_kv_heads, cfg.dim_per_head)
-    if cfg.position_encoding != "rope" or not rotate:
-        return q, k, v
-    inv_freq = rope_inv_freq(cfg)
-    return rope(q, positions, inv_freq), rope(k, positions, inv_freq), v
+    if cfg.position_encoding == "rope" and rotate:
+        inv_freq = rope_inv_freq(cfg)
+        q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+    return q, k.swapaxes(1, 2), v.swapaxes(1, 2)
 
 
 def _slopes(cfg: ModelConfig):
@@ -190,7 +193,7 @@ def _run_layers(layer, carry, layers):
 
 
 def _ring_attention(q, k, v, q_pos, k_pos, cache: KVCache, cfg: ModelConfig) -> jax.Array:
-    """Attention over a ring cache's keys k/v [B, S', K, E] at positions k_pos [B, S']: the first
+    """Attention over a ring cache's keys k/v [B, K, S', E] at positions k_pos [B, S']: the first
     N = cache.sinks are sink slots (seen by every later query), the rest ring or new keys (seen
     within the window; positions below N live in the sink slots, so are hidden here).
 
@@ -213,15 +216,15 @@ def _ring_attention(q, k, v, q_pos, k_pos, cache: KVCache, cfg: ModelConfig) -> 
     c = jnp.maximum(first - (S - 1), 0) * (first < jnp.iinfo(jnp.int32).max)  # [B, 1]
     qs_pos, ks_pos = jnp.minimum(q_pos, S - 1), k_pos[:, :N]
     qr_pos, kr_pos = q_pos - c, k_pos[:, N:] - c
-    qs, qr, ks, kr = q, q, k[:, :N], k[:, N:]
+    qs, qr, ks, kr = q, q, k[:, :, :N], k[:, :, N:]
     if cfg.position_encoding == "rope":
         inv_freq = rope_inv_freq(cfg)
         qs, qr = rope(q, qs_pos, inv_freq), rope(q, qr_pos, inv_freq)
-        ks, kr = rope(ks, ks_pos, inv_freq), rope(kr, kr_pos, inv_freq)
+        ks, kr = rope(ks, ks_pos, inv_freq, heads_major=True), rope(kr, kr_pos, inv_freq, heads_major=True)
     scores = jnp.concatenate([scores_reference(qs, ks), scores_reference(qr, kr)], axis=-1)
     if slopes is not None:
         bias = jnp.concatenate([alibi_bias(slopes, qs_pos, ks_pos), alibi_bias(slopes, qr_pos, kr_pos)], axis=-1)
-        scores = scores + grouped(bias, k.shape[2])
+        scores = scores + grouped(bias, k.shape[1])
     return softmax_values(scores, mask, v)
 
 
@@ -265,8 +268,8 @@ def hidden_states(
         if not cache.ring:
             attn = attend(q, keys, vals, positions, cache.pos, **opts)
         elif concat:
-            keys = jnp.concatenate([keys[:, :N], k_old[:, N:], k], axis=1)
-            vals = jnp.concatenate([vals[:, :N], v_old[:, N:], v], axis=1)
+            keys = jnp.concatenate([keys[:, :, :N], k_old[:, :, N:], k], axis=2)
+            vals = jnp.concatenate([vals[:, :, :N], v_old[:, :, N:], v], axis=2)
             k_pos = jnp.concatenate([cache.pos[:, :N], old.pos[:, N:], positions], axis=1)
             attn = _ring_attention(q, keys, vals, positions, k_pos, cache, cfg)
         else:

@@ -19,8 +19,9 @@ CPU_IMPLS = ["xla", "auto"]  # cudnn needs an NVIDIA GPU, pallas a TPU (benchmar
 
 
 def random_qkv(B=3, T=7, S=12, H=4, K=2, E=16, seed=0):
+    """q: [B, T, H, E], k/v: [B, K, S, E] (heads-major, the cache's layout)."""
     rng = np.random.default_rng(seed)
-    q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((B, T, H, E), (B, S, K, E), (B, S, K, E)))
+    q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((B, T, H, E), (B, K, S, E), (B, K, S, E)))
     return q, k, v
 
 
@@ -59,7 +60,7 @@ def test_the_window_really_hides_old_keys():
     pos = jnp.arange(12)[None]
     full = attend(q, k, v, pos[:, -1:], pos)
     windowed = attend(q, k, v, pos[:, -1:], pos, window=3)
-    only_last3 = attend(q, k[:, -3:], v[:, -3:], pos[:, -1:], pos[:, -3:])
+    only_last3 = attend(q, k[:, :, -3:], v[:, :, -3:], pos[:, -1:], pos[:, -3:])
     np.testing.assert_allclose(np.asarray(windowed), np.asarray(only_last3), atol=1e-6)
     assert np.abs(np.asarray(windowed) - np.asarray(full)).max() > 1e-3
 

@@ -53,7 +53,7 @@ def test_ring_decode_equals_banded_full_forward_after_many_wraps(position_encodi
     prompts = [list(rng.integers(1, 97, size=n)) for n in (9, 4, 7)]  # the first is longer than the ring
     extra = [list(rng.integers(1, 97, size=27)) for _ in prompts]  # the ring wraps ~6 times
     got, cache = decode_each(params, cfg, init_cache(cfg, 3, W, ring=True), prompts, extra)
-    assert cache.k.shape[2] == W
+    assert cache.k.shape[3] == W
     for r, (p, e) in enumerate(zip(prompts, extra)):
         np.testing.assert_allclose(got[r], full_logits(params, cfg, p + e), atol=1e-4, rtol=0)
     # the window matters: the same model without it gives other logits
@@ -94,7 +94,7 @@ def test_chunked_prefill_equals_one_shot_prefill(ring):
     want = [full_logits(params, cfg, p + [s])[-1] for p, s in zip(prompts, (3, 4))]
     np.testing.assert_allclose(np.asarray(b[:, 0]), np.stack(want), atol=1e-4)
     if ring:
-        assert cache2.k.shape[2] == W  # a 40-token prompt through a 12-slot ring
+        assert cache2.k.shape[3] == W  # a 40-token prompt through a 12-slot ring
 
 
 # ---------------------------------------------------------------------------- attention sinks
@@ -120,7 +120,7 @@ def test_sinks_decode_equals_a_forward_over_the_kept_tokens(position_encoding, p
         keep = kept(ids, t, W, S)
         want = full_logits(params, cfg, keep)[-1]  # at positions 0..len(keep)-1: by slot
         np.testing.assert_allclose(got[0][t], want, atol=1e-4, rtol=0, err_msg=f"token {t}")
-    assert cache.k.shape[2] == W
+    assert cache.k.shape[3] == W
 
 
 def test_sinks_change_nothing_until_the_window_fills():
@@ -167,7 +167,7 @@ def test_sinks_generate_five_contexts_long_in_constant_memory(cfg, params):
         p, cfg, t, q, SamplingParams.make(2, cfg.vocab_size, temperature=0.0, seed=0), StopParams.make(2, n),
         buffer_len=n, chunk=64, spec=spec, num_alternatives=1))
     state = run(params, jnp.asarray(tokens), jnp.asarray(positions))
-    assert state.cache.k.shape[2] == 32 and state.cache.pos.shape == (2, 32)
+    assert state.cache.k.shape[3] == 32 and state.cache.pos.shape == (2, 32)
     assert np.all(np.asarray(state.length) == n)
     assert np.all(np.isfinite(np.asarray(state.logits))) and np.all(np.isfinite(np.asarray(state.logprobs)))
     assert int(np.asarray(state.cache.pos).max()) == 4 + n - 1  # every chosen token is fed; the first 4 stay as sinks
@@ -193,9 +193,9 @@ def test_bad_window_settings_raise_clear_errors(cfg, params):
 def test_int8_quantization_round_trips_within_half_a_step():
     from jaxllm.kvcache import quantize
 
-    x = jax.random.normal(jax.random.key(0), (2, 5, 3, 16)) * jnp.asarray([0.01, 1.0, 30.0])[None, None, :, None]
-    q, scale = quantize(x)
-    assert q.dtype == jnp.int8 and scale.shape == (2, 5, 3)
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 16)) * jnp.asarray([0.01, 1.0, 30.0])[None, :, None, None]
+    q, scale = quantize(x)  # [B, K, T, E]: 3 kv heads of very different ranges
+    assert q.dtype == jnp.int8 and scale.shape == (2, 3, 5)
     err = np.abs(np.asarray(q, np.float32) * np.asarray(scale)[..., None] - np.asarray(x))
     assert np.all(err <= np.asarray(scale)[..., None] / 2 + 1e-7)  # per token and head: small heads stay precise
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,6 +60,38 @@ def test_left_padded_batch_with_cache_equals_each_row_alone(cfg, params):
         want = full_logits(params, cfg, p + e)
         got = np.concatenate([steps[0][row, 8 - len(p) :]] + [s[row] for s in steps[1:]])
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def moved_arrays(hlo: str, *shapes) -> list[str]:
+    """The transposes and copies in compiled HLO text whose shape, size-1 axes dropped, is a
+    permutation of one of `shapes`."""
+    wanted = [sorted(shape) for shape in shapes]
+    moved = []
+    for line in hlo.splitlines():
+        m = re.search(r"= \w+\[([\d,]*)\]\{[^}]*\} (transpose|copy)\(", line)
+        if m and sorted(int(n) for n in m.group(1).split(",") if n and int(n) > 1) in wanted:
+            moved.append(line.strip())
+    return moved
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+@pytest.mark.parametrize("unstacked", [False, True])
+def test_a_decode_step_reads_the_cache_as_stored(cfg, params, kv_dtype, unstacked):
+    """The cache is heads-major [L, B, K, S, E], the layout the decode step's attention einsums
+    contract, so the compiled step neither transposes nor copies a layer of keys or values, with
+    layers in a scan or unrolled (what `generate` runs on CPU). (Stored [L, B, S, K, E], XLA:CPU
+    transposed each layer's keys and values in every step.)"""
+    from jaxllm.model import unstack_layers
+
+    params = unstack_layers(params) if unstacked else params
+    B, S, K, E = 3, 16, cfg.n_kv_heads, cfg.dim_per_head
+    assert len({B, S, K, E}) == 4  # distinct sizes, so a shape tells the axes apart
+    step = jax.jit(
+        lambda p, c: forward(p, cfg, jnp.ones((B, 1), jnp.int32), jnp.full((B, 1), 5), c), donate_argnums=1
+    )
+    hlo = step.lower(params, init_cache(cfg, B, S, kv_dtype)).compile().as_text()
+    assert "dynamic-update-slice" in hlo  # the step's cache write is in the text read
+    assert moved_arrays(hlo, (B, K, S, E), (cfg.n_layers, B, K, S, E)) == []  # neither a layer nor the stack
 
 
 def test_padded_full_forward_equals_unpadded(cfg, params):
