@@ -17,6 +17,7 @@ import argparse
 import collections
 import gzip
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +33,8 @@ from suite import CONFIGS, WEIGHTS  # noqa: E402
 
 
 def op_times(trace_dir: Path) -> tuple[collections.Counter, collections.Counter]:
-    """Total microseconds and counts per op name, over the device's (or XLA:CPU's) events."""
+    """Total microseconds and counts per kind of op (names without their numeric suffix) in the
+    decode-chunk program, over the device's (or XLA:CPU's) events."""
     (path,) = trace_dir.rglob("*.trace.json.gz")
     events = json.loads(gzip.decompress(path.read_bytes()))["traceEvents"]
     procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
@@ -40,11 +42,16 @@ def op_times(trace_dir: Path) -> tuple[collections.Counter, collections.Counter]
     keep = set(gpu) if gpu else set(procs)  # on the CPU: every thread's XLA ops
     total, count = collections.Counter(), collections.Counter()
     for e in events:
-        if e.get("ph") == "X" and e["pid"] in keep and "dur" in e:
-            if not gpu and (not e.get("args", {}).get("hlo_op") or e["name"].startswith("while")):
-                continue  # on the CPU, only XLA's own ops (not Python, runtime events or loops around ops)
-            total[e["name"]] += e["dur"]
-            count[e["name"]] += 1
+        if e.get("ph") != "X" or e["pid"] not in keep or "dur" not in e:
+            continue
+        args = e.get("args", {})
+        if not gpu and (not args.get("hlo_op") or e["name"].startswith("while")):
+            continue  # on the CPU, only XLA's own ops (not Python, runtime events or loops around ops)
+        if args.get("hlo_module", "jit_decode_chunk") != "jit_decode_chunk":
+            continue  # prefill and the small programs around it
+        kind = re.sub(r"[._]\d+$", "", e["name"])
+        total[kind] += e["dur"]
+        count[kind] += 1
     return total, count
 
 
@@ -74,8 +81,8 @@ def main():
         steps = args.new_tokens
         step_us = result.timing["decode_s"] / steps * 1e6
         busy = sum(total.values()) / steps
-        print(f"\n[{weights}] step {step_us:.0f} us, ops busy {busy:.0f} us per step (includes prefill's ops)")
-        print(f"  {'us/step':>8} {'calls/step':>10}  op")
+        print(f"\n[{weights}] step {step_us:.0f} us, ops busy {busy:.0f} us per step (decode program only)")
+        print(f"  {'us/step':>8} {'calls/step':>10}  kind of op")
         for name, us in total.most_common(args.top):
             print(f"  {us / steps:8.1f} {count[name] / steps:10.1f}  {name[:100]}")
 

@@ -113,7 +113,7 @@ def test_quantized_matmul_equals_dequantize_then_matmul(matmul_path, weight, bit
 @pytest.mark.parametrize("bits,group_size,i", [(8, 0, 100), (8, 0, 768), (4, 32, 256), (4, 32, 80), (4, 128, 384)])
 def test_native_kernel_matches_numpy_on_every_tile_shape(bits, group_size, i):
     # Widths cover the kernel's wide tiles (256/128/64 columns), single vectors and scalar tails
-    # (O = 1, 17, 700, 1000); rows of x cover 1-4 and the 4-row blocks plus remainders (5, 9, 34).
+    # (O = 1, 17, 700, 1000); rows of x cover 1-4, and the 8- and 4-row blocks plus remainders (5, 8, 9, 12, 34).
     if not native.available():
         pytest.skip(f"native kernel not in use here: {native.status()}")
     rng = np.random.default_rng(i)
@@ -122,7 +122,7 @@ def test_native_kernel_matches_numpy_on_every_tile_shape(bits, group_size, i):
         assert bits == 8 or qw.group_size == (20 if i == 80 else group_size)  # 80 rows: groups of 20 (10 packed)
         ref = np_dequantize(qw)
         for layout in (qw, tile_weight(qw)):  # [rows, O], and tiles of 128 columns (the last one padded)
-            for m in (1, 2, 3, 4, 5, 9, 34):
+            for m in (1, 2, 3, 4, 5, 8, 9, 12, 34):
                 x = rng.standard_normal((m, i)).astype(np.float32)
                 got = native.qmatmul(jnp.asarray(x), layout.values, layout.scales, bits, layout.group_size, layout.tile)
                 np.testing.assert_allclose(

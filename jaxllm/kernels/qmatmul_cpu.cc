@@ -203,11 +203,13 @@ void row_block(const Problem& p, int64_t r0, int64_t c0, int64_t c1) {
   }
 }
 
-// Rows of x in blocks of four (then 3, 2 or 1), each block with its own tile width: NV4 vectors
-// for blocks of 3-4 rows, NV2 for 2 rows, NV1 for one row.
-template <int NV4, int NV2, int NV1>
+// Rows of x in blocks of eight, then four (then 3, 2 or 1), each block with its own tile width:
+// NV8 vectors for blocks of 8 rows, NV4 for 3-4 rows, NV2 for 2 rows, NV1 for one row. Every
+// block widens each weight vector once, so fewer, taller blocks widen less per product.
+template <int NV8, int NV4, int NV2, int NV1>
 void by_rows(const Problem& p, int64_t c0, int64_t c1) {
   int64_t r = 0;
+  for (; r + 8 <= p.m; r += 8) row_block<8, NV8>(p, r, c0, c1);
   for (; r + 4 <= p.m; r += 4) row_block<4, NV4>(p, r, c0, c1);
   switch (p.m - r) {
     case 3: row_block<3, NV4>(p, r, c0, c1); break;
@@ -219,9 +221,9 @@ void by_rows(const Problem& p, int64_t c0, int64_t c1) {
 void columns(const Problem& p, int64_t c0, int64_t c1) {
   // Register budget: MT * NV accumulators (int4 also holds a group's sums and two widened
   // vectors per NV). Tiled weights take tiles no wider than one stored tile (kTile = 8 vectors).
-  if (p.bits == 4) by_rows<2, 4, 8>(p, c0, c1);
-  else if (p.tile) by_rows<4, 8, 8>(p, c0, c1);
-  else by_rows<4, 8, 16>(p, c0, c1);
+  if (p.bits == 4) by_rows<1, 2, 4, 8>(p, c0, c1);
+  else if (p.tile) by_rows<2, 4, 8, 8>(p, c0, c1);
+  else by_rows<2, 4, 8, 16>(p, c0, c1);
 }
 #else
 void columns(const Problem& p, int64_t c0, int64_t c1) { columns_scalar(p, c0, c1); }
