@@ -23,11 +23,11 @@ Backends (`impl`), all computing the same function:
                  Hopper); anything else falls back to "xla" with a warning naming the reason
     "pallas"     the Pallas TPU flash-attention kernel, for T and S multiples of 128 on a TPU;
                  anything else (decode steps included) falls back to "xla"
-    "auto"       cudnn on GPU for query blocks (when supported; XLA otherwise and for decode
-                 steps), pallas on TPU (when supported); on CPU "xla"
-                 for blocks of queries (prefill, training: 1.2-1.6x faster than the einsum) and
-                 the reference einsum for one query (decode: as fast or faster), as measured
-                 in benchmarks/RESULTS.md
+    "auto"       for one query (decode steps) the einsum on every backend: it reads the
+                 heads-major cache as stored (on CPU as fast or faster than XLA's, as measured
+                 in benchmarks/RESULTS.md). For blocks of queries (prefill, training): cudnn on
+                 GPU (when supported; XLA otherwise), pallas on TPU (when supported), "xla" on
+                 CPU (1.2-1.6x faster than the einsum there)
 
 ALiBi (Press et al., 2022, "Train Short, Test Long") adds -slope_h * (q_pos - k_pos) to the
 scores instead of rotating q and k.
@@ -152,12 +152,11 @@ def resolve_impl(impl: str, q: jax.Array, k: jax.Array) -> str:
     backend = jax.default_backend()
     E, T, S = q.shape[-1], q.shape[1], k.shape[2]
     if impl == "auto":
-        if backend == "gpu":
-            impl = "cudnn" if T > 1 else "xla"  # decode steps: one query, nothing for flash to tile
-        elif backend == "tpu":
-            impl = "pallas"
-        else:
-            return "reference" if T == 1 else "xla"
+        if T == 1:  # decode steps: the einsum reads the heads-major cache as stored, on every backend
+            return "reference"  # (dot_product_attention would transpose it; nothing for flash to tile)
+        impl = {"gpu": "cudnn", "tpu": "pallas"}.get(backend)
+        if impl is None:
+            return "xla"
         explicit = False
     else:
         explicit = True

@@ -81,6 +81,17 @@ def test_unavailable_backends_fall_back_to_xla_with_a_warning():
     assert resolve_impl("auto", q, k) == "xla" and resolve_impl("auto", q[:, :1], k) == "reference"
 
 
+@pytest.mark.parametrize("backend,block", [("gpu", "cudnn"), ("tpu", "xla"), ("cpu", "xla")])
+def test_auto_decodes_with_the_einsum_on_every_backend(monkeypatch, backend, block):
+    # One query reads the heads-major cache as stored; blocks of queries take the backend's kernel
+    # (on a TPU the Pallas kernel only for multiples of 128: these 7 queries get XLA's).
+    q, k, _ = random_qkv()
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    q = q.astype(jnp.bfloat16)
+    assert resolve_impl("auto", q[:, :1], k) == "reference"
+    assert resolve_impl("auto", q, k) == block
+
+
 def test_unknown_attention_impl_is_refused():
     with pytest.raises(ConfigError, match="attention_impl"):
         tiny_config(97, attention_impl="flash")
