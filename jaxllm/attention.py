@@ -99,8 +99,10 @@ def softmax_values(scores: jax.Array, mask: jax.Array, v: jax.Array) -> jax.Arra
     """scores [B, K, G, T, S] f32, mask [B, T, S] bool, v [B, K, S, E] -> [B, T, H, E]."""
     B, K, G, T, S = scores.shape
     probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, MASKED), axis=-1)
-    out = jnp.einsum("bkgts,bkse->btkge", probs.astype(v.dtype), v)
-    return out.reshape(B, T, K * G, v.shape[-1])
+    # probs @ v in this operand order: jnp.einsum put v first, and XLA:CPU then ran the dot with its
+    # generic emitter instead of XNNPACK (1.6 ms of a small-config batch-8 decode step)
+    out = jax.lax.dot_general(probs.astype(v.dtype), v, (((4,), (2,)), ((0, 1), (0, 1))))  # [B, K, G, T, E]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, v.shape[-1])
 
 
 def attend_reference(q, k, v, mask, bias=None):

@@ -74,13 +74,25 @@ def moved_arrays(hlo: str, *shapes) -> list[str]:
     return moved
 
 
+def unfused_dots(hlo: str) -> list[str]:
+    """The dots of compiled HLO text outside fused computations (a fusion's dot runs in a library)."""
+    dots, fused = [], False
+    for line in hlo.splitlines():
+        if line.endswith("{") and not line.startswith(" "):  # a computation's header
+            fused = "fused_computation" in line.split("(")[0]
+        elif not fused and re.search(r"= \S+ dot\(", line):
+            dots.append(line.strip())
+    return dots
+
+
 @pytest.mark.parametrize("kv_dtype", [None, "int8"])
 @pytest.mark.parametrize("unstacked", [False, True])
 def test_a_decode_step_reads_the_cache_as_stored(cfg, params, kv_dtype, unstacked):
     """The cache is heads-major [L, B, K, S, E], the layout the decode step's attention einsums
     contract, so the compiled step neither transposes nor copies a layer of keys or values, with
     layers in a scan or unrolled (what `generate` runs on CPU). (Stored [L, B, S, K, E], XLA:CPU
-    transposed each layer's keys and values in every step.)"""
+    transposed each layer's keys and values in every step; with v as a dot's left operand, the
+    attention dot left XNNPACK for XLA's slow generic one.)"""
     from jaxllm.model import unstack_layers
 
     params = unstack_layers(params) if unstacked else params
@@ -92,6 +104,8 @@ def test_a_decode_step_reads_the_cache_as_stored(cfg, params, kv_dtype, unstacke
     hlo = step.lower(params, init_cache(cfg, B, S, kv_dtype)).compile().as_text()
     assert "dynamic-update-slice" in hlo  # the step's cache write is in the text read
     assert moved_arrays(hlo, (B, K, S, E), (cfg.n_layers, B, K, S, E)) == []  # neither a layer nor the stack
+    if "ynn_fusion" in hlo:  # XLA:CPU with XNNPACK: the attention dots run there, not in XLA's generic emitter
+        assert unfused_dots(hlo) == []
 
 
 def test_padded_full_forward_equals_unpadded(cfg, params):
