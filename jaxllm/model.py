@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import kvcache
+from jaxllm import kvcache, native
 from jaxllm.attention import (
     alibi_bias, alibi_slopes, attend, attend_masked, causal_mask, grouped, scores_reference, softmax_values,
 )
@@ -78,11 +78,28 @@ def param_shapes(cfg: ModelConfig) -> Params:
 # ---------------------------------------------------------------------------- building blocks
 
 
-def linear(x: jax.Array, w: jax.Array | QuantizedWeight, dtype) -> jax.Array:
-    """The model's one matmul: x [..., Din] @ w [Din, Dout] in `dtype` (w may be quantized)."""
+# Rows of x (batch x new tokens) for which a float32 matmul runs in jaxllm's CPU kernel
+# (native.matmul_f32): XLA:CPU's dot reads the weight at 10-20 GB/s there, the kernel at 20-40
+# (benchmarks/RESULTS.md). One row is a GEMV XLA already streams at full speed; from about 32
+# rows on, XLA's GEMM is as fast.
+NATIVE_F32_ROWS = (2, 16)
+
+
+def linear(x: jax.Array, w: jax.Array | QuantizedWeight, dtype, out_dtype=None) -> jax.Array:
+    """The model's one matmul: x [..., Din] @ w [Din, Dout] in `dtype` (w may be quantized).
+
+    Products accumulate in at least float32 for float32 and quantized weights; the result is
+    `out_dtype` (default `dtype`).
+    """
     if isinstance(w, QuantizedWeight):
-        return quantized_matmul(x, w, dtype)
-    return jnp.einsum("...i,io->...o", x.astype(dtype), w.astype(dtype))
+        return quantized_matmul(x, w, dtype, out_dtype=out_dtype)
+    lead, (i, o) = x.shape[:-1], w.shape
+    m = int(np.prod(lead))
+    if jnp.dtype(dtype) == jnp.float32 and w.dtype == jnp.float32 and NATIVE_F32_ROWS[0] <= m <= NATIVE_F32_ROWS[1] \
+            and native.available():
+        y = native.matmul_f32(x.reshape(m, i).astype(jnp.float32), w)
+        return y.astype(out_dtype or dtype).reshape(*lead, o)
+    return jnp.einsum("...i,io->...o", x.astype(dtype), w.astype(dtype), preferred_element_type=out_dtype)
 
 
 def embed_tokens(table: jax.Array | QuantizedWeight, tokens: jax.Array, dtype) -> jax.Array:
@@ -317,14 +334,11 @@ def prefill(
 
 def unembed(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     """h: [..., D] -> float32 logits [..., V] (the embedding matrix when tied)."""
-    if cfg.tie_embeddings:
-        w, spec = params["embed"], "...d,vd->...v"
-    else:
-        w, spec = params["lm_head"], "...d,dv->...v"
+    w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
     dt = cfg.compute_dtype
-    if isinstance(w, QuantizedWeight):  # stored [D, V] whether tied or not (see quantize.py)
-        return quantized_matmul(h, w, dt, out_dtype=jnp.float32)
-    return jnp.einsum(spec, h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+    if cfg.tie_embeddings and not isinstance(w, QuantizedWeight):  # [V, D]; quantized, it is stored [D, V] (quantize.py)
+        return jnp.einsum("...d,vd->...v", h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+    return linear(h, w, dt, out_dtype=jnp.float32)
 
 def forward(
     params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None

@@ -2,7 +2,9 @@
 
 XLA:CPU has no fused dequantize-matmul (quantize.py says why that matters), so decoding with
 int8/int4 weights on a CPU calls `kernels/qmatmul_cpu.cc`: it widens each weight slice to
-float in registers, so only the quantized bytes cross the memory bus. The library is built with
+float in registers, so only the quantized bytes cross the memory bus. The same tiles multiply
+float32 weights by a few rows of x (`matmul_f32`; model.linear says when), which XLA:CPU's dot
+reads at under half the memory bandwidth. The library is built with
 the machine's C++ compiler (`$CXX`, else g++/c++) for this very CPU (`-march=native`) and kept
 under ~/.cache/jaxllm/kernels (or `$JAXLLM_KERNEL_DIR`), keyed by the source, the compiler, the
 CPU's feature flags and jaxlib's FFI headers.
@@ -30,6 +32,7 @@ import numpy as np
 
 SOURCE = Path(__file__).parent / "kernels" / "qmatmul_cpu.cc"
 TARGET = "jaxllm_qmatmul"
+TARGET_F32 = "jaxllm_matmul_f32"
 _status = {"reason": "not tried yet"}
 
 
@@ -58,6 +61,7 @@ def available() -> bool:
     if not lib.jaxllm_qmatmul_simd():
         return _fail("this CPU has no AVX-512: the portable loops are slower than XLA")
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxllmQMatmul), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET_F32, jax.ffi.pycapsule(lib.JaxllmMatmulF32), platform="cpu")
     _status["reason"] = f"in use: {lib._name}"
     return True
 
@@ -144,3 +148,35 @@ def _bwd(bits, group_size, tile, saved, g):
 
 
 _qmatmul.defvjp(_fwd, _bwd)
+
+
+def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x f32 [M, I] @ w f32 [I, O] -> f32 [M, O] with the kernel's float32 tiles.
+
+    For decode-sized M: XLA:CPU's own dot reads the weight at under half the memory bandwidth
+    once M > 1 (model.linear says when this is used). Differentiable in both (the backward pass
+    is XLA's); under vmap it runs once per batch element.
+    """
+    return _matmul_f32(x, w)
+
+
+def _call_f32(x, w):
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET_F32, out, vmap_method="sequential")(x, w)
+
+
+@jax.custom_vjp
+def _matmul_f32(x, w):
+    return _call_f32(x, w)
+
+
+def _fwd_f32(x, w):
+    return _call_f32(x, w), (x, w)
+
+
+def _bwd_f32(saved, g):
+    x, w = saved
+    return g @ w.T, x.T @ g
+
+
+_matmul_f32.defvjp(_fwd_f32, _bwd_f32)

@@ -130,6 +130,48 @@ def test_native_kernel_matches_numpy_on_every_tile_shape(bits, group_size, i):
                 )
 
 
+@pytest.mark.parametrize("i", [48, 130, 768])  # one partial block of rows; two whole and a 2-row rest; 12 whole
+def test_native_float32_kernel_matches_numpy(i):
+    # Same tile shapes as the quantized kernel; the float32 path also adds blocks of 64 input
+    # rows into y one after another, in the vector tiles and the scalar column tail alike.
+    if not native.available():
+        pytest.skip(f"native kernel not in use here: {native.status()}")
+    rng = np.random.default_rng(i)
+    for o in (1, 17, 700, 1000):
+        w = rng.standard_normal((i, o)).astype(np.float32)
+        for m in (1, 2, 3, 4, 5, 8, 9, 12, 34):
+            x = rng.standard_normal((m, i)).astype(np.float32)
+            got = native.matmul_f32(jnp.asarray(x), jnp.asarray(w))
+            np.testing.assert_allclose(
+                np.asarray(got), x.astype(np.float64) @ w, rtol=1e-5, atol=1e-4, err_msg=f"O={o} M={m}",
+            )
+
+
+def test_float32_linear_takes_the_kernel_for_decode_sized_rows_and_keeps_xla_gradients():
+    from jaxllm.model import NATIVE_F32_ROWS, linear
+
+    if not native.available():
+        pytest.skip(f"native kernel not in use here: {native.status()}")
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.standard_normal((96, 40)).astype(np.float32))
+    lo, hi = NATIVE_F32_ROWS
+    for b, t in ((1, 1), (1, lo), (2, hi // 2), (hi + 1, 1), (4, 8)):
+        x = jnp.asarray(rng.standard_normal((b, t, 96)).astype(np.float32))
+        hlo = jax.jit(lambda x, w: linear(x, w, jnp.float32)).lower(x, w).compile().as_text()
+        assert (native.TARGET_F32 in hlo) == (lo <= b * t <= hi), (b, t)
+        np.testing.assert_allclose(np.asarray(linear(x, w, jnp.float32)), np.asarray(x) @ np.asarray(w), rtol=1e-5, atol=1e-4)
+    # bfloat16 compute keeps XLA's dot; gradients of the kernel's path are the plain matmul's
+    x = jnp.asarray(rng.standard_normal((2, 3, 96)).astype(np.float32))
+    assert native.TARGET_F32 not in jax.jit(lambda x, w: linear(x, w, jnp.bfloat16)).lower(x, w).as_text()
+    loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))  # noqa: E731
+    got = jax.grad(loss(lambda x, w: linear(x, w, jnp.float32)), argnums=(0, 1))(x, w)
+    want = jax.grad(loss(lambda x, w: x @ w), argnums=(0, 1))(x, w)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+    per_row = jax.vmap(lambda x: linear(x, w, jnp.float32))(x)  # under vmap: once per batch element
+    np.testing.assert_allclose(np.asarray(per_row), np.asarray(x) @ np.asarray(w), rtol=1e-5, atol=1e-4)
+
+
 def test_tiled_layout_round_trips_and_keeps_the_logical_weight(weight):
     for bits in (8, 4):
         qw = quantize(weight, bits, 32)

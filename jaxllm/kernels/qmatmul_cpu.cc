@@ -6,6 +6,9 @@
 // each 16-column slice of a weight row is loaded as bytes, widened to floats in registers and
 // multiplied at once: memory traffic is the int8 (or packed int4) bytes and nothing else.
 //
+// The same tiles multiply float32 weights (bits 32, no scales; model.py's `linear` for decode-sized
+// x): XLA:CPU's dot reads a [M > 1, I] @ [I, O] float32 product at under half the memory bandwidth.
+//
 // Layouts (quantize.py): bits 8: values int8 [I, O], scales f32 [1, O], one per column.
 // bits 4: values uint8 [I/2, O], scales f32 [I/G, O]; in group k, packed row k*G/2 + j holds
 // input row k*G + j in its low nibble and k*G + G/2 + j in its high nibble (two's complement).
@@ -33,17 +36,19 @@ namespace {
 
 struct Problem {
   const float* x;     // [M, I]
-  const uint8_t* w;   // rows x O: [I, O] int8 or [I/2, O] packed int4; tiled: [ceil(O/T), rows, T]
-  const float* s;     // [I/G, O]
+  const uint8_t* w;   // rows x O: [I, O] int8 or float32, [I/2, O] packed int4; tiled: [ceil(O/T), rows, T]
+  const float* s;     // [I/G, O] (none for float32 weights)
   float* y;           // [M, O]
   int64_t m, i, o, bits, group;
   int64_t tile = 0;   // T > 0: column tiles of T stored one after another (zero-padded past O)
-  int64_t rows = 0;   // stored rows: I (int8) or I/2 (int4)
+  int64_t rows = 0;   // stored rows: I (int8, float32) or I/2 (int4)
+  int64_t size = 1;   // bytes per stored element: 4 for float32 weights
+  int64_t k0 = 0, k1 = 0;  // input rows this pass adds into y: all of them, or a block of a float32 weight
 };
 
 // Where stored row k, column c lives, and the distance between rows of one tile.
 inline const uint8_t* at(const Problem& p, int64_t k, int64_t c) {
-  return p.tile ? p.w + (c / p.tile) * p.rows * p.tile + k * p.tile + c % p.tile : p.w + k * p.o + c;
+  return p.w + p.size * (p.tile ? (c / p.tile) * p.rows * p.tile + k * p.tile + c % p.tile : k * p.o + c);
 }
 inline int64_t row_stride(const Problem& p) { return p.tile ? p.tile : p.o; }
 
@@ -55,7 +60,10 @@ void columns_scalar(const Problem& p, int64_t c0, int64_t c1) {
     const float* xr = p.x + r * p.i;
     for (int64_t c = c0; c < c1; ++c) {
       float acc = 0.f;
-      if (p.bits == 8) {
+      if (p.bits == 32) {
+        acc = p.k0 ? p.y[r * p.o + c] : 0.f;
+        for (int64_t k = p.k0; k < p.k1; ++k) acc += xr[k] * *reinterpret_cast<const float*>(at(p, k, c));
+      } else if (p.bits == 8) {
         for (int64_t k = 0; k < p.i; ++k) acc += xr[k] * float(int8_t(*at(p, k, c)));
         acc *= p.s[c];
       } else {
@@ -81,6 +89,11 @@ void columns_scalar(const Problem& p, int64_t c0, int64_t c1) {
 
 constexpr int kLanes = 16;
 constexpr int64_t kPrefetchRows = 12;  // 6-24 measured the same end to end
+// A float32 weight goes through in blocks of this many input rows: each pass of a tile over a
+// block prefetches its columns of the next block into L2, so for M > 2 (several passes over a
+// block, each reading one slice of its columns) the loads of the next block overlap this one's
+// FMAs. One pass over all rows, or prefetching into L1, measured up to 1.5x slower at M = 8.
+constexpr int64_t kF32Rows = 64;
 
 // Prefetches stored row k + kPrefetchRows of this tile's columns, or, near the tile's last row,
 // the first rows of the next tile (columns from next_c): each tile then starts warm.
@@ -93,7 +106,7 @@ inline void prefetch_ahead(const Problem& p, int64_t rows, int64_t k, int64_t c0
     c = next_c;
   }
   const uint8_t* a = at(p, t, c);
-  for (int v = 0; v < NV; v += 4) _mm_prefetch(reinterpret_cast<const char*>(a + v * kLanes), _MM_HINT_T0);
+  for (int64_t b = 0; b < NV * kLanes * p.size; b += 64) _mm_prefetch(reinterpret_cast<const char*>(a + b), _MM_HINT_T0);
 }
 
 // Lanes of the vector at column c that hold real columns (a tiled weight's last tile is padded).
@@ -106,19 +119,41 @@ inline __m512 widen_i8(const uint8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
-template <int MT, int NV>
-void tile_int8(const Problem& p, int64_t r0, int64_t c0, int64_t next_c) {
-  __m512 acc[MT][NV];
+// How a tile reads one 16-column vector of a stored row, and whether columns have a scale.
+struct Int8 {
+  static constexpr int64_t size = 1;
+  static constexpr bool scaled = true;
+  static __m512 load(const uint8_t* a) { return widen_i8(a); }
+};
+struct Float32 {
+  static constexpr int64_t size = 4;
+  static constexpr bool scaled = false;
+  static __m512 load(const uint8_t* a) { return _mm512_loadu_ps(reinterpret_cast<const float*>(a)); }
+};
+
+template <int MT, int NV, class E>  // int8 or float32 weights: one element per input row
+void tile_dense(const Problem& p, int64_t r0, int64_t c0, int64_t next_c) {
+  __m512 acc[MT][NV];  // a later block of rows adds to what the earlier ones left in y
   for (int r = 0; r < MT; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = p.k0 ? _mm512_maskz_loadu_ps(valid(p, c0 + v * kLanes), p.y + (r0 + r) * p.o + c0 + v * kLanes)
+                       : _mm512_setzero_ps();
   const uint8_t* w = at(p, 0, c0);
-  const int64_t ld = row_stride(p);
+  const int64_t ld = row_stride(p) * E::size;
   const float* x = p.x + r0 * p.i;
-  for (int64_t k = 0; k < p.i; ++k) {
+  for (int64_t k = p.k0; k < p.k1; ++k) {
     const uint8_t* row = w + k * ld;
-    prefetch_ahead<NV>(p, p.i, k, c0, next_c);
+    if constexpr (E::size == 4) {
+      // This pass's columns one block of rows ahead; past the last block, the next pass's first rows.
+      int64_t t = k + kF32Rows, c = c0;
+      if (t >= p.i) t -= p.i, c += NV * kLanes;
+      const uint8_t* a = at(p, t, c);
+      for (int64_t b = 0; b < NV * kLanes * 4; b += 64) _mm_prefetch(reinterpret_cast<const char*>(a + b), _MM_HINT_T1);
+    } else {
+      prefetch_ahead<NV>(p, p.i, k, c0, next_c);
+    }
     __m512 wv[NV];
-    for (int v = 0; v < NV; ++v) wv[v] = widen_i8(row + v * kLanes);
+    for (int v = 0; v < NV; ++v) wv[v] = E::load(row + v * kLanes * E::size);
     for (int r = 0; r < MT; ++r) {
       const __m512 xb = _mm512_set1_ps(x[r * p.i + k]);
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(xb, wv[v], acc[r][v]);
@@ -127,8 +162,8 @@ void tile_int8(const Problem& p, int64_t r0, int64_t c0, int64_t next_c) {
   for (int v = 0; v < NV; ++v) {
     const int64_t c = c0 + v * kLanes;
     const __mmask16 ok = valid(p, c);
-    const __m512 scale = _mm512_maskz_loadu_ps(ok, p.s + c);
-    for (int r = 0; r < MT; ++r) _mm512_mask_storeu_ps(p.y + (r0 + r) * p.o + c, ok, _mm512_mul_ps(acc[r][v], scale));
+    const __m512 scale = E::scaled ? _mm512_maskz_loadu_ps(ok, p.s + c) : _mm512_set1_ps(1.f);
+    for (int r = 0; r < MT; ++r) _mm512_mask_storeu_ps(p.y + (r0 + r) * p.o + c, ok, E::scaled ? _mm512_mul_ps(acc[r][v], scale) : acc[r][v]);
   }
 }
 
@@ -176,8 +211,9 @@ void tile_int4(const Problem& p, int64_t r0, int64_t c0, int64_t next_c) {
 
 template <int MT, int NV>
 void tile(const Problem& p, int64_t r0, int64_t c0, int64_t next_c) {
-  if (p.bits == 8) tile_int8<MT, NV>(p, r0, c0, next_c);
-  else tile_int4<MT, NV>(p, r0, c0, next_c);
+  if (p.bits == 8) tile_dense<MT, NV, Int8>(p, r0, c0, next_c);
+  else if (p.bits == 4) tile_int4<MT, NV>(p, r0, c0, next_c);
+  else tile_dense<MT, NV, Float32>(p, r0, c0, next_c);
 }
 
 // Rows [r0, r0 + MT) over columns [c0, c1): wide tiles, then single vectors, then a scalar tail.
@@ -221,12 +257,22 @@ void by_rows(const Problem& p, int64_t c0, int64_t c1) {
 void columns(const Problem& p, int64_t c0, int64_t c1) {
   // Register budget: MT * NV accumulators (int4 also holds a group's sums and two widened
   // vectors per NV). Tiled weights take tiles no wider than one stored tile (kTile = 8 vectors).
-  if (p.bits == 4) by_rows<1, 2, 4, 8>(p, c0, c1);
+  if (p.bits == 32) {  // blocks of kF32Rows input rows, each added into y
+    Problem block = p;
+    for (block.k0 = 0; block.k0 < p.i; block.k0 = block.k1) {
+      block.k1 = std::min(p.i, block.k0 + kF32Rows);
+      by_rows<2, 4, 8, 8>(block, c0, c1);
+    }
+  } else if (p.bits == 4) by_rows<1, 2, 4, 8>(p, c0, c1);
   else if (p.tile) by_rows<2, 4, 8, 8>(p, c0, c1);
   else by_rows<2, 4, 8, 16>(p, c0, c1);
 }
 #else
-void columns(const Problem& p, int64_t c0, int64_t c1) { columns_scalar(p, c0, c1); }
+void columns(const Problem& p, int64_t c0, int64_t c1) {
+  Problem all = p;
+  all.k1 = p.i;
+  columns_scalar(all, c0, c1);
+}
 #endif
 
 // ------------------------------------------------------------------------ work sharing
@@ -248,6 +294,23 @@ void drain(Work& work) {
   }
 }
 
+// Splits p's columns into chunks and multiplies them on the calling thread and the pool's.
+void run(ffi::ThreadPool& pool, const Problem& p) {
+  auto work = std::make_shared<Work>();
+  work->p = p;
+  // Up to four chunks per thread (threads that start late still find work), each a multiple
+  // of 64 columns (of a whole tile when tiled) and none under kBytesPerChunk of weight.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t bytes = p.rows * p.o * p.size, unit = p.tile ? p.tile : 64;
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(4 * threads, bytes / kBytesPerChunk));
+  work->chunk = ((p.o + want - 1) / want + unit - 1) / unit * unit;
+  work->n_chunks = (p.o + work->chunk - 1) / work->chunk;
+  const int64_t helpers = std::min(threads, work->n_chunks) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { drain(*work); });
+  drain(*work);
+  while (work->done.load(std::memory_order_acquire) < work->n_chunks) std::this_thread::yield();
+}
+
 ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> s,
                    ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group, int64_t tile) {
   const auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
@@ -260,20 +323,20 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
       sd[0] != i / group || w.element_type() != (bits == 8 ? ffi::S8 : ffi::U8))
     return ffi::Error::InvalidArgument("qmatmul: weight shape, dtype or group size does not match x");
   if (m == 0 || o == 0) return ffi::Error::Success();
-  auto work = std::make_shared<Work>();
-  work->p = Problem{x.typed_data(), static_cast<const uint8_t*>(w.untyped_data()), s.typed_data(),
-                    y->typed_data(), m, i, o, bits, group, tile, rows};
-  // Up to four chunks per thread (threads that start late still find work), each a multiple
-  // of 64 columns (of a whole tile when tiled) and none under kBytesPerChunk of weight.
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t bytes = rows * o, unit = tile ? tile : 64;
-  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(4 * threads, bytes / kBytesPerChunk));
-  work->chunk = ((o + want - 1) / want + unit - 1) / unit * unit;
-  work->n_chunks = (o + work->chunk - 1) / work->chunk;
-  const int64_t helpers = std::min(threads, work->n_chunks) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { drain(*work); });
-  drain(*work);
-  while (work->done.load(std::memory_order_acquire) < work->n_chunks) std::this_thread::yield();
+  run(pool, Problem{x.typed_data(), static_cast<const uint8_t*>(w.untyped_data()), s.typed_data(), y->typed_data(),
+                    m, i, o, bits, group, tile, rows, 1, 0, i});
+  return ffi::Error::Success();
+}
+
+ffi::Error matmul_f32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || wd[0] != xd[1])
+    return ffi::Error::InvalidArgument("matmul_f32: x must be [M, I] and w [I, O]");
+  const int64_t m = xd[0], i = xd[1], o = wd[1];
+  if (m == 0 || o == 0) return ffi::Error::Success();
+  run(pool, Problem{x.typed_data(), reinterpret_cast<const uint8_t*>(w.typed_data()), nullptr, y->typed_data(),
+                    m, i, o, 32, i, 0, i, 4, 0, i});
   return ffi::Error::Success();
 }
 
@@ -289,6 +352,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmQMatmul, qmatmul,
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group")
                                   .Attr<int64_t>("tile"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmMatmulF32, matmul_f32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 // 512 when built with the AVX-512 tiles, 0 for the portable loops (too slow to prefer over XLA).
 extern "C" int jaxllm_qmatmul_simd() {
