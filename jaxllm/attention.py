@@ -19,15 +19,24 @@ Backends (`impl`), all computing the same function:
     "reference"  einsum + float32 softmax: the oracle the tests compare the others with
     "xla"        jax.nn.dot_product_attention(implementation="xla")
     "cudnn"      jax.nn.dot_product_attention(implementation="cudnn"): cuDNN flash attention,
-                 NVIDIA GPUs, bfloat16/float16, head dim a multiple of 8 and <= 128 (256 on
-                 Hopper); anything else falls back to "xla" with a warning naming the reason
-    "pallas"     the Pallas TPU flash-attention kernel, for T and S multiples of 128 on a TPU;
-                 anything else (decode steps included) falls back to "xla"
+                 NVIDIA GPUs, bfloat16/float16, head dim a multiple of 8 and <= 256; anything
+                 else falls back to "xla" with a warning naming the reason
+    "pallas"     jaxllm's flash-attention kernels for TPUs (flash.py): the position mask is built
+                 inside each block, so padding, causality, chunks of a prompt against the cache,
+                 sliding windows and ALiBi all run in the kernel with memory linear in T, and
+                 grouped-query heads share their K/V without copies. Off a TPU it runs in Pallas'
+                 interpret mode (slow: for tests), with a warning
     "auto"       for one query (decode steps) the einsum on every backend: it reads the
                  heads-major cache as stored (on CPU as fast or faster than XLA's, as measured
-                 in benchmarks/RESULTS.md). For blocks of queries (prefill, training): cudnn on
-                 GPU (when supported; XLA otherwise), pallas on TPU (when supported), "xla" on
-                 CPU (1.2-1.6x faster than the einsum there)
+                 in benchmarks/RESULTS.md), and a flash kernel has nothing to tile. For blocks of
+                 queries (prefill, training): cudnn on GPU (when supported; XLA otherwise),
+                 pallas on TPU (for blocks of at least 128 queries; XLA below), "xla" on CPU
+                 (1.2-1.6x faster than the einsum there)
+
+Decode steps (one query) take the einsum under every setting. A ring cache with attention sinks
+re-rotates its keys per segment (model._ring_attention) and always takes the einsum; `describe`
+says so. XLA:CPU has no float16 dot with float32 results, which dot_product_attention asks
+for, so float16 on a CPU takes the einsum (whose float32 accumulation XLA:CPU does support).
 
 ALiBi (Press et al., 2022, "Train Short, Test Long") adds -slope_h * (q_pos - k_pos) to the
 scores instead of rotating q and k.
@@ -41,6 +50,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxllm import flash
 
 # A finite "minus infinity": a fully masked row (a padding query) then averages values
 # instead of producing NaN, and 0 * value stays finite for every key.
@@ -118,7 +129,10 @@ def _attend_dpa(q, k, v, mask, bias, implementation):
     (cudnn takes arbitrary masks only as a bias). It wants k/v as [B, S, K, E]."""
     k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
     if implementation == "cudnn":
-        add = jnp.where(mask[:, None], 0.0, MASKED).astype(jnp.float32)
+        # cuDNN takes the bias in q's dtype: -1e30 would be -inf in float16, and a padding row of
+        # -inf turns into NaN that reaches real rows through 0 * NaN; half the dtype's lowest stays
+        # finite with an ALiBi bias added
+        add = jnp.where(mask[:, None], 0.0, float(jnp.finfo(q.dtype).min) / 2).astype(jnp.float32)
         bias = add if bias is None else bias + add
         return jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), implementation="cudnn")
     return jax.nn.dot_product_attention(
@@ -126,58 +140,87 @@ def _attend_dpa(q, k, v, mask, bias, implementation):
     )
 
 
-def _attend_pallas(q, k, v, mask, bias):
-    from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
-
-    G = q.shape[2] // k.shape[1]
-    add = jnp.where(mask[:, None], 0.0, MASKED).astype(jnp.float32)
-    bias = add if bias is None else bias + add
-    kh = jnp.repeat(k, G, axis=1)  # the kernel wants one kv head per query head: [B, H, S, E]
-    vh = jnp.repeat(v, G, axis=1)
-    out = flash_attention(q.transpose(0, 2, 1, 3), kh, vh, ab=bias, sm_scale=q.shape[-1] ** -0.5)
-    return out.transpose(0, 2, 1, 3)
-
-
 _warned: set = set()
 
 
-def _fallback(reason: str) -> str:
-    if reason not in _warned:  # once per reason, not once per traced layer
-        _warned.add(reason)
-        warnings.warn(f"attention: {reason}; using the XLA implementation", stacklevel=3)
-    return "xla"
+def _warn_once(message: str) -> None:
+    if message not in _warned:  # once per reason, not once per traced layer
+        _warned.add(message)
+        warnings.warn(message, stacklevel=4)
+
+
+def _fallback(reason: str, to: str = "xla") -> str:
+    _warn_once(f"attention: {reason}; using the {'XLA implementation' if to == 'xla' else 'einsum'}")
+    return to
+
+
+PALLAS_MIN_QUERIES = 128  # "auto" on a TPU: blocks of fewer queries than one kernel block take XLA's
+
+
+def _unsupported(impl: str, backend: str, dtype, E: int) -> str | None:
+    """Why `impl` cannot run here for this dtype and head dim (None: it can)."""
+    if impl == "cudnn":
+        if backend != "gpu":
+            return f"cudnn attention needs an NVIDIA GPU (this is {backend})"
+        if dtype not in (jnp.bfloat16, jnp.float16):
+            return f"cudnn flash attention needs bfloat16/float16 (compute dtype is {jnp.dtype(dtype).name})"
+        if E % 8 or E > 256:
+            return f"cudnn flash attention needs a head dim that is a multiple of 8 and <= 256 (got {E})"
+    if impl == "xla" and backend == "cpu" and dtype == jnp.float16:
+        return "XLA:CPU's dot_product_attention asks for a float16 dot with float32 results, which XLA:CPU lacks"
+    return None
 
 
 def resolve_impl(impl: str, q: jax.Array, k: jax.Array) -> str:
     """The backend that will really run for q [B, T, H, E] against k [B, K, S, E] on this device
-    (static: at trace time)."""
+    (static: at trace time). Explicit choices that cannot run warn once and fall back."""
     backend = jax.default_backend()
-    E, T, S = q.shape[-1], q.shape[1], k.shape[2]
-    if impl == "auto":
-        if T == 1:  # decode steps: the einsum reads the heads-major cache as stored, on every backend
-            return "reference"  # (dot_product_attention would transpose it; nothing for flash to tile)
-        impl = {"gpu": "cudnn", "tpu": "pallas"}.get(backend)
-        if impl is None:
-            return "xla"
-        explicit = False
-    else:
-        explicit = True
-    if impl == "cudnn":
-        why = None
-        if backend != "gpu":
-            why = f"cudnn attention needs an NVIDIA GPU (this is {backend})"
-        elif q.dtype not in (jnp.bfloat16, jnp.float16):
-            why = f"cudnn flash attention needs bfloat16/float16 (compute dtype is {q.dtype})"
-        elif E % 8 or E > 256:
-            why = f"cudnn flash attention needs a head dim that is a multiple of 8 and <= 256 (got {E})"
-        if why:
-            return _fallback(why) if explicit else "xla"
+    E, T = q.shape[-1], q.shape[1]
+    if T == 1:  # decode steps: the einsum reads the heads-major cache as stored, on every backend
+        return "reference"  # (dot_product_attention would transpose it; nothing for flash to tile)
+    explicit = impl != "auto"
+    if not explicit:
+        impl = {"gpu": "cudnn", "tpu": "pallas"}.get(backend, "xla")
+        if impl == "pallas" and T < PALLAS_MIN_QUERIES:
+            impl = "xla"
     if impl == "pallas":
         if backend != "tpu":
-            return _fallback(f"the pallas flash-attention kernel needs a TPU (this is {backend})") if explicit else "xla"
-        if T % 128 or S % 128:
-            return "xla"  # decode steps and short blocks: the kernel tiles by 128
+            _warn_once(f"attention: the Pallas TPU kernel runs in interpret mode on {backend} (slow; meant for tests)")
+        return impl
+    why = _unsupported(impl, backend, q.dtype, E)
+    if why:
+        to = _resolve_xla(backend, q.dtype, E) if impl == "cudnn" else "reference"
+        return _fallback(why, to) if explicit else to
     return impl
+
+
+def _resolve_xla(backend, dtype, E) -> str:
+    return "reference" if _unsupported("xla", backend, dtype, E) else "xla"
+
+
+def describe(impl: str, dtype, head_dim: int, *, sinks: bool = False) -> str:
+    """One line for --verbose: which backend runs attention for blocks of queries (prefill,
+    training) and for decode steps on this device, and why."""
+    backend = jax.default_backend()
+    dtype = jnp.dtype(dtype)
+    block = impl
+    if impl == "auto":
+        block = {"gpu": "cudnn", "tpu": "pallas"}.get(backend, "xla")
+    why = None if block == "pallas" else _unsupported(block, backend, dtype, head_dim)
+    if why:
+        block = "xla" if block == "cudnn" else "reference"
+        block = "reference" if _unsupported(block, backend, dtype, head_dim) else block
+    names = {"reference": "the einsum", "xla": "XLA's dot_product_attention", "cudnn": "cuDNN flash attention",
+             "pallas": "the Pallas flash kernels" + ("" if backend == "tpu" else " in interpret mode (slow)")}
+    text = f"attention ({impl}): blocks of queries take {names[block]}"
+    if why:
+        text += f" ({why})"
+    if impl == "auto" and backend == "tpu":
+        text += f" for >= {PALLAS_MIN_QUERIES} queries, XLA's below"
+    text += "; decode steps take the einsum (one query reads the heads-major cache as stored)"
+    if sinks:
+        text += "; with attention sinks every block takes the einsum (keys are re-rotated per segment)"
+    return text
 
 
 def attend(
@@ -188,17 +231,15 @@ def attend(
 
     q: [B, T, H, E], k/v: [B, K, S, E], q_pos: [B, T], k_pos: [B, S] -> [B, T, H, E]
     window: sliding window W (0 = none); min_pos: see `causal_mask`; slopes [H]: ALiBi (None =
-    none; RoPE is the caller's). Softmax in float32.
+    none; RoPE is the caller's). Softmax in float32. Queries that see no key (padding) return
+    values that are never used: the average of all values, or zeros from the flash kernels.
     """
-    bias = None if slopes is None else alibi_bias(slopes, q_pos, k_pos)
-    return attend_masked(q, k, v, causal_mask(q_pos, k_pos, window, min_pos), bias, impl=impl)
-
-
-def attend_masked(q, k, v, mask, bias=None, *, impl: str = "reference") -> jax.Array:
-    """`attend` with the mask [B, T, S] (and optional float32 bias [B, H, T, S]) already built."""
     impl = resolve_impl(impl, q, k)
+    if impl == "pallas":
+        return flash.flash_attention(q, k, v, q_pos, k_pos, window=window, min_pos=min_pos, slopes=slopes,
+                                     interpret=jax.default_backend() != "tpu")
+    bias = None if slopes is None else alibi_bias(slopes, q_pos, k_pos)
+    mask = causal_mask(q_pos, k_pos, window, min_pos)
     if impl == "reference":
         return attend_reference(q, k, v, mask, bias)
-    if impl == "pallas":
-        return _attend_pallas(q, k, v, mask, bias)
     return _attend_dpa(q, k, v, mask, bias, impl)

@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxllm import kvcache, native
 from jaxllm.attention import (
-    alibi_bias, alibi_slopes, attend, attend_masked, causal_mask, grouped, scores_reference, softmax_values,
+    alibi_bias, alibi_slopes, attend, causal_mask, grouped, scores_reference, softmax_values,
 )
 from jaxllm.quantize import QuantizedWeight, matmul as quantized_matmul, take_rows
 from jaxllm.config import ModelConfig
@@ -222,13 +222,13 @@ def _ring_attention(q, k, v, q_pos, k_pos, cache: KVCache, cfg: ModelConfig) -> 
     """
     N, S = cache.sinks, cache.num_slots
     window = min(cache.ring_slots, cfg.sliding_window or cache.ring_slots)
+    slopes = _slopes(cfg)
+    if not N:  # a plain sliding window: original positions, keys stored rotated
+        return attend(q, k, v, q_pos, k_pos, window=window, slopes=slopes, impl=cfg.attention_impl)
+    # with sinks: two segments rotated differently, so the scores are built here (the einsum's)
     mask = jnp.concatenate(
         [causal_mask(q_pos, k_pos[:, :N]), causal_mask(q_pos, k_pos[:, N:], window, min_pos=N)], axis=-1
     )
-    slopes = _slopes(cfg)
-    if not N:  # a plain sliding window: original positions, keys stored rotated
-        bias = None if slopes is None else alibi_bias(slopes, q_pos, k_pos)
-        return attend_masked(q, k, v, mask, bias, impl=cfg.attention_impl)
     first = jnp.min(jnp.where(q_pos >= 0, q_pos, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
     c = jnp.maximum(first - (S - 1), 0) * (first < jnp.iinfo(jnp.int32).max)  # [B, 1]
     qs_pos, ks_pos = jnp.minimum(q_pos, S - 1), k_pos[:, :N]

@@ -15,7 +15,7 @@ from jaxllm.errors import ConfigError
 from conftest import tiny_config
 from reference import np_forward
 
-CPU_IMPLS = ["xla", "auto"]  # cudnn needs an NVIDIA GPU, pallas a TPU (benchmarks/gpu_check.sh)
+CPU_IMPLS = ["xla", "auto"]  # cudnn needs an NVIDIA GPU; pallas: tests/test_flash.py
 
 
 def random_qkv(B=3, T=7, S=12, H=4, K=2, E=16, seed=0):
@@ -65,30 +65,34 @@ def test_the_window_really_hides_old_keys():
     assert np.abs(np.asarray(windowed) - np.asarray(full)).max() > 1e-3
 
 
-def test_unavailable_backends_fall_back_to_xla_with_a_warning():
+def test_unavailable_backends_fall_back_with_a_warning_naming_why():
     if jax.default_backend() != "cpu":
         pytest.skip("checks the CPU fallback")
+    from jaxllm import attention
+
     q, k, _ = random_qkv()
-    for impl in ("cudnn", "pallas"):
+    cases = [("cudnn", q, "xla", "needs an NVIDIA GPU"), ("xla", q.astype(jnp.float16), "reference", "float16 dot"),
+             ("pallas", q, "pallas", "interpret mode")]
+    for impl, query, runs, why in cases:
+        attention._warned.clear()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            from jaxllm import attention
-
-            attention._warned.clear()
-            assert resolve_impl(impl, q, k) == "xla"
-        assert any("using the XLA implementation" in str(w.message) for w in caught)
+            assert resolve_impl(impl, query, k) == runs
+        assert any(why in str(w.message) for w in caught), (impl, [str(w.message) for w in caught])
     # measured on CPU (benchmarks/RESULTS.md): XLA's for blocks of queries, the einsum for one
     assert resolve_impl("auto", q, k) == "xla" and resolve_impl("auto", q[:, :1], k) == "reference"
+    assert resolve_impl("auto", q.astype(jnp.float16), k) == "reference"  # XLA:CPU has no f16 x f16 -> f32 dot
 
 
-@pytest.mark.parametrize("backend,block", [("gpu", "cudnn"), ("tpu", "xla"), ("cpu", "xla")])
-def test_auto_decodes_with_the_einsum_on_every_backend(monkeypatch, backend, block):
+@pytest.mark.parametrize("backend,T,block", [("gpu", 7, "cudnn"), ("tpu", 7, "xla"), ("tpu", 128, "pallas"), ("cpu", 7, "xla")])
+def test_auto_decodes_with_the_einsum_on_every_backend(monkeypatch, backend, T, block):
     # One query reads the heads-major cache as stored; blocks of queries take the backend's kernel
-    # (on a TPU the Pallas kernel only for multiples of 128: these 7 queries get XLA's).
-    q, k, _ = random_qkv()
+    # (on a TPU the Pallas kernels from one whole block of 128 queries: 7 queries get XLA's).
+    q, k, _ = random_qkv(T=T)
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     q = q.astype(jnp.bfloat16)
-    assert resolve_impl("auto", q[:, :1], k) == "reference"
+    for impl in ("auto", "pallas", "xla", "reference"):
+        assert resolve_impl(impl, q[:, :1], k) == "reference"
     assert resolve_impl("auto", q, k) == block
 
 
@@ -167,8 +171,8 @@ def test_cudnn_flash_equals_the_reference_in_bfloat16(case):
     np.testing.assert_allclose(np.asarray(got, np.float32)[real], np.asarray(want)[real], atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.skipif(jax.default_backend() != "tpu", reason="the Pallas flash-attention kernel needs a TPU")
-def test_pallas_flash_equals_the_reference():
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="the compiled (not interpreted) Pallas kernels need a TPU")
+def test_pallas_flash_equals_the_reference_on_a_tpu():
     q, k, v = random_qkv(T=128, S=256, K=2, E=128)
     k_pos = left_padded_positions(3, 256, (256, 200, 130))
     q_pos = k_pos[:, -128:]
