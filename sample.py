@@ -228,6 +228,11 @@ def main(argv=None) -> int:
         _apply_defaults(args, model_defaults, checkpoint)
         if args.attention_impl:
             cfg = cfg.replace(attention_impl=args.attention_impl)
+        if args.verbose:
+            from jaxllm.attention import describe
+
+            print(f"sample.py: {describe(cfg.attention_impl, cfg.compute_dtype, cfg.dim_per_head, sinks=args.sinks > 0)}",
+                  file=sys.stderr)
         if tokenizer is None:
             raise jaxllm.CheckpointError(f"{checkpoint} has no tokenizer.model, so text prompts cannot be encoded")
 

@@ -225,3 +225,13 @@ def test_warmup_compiles_every_prompt_bucket_ahead(checkpoint, cfg):
     assert json.loads(proc.stdout)["timing"]["compile_s"] == 0  # the real call found its programs compiled
     warm = [x for x in proc.stderr.splitlines() if "warmup" in x][0]
     assert f"{len(warmup_lengths(cfg.max_seq_len, 8))} prompt buckets" in warm
+
+
+def test_the_pallas_kernels_run_from_the_command_line_and_verbose_says_so(checkpoint):
+    """On a CPU `--attention_impl pallas` runs the TPU kernels in interpret mode: the same text as the einsum."""
+    args = ("--checkpoint", checkpoint, "--prompt", "def f(x):", "--max_new_tokens", 6, "--temperature", 0, "--verbose")
+    pallas, einsum = run(*args, "--attention_impl", "pallas"), run(*args, "--attention_impl", "reference")
+    assert pallas.returncode == 0 and einsum.returncode == 0, pallas.stderr + einsum.stderr
+    assert pallas.stdout == einsum.stdout
+    assert "attention (pallas): blocks of queries take the Pallas flash kernels in interpret mode" in pallas.stderr
+    assert "attention (reference): blocks of queries take the einsum" in einsum.stderr
