@@ -19,10 +19,11 @@ the best of --reps runs after one warm-up run (which also compiles jaxllm's prog
 
 Columns: "dec" is decode-only tokens/s (B * new_tokens / decode time; for transformers the
 decode time is generate() minus one separately timed prefill forward), "e2e" is end-to-end
-tokens/s including prefill. The roofline is B * bandwidth / bytes read per decode step, where
-a step reads every parameter once (fp32) plus the whole KV cache: jaxllm attends over all its
-preallocated slots (bucket(prompt) + bucket(new_tokens)), not only the filled ones. (Only B
-rows of the embedding table are really read, so the roofline is slightly pessimistic.)
+tokens/s including prefill. The roofline is B * bandwidth / the bytes a decode step must read
+(benchmarks/roofline.py: the weights it multiplies, not an untied embedding table, which is
+only gathered from; the filled KV slots, averaged over the decode; the gathered rows). jaxllm's
+step attends over all its preallocated slots (bucket(prompt) + bucket(new_tokens)), so what it
+reads beyond the filled ones shows in its % of roofline.
 
 On a small shared machine, check the printed load average: other processes skew the numbers.
 """
@@ -41,8 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxllm
+import roofline
 from jaxllm.beam import beam_generate
-from jaxllm.generate import bucket, decode_params
+from jaxllm.generate import decode_params
 from jaxllm.quantize import quantize_params
 
 CONFIGS = {
@@ -99,8 +101,10 @@ def bench_jaxllm(cfg: jaxllm.ModelConfig, prompts: np.ndarray, new_tokens: int, 
         e2e.append(time.perf_counter() - t0)
         prefill.append(result.timing.get("prefill_s", 0.0))  # beam search times prefill and search together
         decode.append(result.timing.get("decode_s", result.timing.get("search_s")))
-    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    return dict(prefill_s=min(prefill), decode_s=min(decode), e2e_s=min(e2e), param_bytes=param_bytes,
+    B, P = prompts.shape
+    rows = B * MODES[mode][0].get("num_beams", 1)  # beam search keeps a cache row per beam
+    return dict(prefill_s=min(prefill), decode_s=min(decode), e2e_s=min(e2e), param_bytes=roofline.tree_bytes(params),
+                step_bytes=roofline.step_bytes(params, cfg, rows, roofline.mean_context(P, new_tokens)),
                 tokens=np.asarray(result.token_ids))
 
 
@@ -177,7 +181,6 @@ def main():
               "HF e2e tok/s", "ratio dec", "ratio e2e", "roofline tok/s", "% roofline"]
     rows = []
     speeds = {}
-    slots = bucket(args.prompt_len) + bucket(args.new_tokens, minimum=CHUNK)  # what jaxllm.generate allocates
     for name in args.configs.split(","):
         spec = CONFIGS[name]
         cfg = jaxllm.ModelConfig(**spec, max_seq_len=MAX_SEQ_LEN)
@@ -186,8 +189,7 @@ def main():
             n = B * args.new_tokens
             print(f"[{name} {mode} B={B}] jaxllm ...", flush=True)
             j = bench_jaxllm(cfg, prompts, args.new_tokens, args.reps, mode)
-            kv_bytes = cfg.n_layers * B * slots * cfg.n_kv_heads * cfg.dim_per_head * 2 * 4
-            roofline = B * bandwidth * 1e9 / (j["param_bytes"] + kv_bytes)
+            ceiling = roofline.roofline(B, bandwidth, j["step_bytes"])
             jax_dec, jax_e2e = n / j["decode_s"], n / j["e2e_s"]
             speeds[(name, B, mode)] = jax_dec
             hf_dec = hf_e2e = None
@@ -195,11 +197,11 @@ def main():
                 print(f"[{name} {mode} B={B}] transformers ...", flush=True)
                 h = bench_transformers(spec, prompts, args.new_tokens, args.reps, mode)
                 hf_dec, hf_e2e = n / (h["e2e_s"] - h["prefill_s"]), n / h["e2e_s"]
-            print(f"[{name} B={B}] params {j['param_bytes'] / 1e6:.1f} MB + KV {kv_bytes / 1e6:.1f} MB "
-                  f"({slots} slots) per step", flush=True)
+            print(f"[{name} B={B}] params {j['param_bytes'] / 1e6:.1f} MB stored, {j['step_bytes'] / 1e6:.1f} MB read "
+                  "per step (weights multiplied + filled KV + gathered rows)", flush=True)
             rows.append([name, mode, str(B), fmt(jax_dec), fmt(jax_e2e), fmt(j["prefill_s"] * 1e3),
                          fmt(hf_dec), fmt(hf_e2e), fmt(hf_dec and jax_dec / hf_dec, ".2f"),
-                         fmt(hf_e2e and jax_e2e / hf_e2e, ".2f"), fmt(roofline), fmt(100 * jax_dec / roofline)])
+                         fmt(hf_e2e and jax_e2e / hf_e2e, ".2f"), fmt(ceiling), fmt(100 * jax_dec / ceiling)])
 
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print()

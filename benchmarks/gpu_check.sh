@@ -17,7 +17,8 @@ mkdir -p "$OUT"
 
 # The benchmark table: bf16, a ~1B config (TinyLlama-1.1B shapes: 22 layers, d 2048, GQA 32/4,
 # d_ff 5632), batch 1 and 32, fp / int8 / int4 (g64) weights, vs transformers in bf16 on the same
-# GPU; roofline = B * measured device read bandwidth / (weight + KV bytes) per decode step.
+# GPU; roofline = B * measured device read bandwidth / the bytes a decode step must read
+# (benchmarks/roofline.py: weights multiplied, filled KV slots, gathered embedding rows).
 SUITE=(benchmarks/suite.py --configs 1b --dtype bfloat16 --modes greedy --batches 1,32 --weights fp,int8,int4
        --new_tokens 128 --reps 2 --ttft_configs "" --train_configs "" --results "$OUT/RESULTS_gpu.md"
        --note "benchmarks/gpu_check.sh")

@@ -27,16 +27,13 @@ import jax
 import numpy as np
 
 import jaxllm
+import roofline
 from jaxllm.generate import bucket, decode_params
 
 CONFIGS = {
     "tiny": dict(vocab_size=8000, d_model=256, n_layers=4, n_heads=8, n_kv_heads=8, d_ff=688),
     "small": dict(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, d_ff=2048),
 }
-
-
-def cache_bytes(cfg, slots: int) -> int:
-    return 2 * cfg.n_layers * slots * cfg.n_kv_heads * cfg.dim_per_head * np.dtype(cfg.compute_dtype).itemsize
 
 
 def measure(params, cfg, n: int, args, window: int, sinks: int = 0) -> dict:
@@ -47,7 +44,7 @@ def measure(params, cfg, n: int, args, window: int, sinks: int = 0) -> dict:
     prefill_s = min(t["prefill_s"] for t in runs)
     decode_s = min(t["decode_s"] for t in runs)
     slots = window if window else jaxllm.model.prefill_length(bucket(n), args.prefill_chunk) + bucket(args.new_tokens, 16)
-    return dict(prefill=n / prefill_s, decode=args.new_tokens / decode_s, mem=cache_bytes(cfg, slots))
+    return dict(prefill=n / prefill_s, decode=args.new_tokens / decode_s, mem=roofline.kv_bytes(cfg, 1, slots))  # every slot allocated, filled or not
 
 
 def attention_only() -> None:

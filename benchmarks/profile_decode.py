@@ -8,7 +8,8 @@ Run from the repository root:
 For each weights mode it decodes once to compile, then traces a second run and prints the ops
 (GPU kernels, or XLA:CPU's ops) that took the most time, per decode step. "busy" sums the ops;
 "step" is the measured decode time per token, so step - busy on a GPU is time the device sat
-idle between kernels (launch and host overhead). Needs no extra packages.
+idle between kernels (launch and host overhead); "reads" is what the step must read
+(benchmarks/roofline.py) over the measured step time. Needs no extra packages.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jaxllm  # noqa: E402
+import roofline  # noqa: E402  (benchmarks/roofline.py)
 from jaxllm.generate import decode_params  # noqa: E402
 from jaxllm.quantize import quantize_params  # noqa: E402
 from suite import CONFIGS, WEIGHTS  # noqa: E402
@@ -81,7 +83,9 @@ def main():
         steps = args.new_tokens
         step_us = result.timing["decode_s"] / steps * 1e6
         busy = sum(total.values()) / steps
-        print(f"\n[{weights}] step {step_us:.0f} us, ops busy {busy:.0f} us per step (decode program only)")
+        nbytes = roofline.step_bytes(params, cfg, args.batch, roofline.mean_context(len(prompts[0]), steps))
+        print(f"\n[{weights}] step {step_us:.0f} us, ops busy {busy:.0f} us per step (decode program only); "
+              f"reads {nbytes / 1e6:.1f} MB a step: {nbytes / step_us / 1e3:.1f} GB/s")
         print(f"  {'us/step':>8} {'calls/step':>10}  kind of op")
         for name, us in total.most_common(args.top):
             print(f"  {us / steps:8.1f} {count[name] / steps:10.1f}  {name[:100]}")

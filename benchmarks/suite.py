@@ -12,9 +12,11 @@ Parts, each reusing the existing benchmark scripts' code:
      sampling chain, beam 4; batch 1/8/32; fp32 (or --dtype), int8, int4 (g64) weights; against
      transformers + torch with the same shapes in the same run (transformers runs unquantized
      weights in --dtype: it is the baseline every row is compared with). Per row: decode tok/s,
-     prefill tok/s, the memory-bandwidth roofline (B * measured read bandwidth / (weight bytes as
-     stored + the whole KV cache) per step) and the fraction of it reached, speed-up over the
-     same config's own fp32 row, and over transformers.
+     prefill tok/s, the MB a step must read (benchmarks/roofline.py: the weights it multiplies
+     as stored, not an untied embedding table, which is only gathered from; the filled KV slots,
+     averaged over the decode), the memory-bandwidth roofline (B * measured read bandwidth / those
+     bytes) and the fraction of it reached, speed-up over the same config's own fp32 row, and
+     over transformers.
   2. time to first token, compile included, in a fresh process with an empty persistent
      compilation cache (cold) and again with the cache it left (warm).
   3. training tokens/s vs PyTorch (benchmarks/train.py's bench_jaxllm / bench_torch).
@@ -47,8 +49,8 @@ import numpy as np  # noqa: E402
 
 import decode  # noqa: E402  (benchmarks/decode.py)
 import jaxllm  # noqa: E402
+import roofline  # noqa: E402  (benchmarks/roofline.py)
 import train as train_bench  # noqa: E402  (benchmarks/train.py)
-from jaxllm.generate import bucket  # noqa: E402
 
 CONFIGS = {**decode.CONFIGS, "1b": dict(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, d_ff=5632)}
 WEIGHTS = {"fp": None, "int8": (8, 64), "int4": (4, 64)}
@@ -65,7 +67,6 @@ def model_config(name: str, dtype: str) -> jaxllm.ModelConfig:
 
 def decode_rows(args, bandwidth: float, reference: bool) -> list[dict]:
     rows, hf_cache = [], {}
-    slots = bucket(args.prompt_len) + bucket(args.new_tokens, minimum=decode.CHUNK)
     for name, mode, B in itertools.product(args.configs.split(","), args.modes.split(","), map(int, args.batches.split(","))):
         cfg = model_config(name, args.dtype)
         prompts = np.random.default_rng(B).integers(1, cfg.vocab_size, (B, args.prompt_len))
@@ -74,8 +75,7 @@ def decode_rows(args, bandwidth: float, reference: bool) -> list[dict]:
         for weights in args.weights.split(","):
             print(f"[{name} {mode} B={B} {weights}] jaxllm ...", flush=True)
             j = decode.bench_jaxllm(cfg, prompts, args.new_tokens, args.reps, mode, quantize=WEIGHTS[weights])
-            kv_bytes = cfg.n_layers * B * slots * cfg.n_kv_heads * cfg.dim_per_head * 2 * np.dtype(cfg.compute_dtype).itemsize
-            roofline = B * bandwidth * 1e9 / (j["param_bytes"] + kv_bytes)
+            ceiling = roofline.roofline(B, bandwidth, j["step_bytes"])
             dec = n / j["decode_s"]
             own_fp = dec if weights == "fp" else own_fp
             key = (name, mode, B)
@@ -87,7 +87,7 @@ def decode_rows(args, bandwidth: float, reference: bool) -> list[dict]:
             rows.append(dict(
                 config=name, weights=weights if weights != "fp" else dtype_name(args.dtype), mode=mode, batch=B, dec=dec,
                 prefill=(B * args.prompt_len / j["prefill_s"]) if j["prefill_s"] else None, hf=hf,
-                weight_mb=j["param_bytes"] / 1e6, roofline=roofline, frac=dec / roofline,
+                step_mb=j["step_bytes"] / 1e6, roofline=ceiling, frac=dec / ceiling,
                 vs_fp=(dec / own_fp) if own_fp and weights != "fp" else None, vs_hf=(dec / hf) if hf else None,
             ))
     return rows
@@ -171,9 +171,9 @@ def table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
 def report(meta: str, dec: list[dict], ttft: list[dict], trn: list[dict], markdown: bool) -> str:
     parts = [meta]
     if dec:
-        header = ["config", "weights", "mode", "B", "MB", "dec tok/s", "prefill tok/s", "HF dec tok/s", "x HF",
+        header = ["config", "weights", "mode", "B", "MB/step", "dec tok/s", "prefill tok/s", "HF dec tok/s", "x HF",
                   "x own fp", "roofline tok/s", "% roofline", "targets"]
-        parts.append(table(header, [[r["config"], r["weights"], r["mode"], str(r["batch"]), fmt(r["weight_mb"]), fmt(r["dec"]),
+        parts.append(table(header, [[r["config"], r["weights"], r["mode"], str(r["batch"]), fmt(r["step_mb"]), fmt(r["dec"]),
                                       fmt(r["prefill"], ".0f"), fmt(r["hf"]), fmt(r["vs_hf"], ".2f"), fmt(r["vs_fp"], ".2f"),
                                       fmt(r["roofline"]), fmt(100 * r["frac"], ".0f"), verdicts(r)] for r in dec], markdown))
     if ttft:
