@@ -45,7 +45,8 @@ def execute(out_dir: Path) -> nbformat.NotebookNode:
         **os.environ,
         "JAXLLM_NOTEBOOK_SMOKE": "1",
         "JAXLLM_NOTEBOOK_OUT": str(out_dir),
-        "JAXLLM_CACHE_DIR": str(REPO / ".jax_cache"),  # train.py's and sample.py's compiled programs
+        # train.py's and sample.py's compiled programs, kept with the suite's (see conftest.py)
+        "JAXLLM_CACHE_DIR": str(os.environ.get("JAXLLM_TEST_CACHE", REPO / ".jax_cache")),
     }
     # Jupyter starts a notebook's kernel in the notebook's folder; so does this.
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}})
@@ -89,7 +90,7 @@ def test_the_colab_notebook_trains_plots_samples_saves_and_resumes_on_a_cpu(tmp_
     run = json.loads((out / "run.json").read_text())
     assert run["model"]["attention_impl"] == "pallas"
     assert (run["train"]["seq_len"] or run["model"]["max_seq_len"]) % 128 == 0
-    assert run["model"]["compute_dtype"] == preset["model"]["compute_dtype"]
+    assert run["model"]["param_dtype"] == preset["model"]["param_dtype"]
     assert {k: run["train"][k] for k in ("lr", "min_lr_ratio", "weight_decay", "grad_clip")} == {
         k: preset["train"][k] for k in ("lr", "min_lr_ratio", "weight_decay", "grad_clip")
     }
