@@ -1,17 +1,19 @@
-"""notebooks/colab_tpu.ipynb, run top to bottom on a CPU as CI runs it.
+"""notebooks/colab_tpu.ipynb, run on a CPU as CI runs it.
 
 `JAXLLM_NOTEBOOK_SMOKE=1` makes the notebook's parameters cell shrink the TPU preset to a tiny
 model and a few steps; every other cell runs as written (the install and Drive cells take their
-non-Colab branch). nbclient, nbformat and ipykernel come with the `test` extra: without them this
-module fails to import, it does not skip.
+non-Colab branch). Every cell runs in order, with a disconnect before the last section: a fresh
+kernel runs the cells its text lists, then resumes. nbclient, nbformat and ipykernel come with the
+`test` extra: without them this module fails to import, it does not skip.
 
-The notebook is executed once, in one test, because a module-scoped fixture would run it again
-on every pytest-xdist worker that drew one of its tests.
+The notebook runs once, in one test, because a module-scoped fixture would run it again on every
+pytest-xdist worker that drew one of its tests.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 import os
@@ -38,9 +40,24 @@ print(json.dumps(dict(
 TRAIN_RGB, VAL_RGB = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)
 
 
-def execute(out_dir: Path) -> nbformat.NotebookNode:
+# What the Resume section says to run again after a disconnect, before itself.
+AFTER_A_DISCONNECT = ("Parameters", "Helpers", "Install", "Google Drive (optional)")
+
+
+def sections(nb) -> dict[str, list]:
+    """The notebook's cells under each "## " heading (the heading cell included), in order."""
+    out, name = {}, ""
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and cell.source.startswith("## "):
+            name = cell.source.splitlines()[0][3:]
+        out.setdefault(name, []).append(cell)
+    return out
+
+
+def execute(cells: list, out_dir: Path) -> nbformat.NotebookNode:
+    """Runs `cells` and the probe in a fresh kernel, as Jupyter would run the notebook."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    nb.cells.append(nbformat.v4.new_code_cell(PROBE))
+    nb.cells = [*map(copy.deepcopy, cells), nbformat.v4.new_code_cell(PROBE)]
     env = {
         **os.environ,
         "JAXLLM_NOTEBOOK_SMOKE": "1",
@@ -73,17 +90,23 @@ def pixels_of(img: np.ndarray, rgb: tuple[int, int, int]) -> int:
 
 
 def test_the_colab_notebook_trains_plots_samples_saves_and_resumes_on_a_cpu(tmp_path):
-    nb = execute(tmp_path / "run")
+    parts = sections(nbformat.read(NOTEBOOK, as_version=4))
+    *before, resume = parts
+    assert resume == "Resume after a disconnect" and set(AFTER_A_DISCONNECT) <= set(parts)
+    first = execute([c for name in before for c in parts[name]], tmp_path / "run")
+    # The disconnect: a new kernel, which knows nothing of the first one.
+    second = execute([c for name in (*AFTER_A_DISCONNECT, resume) for c in parts[name]], tmp_path / "run")
 
-    # Every cell ran (nbclient stops at the first error; this also catches a swallowed one).
-    assert all(c.execution_count for c in code_cells(nb))
-    errors = [o for c in code_cells(nb) for o in c.outputs if o.output_type == "error"]
-    assert not errors, errors
-    values = json.loads(stdout(nb.cells[-1]))
+    for nb in (first, second):
+        # Every cell ran (nbclient stops at the first error; this also catches a swallowed one).
+        assert all(c.execution_count for c in code_cells(nb))
+        errors = [o for c in code_cells(nb) for o in c.outputs if o.output_type == "error"]
+        assert not errors, errors
+        # On a TPU the kernel must leave the chip to train.py and sample.py: one process holds it.
+        assert not json.loads(stdout(nb.cells[-1]))["jax_imported"], "the notebook's kernel imported JAX"
+    values = json.loads(stdout(first.cells[-1]))
     out, max_steps, resume_steps = Path(values["OUT"]), values["MAX_STEPS"], values["RESUME_STEPS"]
     assert out == tmp_path / "run" and resume_steps > max_steps
-    # On a TPU the kernel must leave the chip to train.py and sample.py: only one process can hold it.
-    assert not values["jax_imported"], "the notebook's kernel imported JAX"
 
     # The TPU preset, shrunk, with the attention path a TPU takes: pallas, on whole 128-token tiles.
     preset = json.loads((REPO / "configs" / "tpu_v5e.json").read_text())
@@ -105,7 +128,7 @@ def test_the_colab_notebook_trains_plots_samples_saves_and_resumes_on_a_cpu(tmp_
     assert str(resume_steps) in {p.name for p in (out / "state").iterdir()}
 
     # The loss curve: each watch cell (train, resume) ends showing both curves.
-    watch_cells = code_cells(nb, "watch(training)")
+    watch_cells = code_cells(first, "watch(training)") + code_cells(second, "watch(training)")
     assert len(watch_cells) == 2
     for cell in watch_cells:
         (img,) = pngs(cell)
@@ -118,5 +141,5 @@ def test_the_colab_notebook_trains_plots_samples_saves_and_resumes_on_a_cpu(tmp_
         params, cfg, [values["PROMPT"]], tokenizer=tok, max_new_tokens=values["MAX_NEW_TOKENS"],
         temperature=values["TEMPERATURE"], seed=values["SEED"],
     ).texts[0]  # fmt: skip
-    (sample_cell,) = code_cells(nb, '"sample.py"')
+    (sample_cell,) = code_cells(first, '"sample.py"')
     assert values["PROMPT"] + want + "\n" in stdout(sample_cell)
