@@ -104,10 +104,12 @@ def warmup(params, cfg, *, batch_size: int = 1, max_new_tokens: int = 64, **gene
     values do not matter). Runs one dummy generation per bucket.
     -> {"prompt_lengths": one per bucket, "programs", "cache_hits", "compile_s"}.
     """
+    from jaxllm import devices
     from jaxllm.generate import generate
 
     lengths = warmup_lengths(cfg.max_seq_len, max_new_tokens)
     with CompileCounter() as c:
+        params = devices.prepare(params, cfg)  # once for every bucket (and counted: it may compile)
         for n in lengths:
             generate(params, cfg, [[1] * n] * batch_size, max_new_tokens=max_new_tokens, **generate_kwargs)
     return {"prompt_lengths": lengths, "programs": c.count, "cache_hits": c.cache_hits, "compile_s": c.seconds}
