@@ -100,12 +100,26 @@ def _tile_all(weights: list[QuantizedWeight]) -> list[QuantizedWeight]:
     return [tile_weight(w) for w in weights]
 
 
+def _unstack_on_host(params: dict) -> dict:
+    """`model.unstack_layers` for arrays in host memory: each layer's slice is copied by numpy,
+    where slicing on the device compiled two small programs per weight shape (~0.3 s of a cold
+    start). Arrays that are not on one CPU device (sharded, or tracers) are sliced by XLA."""
+    leaves = jax.tree_util.tree_leaves(params["layers"])
+    if not all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and len(x.sharding.device_set) == 1
+               for x in leaves):
+        return unstack_layers(params)
+    host = jax.tree_util.tree_map(np.asarray, params["layers"])  # views of the device buffers: no copy yet
+    device = next(iter(leaves[0].sharding.device_set))
+    return {**params, "layers": [jax.tree_util.tree_map(lambda w: jax.device_put(np.array(w[i]), device), host)
+                                 for i in range(leaves[0].shape[0])]}
+
+
 def _layout(params: dict, compute) -> dict:
     """prepare's work, uncached: returns `params` itself when nothing changes."""
     backend = jax.default_backend()
     stacked = not isinstance(params["layers"], (list, tuple))
     if backend in UNSTACKED_ON and stacked:
-        params = unstack_layers(params)
+        params = _unstack_on_host(params) if backend == "cpu" else unstack_layers(params)
     if backend != "cpu":
         return params
     # Only here may the kernel be built: when a weight would go to it (a bfloat16 model never does).
