@@ -21,6 +21,7 @@ import argparse
 import datetime
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -32,17 +33,21 @@ COMMAND = [sys.executable, str(ROOT / "sample.py"), "--prompt", "def fibonacci(n
 CACHES = ("JAXLLM_KERNEL_DIR", "JAXLLM_CACHE_DIR", "JAXLLM_CONSTRAINT_CACHE")
 
 
-def timed_run(caches: Path, verbose: bool) -> tuple[float, str]:
-    """(seconds from start to exit, sample.py's --verbose report or '') for one run on `caches`."""
+def timed_run(caches: Path, verbose: bool) -> tuple[float, float, str]:
+    """(wall seconds from start to exit, CPU seconds it used, sample.py's --verbose report or '')
+    for one run on `caches`. The CPU seconds barely change with other jobs on the machine."""
     env = {**os.environ, **{name: str(caches / name.lower()) for name in CACHES}}
     command = COMMAND + (["--verbose"] if verbose else [])
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     seconds = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if done.returncode:
         sys.exit(f"cold_start.py: sample.py failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
     report = [line for line in done.stderr.splitlines() if line.startswith("sample.py: ")] if verbose else []
-    return seconds, "\n".join(report)
+    return seconds, cpu, "\n".join(report)
 
 
 def versions() -> str:
@@ -63,20 +68,20 @@ def main() -> None:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"{when} · {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs · {versions()}")
     print("command: " + " ".join(f'"{a}"' if " " in a else a for a in COMMAND[1:]))
-    cold, warm = [], []
+    runs = {"cold": [], "warm": []}
     with tempfile.TemporaryDirectory(prefix="jaxllm-cold-") as tmp:
-        for i in range(args.runs):
-            caches = Path(tmp) / f"run{i}"  # new, empty cache directories: a fresh machine
-            seconds, report = timed_run(caches, args.verbose)
-            cold.append(seconds)
-            print(f"cold {i + 1}: {seconds:.2f} s" + (f"\n{report}" if report else ""), flush=True)
-        for i in range(args.runs):
-            seconds, report = timed_run(caches, args.verbose)  # the last cold run's caches, now filled
-            warm.append(seconds)
-            print(f"warm {i + 1}: {seconds:.2f} s" + (f"\n{report}" if report else ""), flush=True)
-    print(f"cold: best {min(cold):.2f} s (runs {', '.join(f'{s:.2f}' for s in cold)}); "
-          f"warm: best {min(warm):.2f} s (runs {', '.join(f'{s:.2f}' for s in warm)}); "
-          f"load average {load:.1f} before, {os.getloadavg()[0]:.1f} after")
+        for kind in runs:
+            for i in range(args.runs):
+                if kind == "cold":
+                    caches = Path(tmp) / f"run{i}"  # new, empty cache directories: a fresh machine
+                seconds, cpu, report = timed_run(caches, args.verbose)  # warm: the last cold run's caches
+                runs[kind].append((seconds, cpu))
+                print(f"{kind} {i + 1}: {seconds:.2f} s wall, {cpu:.2f} s CPU" + (f"\n{report}" if report else ""), flush=True)
+    for kind, times in runs.items():
+        best = min(times)
+        print(f"{kind}: best {best[0]:.2f} s wall ({best[1]:.2f} s CPU); runs "
+              + ", ".join(f"{s:.2f}" for s, _ in times))
+    print(f"load average {load:.1f} before, {os.getloadavg()[0]:.1f} after")
 
 
 if __name__ == "__main__":

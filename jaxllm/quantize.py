@@ -292,6 +292,8 @@ def quantize_params(params: dict, bits: int = 8, group_size: int = 64) -> dict:
     check_options(bits, group_size)
 
     def q(w, transposed=False):
+        if isinstance(w, native.Float32Weight):  # prepared float32 params: the array it wraps
+            w = w.w
         return w if isinstance(w, QuantizedWeight) else quantize(w, bits, group_size, transposed=transposed)
 
     def layer(lp):
