@@ -113,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     _flag(p, "quantize", choices=["int8", "int4"], default=None, help="weight-only quantization after loading")
     _flag(p, "group_size", type=int, default=64, help="int4: input features per scale (32, 64 or 128)")
     _flag(p, "warmup", action="store_true", help="compile every prompt-length bucket up to the context first")
-    _flag(p, "verbose", action="store_true", help="report compilations, persistent-cache hits, compile time and which quantized matmul runs on stderr")
+    _flag(p, "verbose", action="store_true", help="report on stderr the params' layout and which matmul runs for which weights, then compilations, persistent-cache hits and compile time")
     args = p.parse_args(argv)
     for name, (ok, allowed) in RANGES.items():
         value = getattr(args, name)
@@ -198,11 +198,9 @@ def _constraint(args):
 def main(argv=None) -> int:
     args = parse_args(argv)
     import jaxllm  # after parsing: --help and flag errors stay instant
-    from jaxllm import chat
+    from jaxllm import chat, devices
     from jaxllm.compilation import CompileCounter, enable_persistent_cache, warmup
     from jaxllm.checkpoint import load_any
-    from jaxllm.generate import decode_params
-    from jaxllm.quantize import is_quantized
 
     if not args.no_compile_cache:
         enable_persistent_cache()
@@ -222,9 +220,9 @@ def main(argv=None) -> int:
         params, cfg, tokenizer, model_defaults = load_any(checkpoint)
         if args.quantize:
             params = _quantize(params, args, checkpoint)
-        if args.verbose and is_quantized(params):
-            print(f"sample.py: quantized matmul: {_matmul_kind()}", file=sys.stderr)
-        params = decode_params(params)  # once, not per call (and the stacked copy is freed)
+        params = devices.prepare(params, cfg)  # once, not per call (and the stacked copy is freed)
+        if args.verbose:
+            print(f"sample.py: {devices.describe(params, cfg)}", file=sys.stderr)
         _apply_defaults(args, model_defaults, checkpoint)
         if args.attention_impl:
             cfg = cfg.replace(attention_impl=args.attention_impl)
@@ -280,7 +278,7 @@ def main(argv=None) -> int:
             if dtok is not None and dtok.fingerprint != tokenizer.fingerprint:
                 raise jaxllm.CheckpointError(f"argument --draft_checkpoint: {args.draft_checkpoint} has a different tokenizer")
             spec_kwargs = {k: v for k, v in kwargs.items() if k not in ("num_return_sequences", "logprobs", "enforce")}
-            result = speculative_generate(params, cfg, decode_params(dparams), dcfg, inputs,
+            result = speculative_generate(params, cfg, devices.prepare(dparams, dcfg), dcfg, inputs,
                                           num_speculative_tokens=args.num_speculative_tokens, **spec_kwargs)
             print(f"sample.py: speculative decoding accepted {result.timing['acceptance_rate']:.0%} of drafted tokens, "
                   f"{result.timing['tokens_per_block']:.2f} tokens per target forward", file=sys.stderr)
@@ -314,15 +312,6 @@ def _quantize(params, args, checkpoint: Path):
     if stored is not None and (stored["bits"], stored["group_size"]) != (bits, args.group_size if bits == 4 else 0):
         raise jaxllm.CheckpointError(f"argument --quantize: {checkpoint} is already quantized as {stored}")
     return jax.jit(quantize_params, static_argnums=(1, 2))(params, bits, args.group_size)  # one program, not one per op
-
-
-def _matmul_kind() -> str:
-    import jax
-    from jaxllm import native
-
-    if jax.default_backend() != "cpu":  # measured on an H100: int8 decodes at ~0.65x bf16 (RESULTS.md)
-        return f"XLA on {jax.default_backend()} (dequantizes each weight before its matmul: saves memory, not time)"
-    return "jaxllm's CPU kernel" if native.available() else f"XLA on cpu (kernel not used: {native.status()})"
 
 
 def _report(counter, args, timing=None) -> None:

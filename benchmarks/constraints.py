@@ -35,7 +35,6 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # this checkout's jaxllm, and decode.py beside this file
 import jaxllm  # noqa: E402
 from jaxllm import constraints as C  # noqa: E402
-from jaxllm.generate import decode_params  # noqa: E402
 from decode import CONFIGS, MAX_SEQ_LEN  # noqa: E402
 
 SCHEMA = {  # a typical API response: nested object, enum, array, bounded strings
@@ -134,7 +133,7 @@ def main():
     for name in args.configs.split(","):
         cfg = jaxllm.ModelConfig(**CONFIGS[name], max_seq_len=MAX_SEQ_LEN)
         tok = tokenizer_for(cfg.vocab_size)
-        params = decode_params(jaxllm.init_params(cfg, jax.random.key(0)))
+        params = jaxllm.prepare_params(jaxllm.init_params(cfg, jax.random.key(0)), cfg)
         for B in map(int, args.batches.split(",")):
             prompts = ["Here is the record: "] * B
             base = None

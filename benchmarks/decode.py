@@ -44,7 +44,6 @@ import numpy as np
 import jaxllm
 import roofline
 from jaxllm.beam import beam_generate
-from jaxllm.generate import decode_params
 from jaxllm.quantize import quantize_params
 
 CONFIGS = {
@@ -84,7 +83,7 @@ def bench_jaxllm(cfg: jaxllm.ModelConfig, prompts: np.ndarray, new_tokens: int, 
     params = jaxllm.init_params(cfg, jax.random.key(0))
     if quantize:
         params = jax.jit(quantize_params, static_argnums=(1, 2))(params, *quantize)
-    params = decode_params(params)  # laid out once, as sample.py does
+    params = jaxllm.prepare_params(params, cfg)  # laid out once, as sample.py does
     ids = prompts.tolist()
     if "num_beams" in MODES[mode][0]:
         kwargs = dict(max_new_tokens=new_tokens, eos_token_id=[], **MODES[mode][0])

@@ -28,7 +28,7 @@ import numpy as np
 
 import jaxllm
 import roofline
-from jaxllm.generate import bucket, decode_params
+from jaxllm.generate import bucket
 
 CONFIGS = {
     "tiny": dict(vocab_size=8000, d_model=256, n_layers=4, n_heads=8, n_kv_heads=8, d_ff=688),
@@ -80,7 +80,7 @@ def attention_only() -> None:
     print(f"\n{'config':>6} {'cache':>6} {'decode step: reference ms':>26} {'xla ms':>8} {'xla speedup':>11}")
     for name, S in (("tiny", 1024), ("tiny", 8192), ("small", 1024)):
         base = jaxllm.ModelConfig(**CONFIGS[name], max_seq_len=2 * S)
-        params = decode_params(jaxllm.init_params(base, jax.random.key(0)))
+        params = jaxllm.prepare_params(jaxllm.init_params(base, jax.random.key(0)), base)
         runs, best = {}, {}
         for impl in ("reference", "xla"):
             cfg = base.replace(attention_impl=impl)
@@ -126,7 +126,7 @@ def main() -> None:
     rows = []
     for name in args.configs.split(","):
         base = jaxllm.ModelConfig(**CONFIGS[name], max_seq_len=2 * max(contexts) + 2 * args.new_tokens)
-        params = decode_params(jaxllm.init_params(base, jax.random.key(0)))
+        params = jaxllm.prepare_params(jaxllm.init_params(base, jax.random.key(0)), base)
         for impl in args.impls.split(","):
             cfg = base.replace(attention_impl=impl)
             for n in contexts:

@@ -29,7 +29,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jaxllm  # noqa: E402
 import roofline  # noqa: E402  (benchmarks/roofline.py)
-from jaxllm.generate import decode_params  # noqa: E402
 from jaxllm.quantize import quantize_params  # noqa: E402
 from suite import CONFIGS, WEIGHTS  # noqa: E402
 
@@ -73,7 +72,7 @@ def main():
     for weights in args.weights.split(","):
         quant = WEIGHTS[weights]
         params = jax.jit(quantize_params, static_argnums=(1, 2))(base, *quant) if quant else base
-        params = decode_params(params)
+        params = jaxllm.prepare_params(params, cfg)
         kw = dict(max_new_tokens=args.new_tokens, temperature=0.0, eos_token_id=[])
         jaxllm.generate(params, cfg, prompts, **kw)  # compile
         with tempfile.TemporaryDirectory() as d:

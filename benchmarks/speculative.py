@@ -23,7 +23,6 @@ from pathlib import Path
 import jax
 
 import jaxllm
-from jaxllm.generate import decode_params
 from jaxllm.speculative import speculative_generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +69,7 @@ def main():
 
     params, cfg, tok = jaxllm.load_checkpoint(target)
     dparams, dcfg, _ = jaxllm.load_checkpoint(draft)
-    params, dparams = decode_params(params), decode_params(dparams)
+    params, dparams = jaxllm.prepare_params(params, cfg), jaxllm.prepare_params(dparams, dcfg)
     prompt = ["def read_config(path):\n    \"\"\"Read the configuration file"]
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs; jax {jax.__version__} ({jax.default_backend()}); "
           f"{datetime.date.today()}; target {cfg.n_layers} layers, draft {dcfg.n_layers} layers")

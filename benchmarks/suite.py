@@ -107,7 +107,6 @@ def verdicts(r: dict) -> str:
 def ttft_child(name: str, weights: str, dtype: str, cache_dir: str) -> None:
     """In a fresh process: time from the first call to the first token, compile included."""
     from jaxllm.compilation import CompileCounter, enable_persistent_cache
-    from jaxllm.generate import decode_params
     from jaxllm.quantize import quantize_params
 
     enable_persistent_cache(cache_dir)
@@ -115,7 +114,7 @@ def ttft_child(name: str, weights: str, dtype: str, cache_dir: str) -> None:
     params = jaxllm.init_params(cfg, jax.random.key(0))
     if WEIGHTS[weights]:
         params = quantize_params(params, *WEIGHTS[weights])
-    params = decode_params(params)
+    params = jaxllm.prepare_params(params, cfg)
     jax.block_until_ready(params)
     with CompileCounter() as c:
         t = time.perf_counter()

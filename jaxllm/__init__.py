@@ -2,6 +2,7 @@
 
 from jaxllm.checkpoint import load_checkpoint, save_checkpoint
 from jaxllm.config import ModelConfig, TrainConfig
+from jaxllm.devices import prepare as prepare_params
 from jaxllm.errors import (
     CheckpointError,
     ConfigError,
@@ -47,6 +48,7 @@ __all__ = [
     "export_hf",
     "load_hf",
     "load_checkpoint",
+    "prepare_params",
     "quantize_params",
     "save_checkpoint",
 ]

@@ -33,11 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import constraints
+from jaxllm import constraints, devices
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
-from jaxllm.generate import GenerationResult, _prepare, _split_kwargs, bucket, decode_params, left_pad
+from jaxllm.generate import GenerationResult, _prepare, _split_kwargs, bucket, left_pad
 from jaxllm.kvcache import KVCache, init_cache
 from jaxllm.model import forward, hidden_states, unembed
 from jaxllm.sampling import History, SamplingParams, init_history, process_logits, record
@@ -289,7 +289,7 @@ def beam_generate(
     t0 = time.perf_counter()
     beams, compile_s = _beam_compiled(
         dict(cfg=cfg, num_beams=num_beams, buffer_len=req.buffer_len, early_stopping=early_stopping),
-        params=decode_params(params), prompt=jnp.asarray(tokens), prompt_pos=jnp.asarray(positions),
+        params=devices.prepare(params, cfg), prompt=jnp.asarray(tokens), prompt_pos=jnp.asarray(positions),
         sp=req.sampling, stops=req.stops, length_penalty=jnp.asarray(length_penalty, jnp.float32),
         automaton=req.automaton, constraint=req.row_states,
     )

@@ -24,10 +24,11 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from jaxllm import devices
 from jaxllm.config import ModelConfig
 from jaxllm.errors import CheckpointError, ConfigError, TokenizerError
 from jaxllm.model import param_shapes
-from jaxllm.quantize import QuantizedWeight, check_options, quantization_of, quantize_params, untile_weight
+from jaxllm.quantize import QuantizedWeight, check_options, quantization_of, quantize_params
 from jaxllm.tokenizer import Tokenizer
 
 FORMAT, VERSION = "jaxllm", 1
@@ -67,10 +68,12 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def save_checkpoint(directory: str | os.PathLike, params: dict, cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> Path:
-    """Saves params (pulled to host), the config and the tokenizer model into `directory`."""
+    """Saves params (pulled to host), the config and the tokenizer model into `directory`.
+
+    Prepared params (devices.prepare) are stored as their originals would be (devices.as_stored)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.asarray(v) for k, v in flatten(jax.device_get(_as_stored(params))).items()}
+    arrays = {k: np.asarray(v) for k, v in flatten(jax.device_get(devices.as_stored(params))).items()}
     _write_atomic(directory / PARAMS_FILE, lambda p: save_file(arrays, str(p), metadata={"format": FORMAT}))
     if tokenizer is not None:
         _write_atomic(directory / TOKENIZER_FILE, tokenizer.save)
@@ -80,17 +83,6 @@ def save_checkpoint(directory: str | os.PathLike, params: dict, cfg: ModelConfig
         meta["quantization"] = quantization
     _write_atomic(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     return directory
-
-
-def _as_stored(params: dict) -> dict:
-    """Params as files hold them, whatever layout decoding gave them: quantized weights as
-    [rows, O] (not the CPU kernel's tiles) and the layers stacked (not a list; see decode_params)."""
-    is_q = lambda x: isinstance(x, QuantizedWeight)  # noqa: E731
-    params = jax.tree_util.tree_map(lambda x: untile_weight(x) if is_q(x) else x, params, is_leaf=is_q)
-    layers = params["layers"]
-    if isinstance(layers, (list, tuple)):
-        params = {**params, "layers": jax.tree_util.tree_map(lambda *xs: np.stack(xs), *layers)}
-    return params
 
 
 def load_config(directory: str | os.PathLike) -> ModelConfig:

@@ -3,8 +3,10 @@ persistent cache, and compile generation's programs ahead of time (`warmup`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -67,22 +69,61 @@ def enable_persistent_cache(path: str | os.PathLike | None = None) -> Path:
 class Compiled:
     """jit + an explicit cache of compiled programs, so compile time is measured on its own.
 
-    Call with keywords: `program(dynamic_args..., static=dict(...))`.
+    Call with keywords: `program(static=dict(...), **dynamic_args)` -> (outputs, seconds spent
+    compiling in this call). `out_info` and `compile_ahead` let a caller compile a later program
+    from an earlier one's output shapes while the earlier one compiles: XLA compiles a program
+    on one thread, so on a cold start two programs compile in about the time of the longer.
     """
 
     def __init__(self, fn, donate_argnames=()):
+        # key -> jax.stages.Lowered (not compiled yet), a Future (compiling) or jax.stages.Compiled
         self._fn, self._donate, self._programs = fn, donate_argnames, {}
 
-    def __call__(self, static: dict, **args):
+    @staticmethod
+    def _key(static: dict, args: dict) -> tuple:
         leaves, tree = jax.tree_util.tree_flatten(args)
-        key = (tuple(sorted(static.items())), tree, tuple((x.shape, x.dtype, getattr(x, "weak_type", False)) for x in leaves))
-        compile_s = 0.0
+        return tuple(sorted(static.items())), tree, tuple((x.shape, x.dtype, getattr(x, "weak_type", False)) for x in leaves)
+
+    def _program(self, static: dict, args: dict):
+        """(key, the program for these arguments: lowered now if it is new)."""
+        key = self._key(static, args)
         if key not in self._programs:
-            t = time.perf_counter()
             jitted = jax.jit(self._fn, static_argnames=tuple(static), donate_argnames=self._donate)
-            self._programs[key] = jitted.lower(**args, **static).compile()
+            self._programs[key] = jitted.lower(**args, **static)
+        return key, self._programs[key]
+
+    def __call__(self, static: dict, **args):
+        t = time.perf_counter()
+        key, program = self._program(static, args)
+        compile_s = 0.0
+        if not isinstance(program, jax.stages.Compiled):
+            program = program.result() if isinstance(program, Future) else program.compile()
+            self._programs[key] = program
             compile_s = time.perf_counter() - t
-        return self._programs[key](**args), compile_s
+        return program(**args), compile_s
+
+    def out_info(self, static: dict, **args):
+        """-> (the outputs as ShapeDtypeStructs, seconds spent lowering); does not compile."""
+        t = time.perf_counter()
+        new = self._key(static, args) not in self._programs
+        _, program = self._program(static, args)
+        program = program.result() if isinstance(program, Future) else program
+        return program.out_info, time.perf_counter() - t if new else 0.0
+
+    def compile_ahead(self, static: dict, **args) -> float:
+        """Starts compiling for these arguments (arrays or ShapeDtypeStructs) on a background
+        thread; the call that needs the program waits for it. -> seconds spent lowering here."""
+        t = time.perf_counter()
+        key, program = self._program(static, args)
+        if not isinstance(program, jax.stages.Lowered):
+            return 0.0
+        self._programs[key] = _background().submit(program.compile)
+        return time.perf_counter() - t
+
+
+@functools.lru_cache(maxsize=None)
+def _background() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-compile")
 
 
 def warmup_lengths(max_seq_len: int, max_new_tokens: int) -> list[int]:
@@ -104,10 +145,12 @@ def warmup(params, cfg, *, batch_size: int = 1, max_new_tokens: int = 64, **gene
     values do not matter). Runs one dummy generation per bucket.
     -> {"prompt_lengths": one per bucket, "programs", "cache_hits", "compile_s"}.
     """
+    from jaxllm import devices
     from jaxllm.generate import generate
 
     lengths = warmup_lengths(cfg.max_seq_len, max_new_tokens)
     with CompileCounter() as c:
+        params = devices.prepare(params, cfg)  # once for every bucket (and counted: it may compile)
         for n in lengths:
             generate(params, cfg, [[1] * n] * batch_size, max_new_tokens=max_new_tokens, **generate_kwargs)
     return {"prompt_lengths": lengths, "programs": c.count, "cache_hits": c.cache_hits, "compile_s": c.seconds}

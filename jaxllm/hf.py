@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from jaxllm.config import ModelConfig
+from jaxllm.devices import as_stored
 from jaxllm.errors import CheckpointError, ConfigError, TokenizerError
 from jaxllm.tokenizer import Tokenizer
 
@@ -201,11 +202,10 @@ def export_hf(directory: str | os.PathLike, params: dict, cfg: ModelConfig, toke
         raise CheckpointError(f"position_encoding {cfg.position_encoding!r} has no Llama/Mistral equivalent; export is refused")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    params = as_stored(params)  # prepared params are exported as their originals
     host = lambda a: np.ascontiguousarray(np.asarray(a))
     tensors = {"model.embed_tokens.weight": host(params["embed"]), "model.norm.weight": host(params["final_norm"])}
     layers = params["layers"]
-    if isinstance(layers, (list, tuple)):  # unstacked for decoding
-        layers = {k: np.stack([np.asarray(lp[k]) for lp in layers]) for k in layers[0]}
     for i in range(cfg.n_layers):
         for ours, theirs in LAYER_WEIGHTS.items():
             tensors[f"model.layers.{i}.{theirs}.weight"] = host(np.asarray(layers[ours][i]).T)

@@ -32,6 +32,7 @@ from jaxllm import kvcache, native
 from jaxllm.attention import (
     alibi_bias, alibi_slopes, attend, causal_mask, grouped, scores_reference, softmax_values,
 )
+from jaxllm.native import Float32Weight
 from jaxllm.quantize import QuantizedWeight, matmul as quantized_matmul, take_rows
 from jaxllm.config import ModelConfig
 from jaxllm.kvcache import KVCache
@@ -78,27 +79,24 @@ def param_shapes(cfg: ModelConfig) -> Params:
 # ---------------------------------------------------------------------------- building blocks
 
 
-# Rows of x (batch x new tokens) for which a float32 matmul runs in jaxllm's CPU kernel
-# (native.matmul_f32): XLA:CPU's dot reads the weight at 10-20 GB/s there, the kernel at 20-40
-# (benchmarks/RESULTS.md). One row is a GEMV XLA already streams at full speed; from about 32
-# rows on, XLA's GEMM is as fast.
-NATIVE_F32_ROWS = (2, 16)
+def linear(x: jax.Array, w: jax.Array | QuantizedWeight | Float32Weight, dtype, out_dtype=None) -> jax.Array:
+    """The model's one matmul: x [..., Din] @ w [Din, Dout] in `dtype` -> [..., Dout] in `out_dtype`
+    (default `dtype`).
 
-
-def linear(x: jax.Array, w: jax.Array | QuantizedWeight, dtype, out_dtype=None) -> jax.Array:
-    """The model's one matmul: x [..., Din] @ w [Din, Dout] in `dtype` (w may be quantized).
-
-    Products accumulate in at least float32 for float32 and quantized weights; the result is
-    `out_dtype` (default `dtype`).
+    Products accumulate in at least float32 for float32 and quantized weights. Which matmul runs
+    follows from the weight alone (and the rows of x): a plain array is XLA's dot on every
+    backend; a QuantizedWeight runs the formulation in its `impl`; a `native.Float32Weight`
+    (made by `devices.prepare`) runs the CPU kernel for its range of rows in float32.
     """
     if isinstance(w, QuantizedWeight):
         return quantized_matmul(x, w, dtype, out_dtype=out_dtype)
-    lead, (i, o) = x.shape[:-1], w.shape
-    m = int(np.prod(lead))
-    if jnp.dtype(dtype) == jnp.float32 and w.dtype == jnp.float32 and NATIVE_F32_ROWS[0] <= m <= NATIVE_F32_ROWS[1] \
-            and native.available():
-        y = native.matmul_f32(x.reshape(m, i).astype(jnp.float32), w)
-        return y.astype(out_dtype or dtype).reshape(*lead, o)
+    if isinstance(w, Float32Weight):
+        lead, (i, o) = x.shape[:-1], w.shape
+        m = int(np.prod(lead))
+        if jnp.dtype(dtype) == jnp.float32 and w.rows[0] <= m <= w.rows[1]:
+            y = native.matmul_f32(x.reshape(m, i).astype(jnp.float32), w.w)
+            return y.astype(out_dtype or dtype).reshape(*lead, o)
+        w = w.w
     return jnp.einsum("...i,io->...o", x.astype(dtype), w.astype(dtype), preferred_element_type=out_dtype)
 
 
@@ -181,10 +179,9 @@ def _finish_block(x, attn, lp, cfg: ModelConfig):
 def unstack_layers(params: Params) -> Params:
     """The same params with `layers` as a list of per-layer dicts.
 
-    `forward` then runs the layers as an unrolled Python loop instead of a `lax.scan`. Decoding
-    is bound by reading the weights, and XLA copies each layer's slice out of the stacked
-    arrays before its matmuls inside a scan, reading every weight twice and writing it once
-    more; separate arrays are read once. Costs compile time proportional to depth.
+    `forward` then runs the layers as an unrolled Python loop instead of a `lax.scan`
+    (`devices.prepare` says on which backends decoding does, and why). Costs compile time
+    proportional to depth.
     """
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):
@@ -339,6 +336,7 @@ def unembed(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     if cfg.tie_embeddings and not isinstance(w, QuantizedWeight):  # [V, D]; quantized, it is stored [D, V] (quantize.py)
         return jnp.einsum("...d,vd->...v", h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
     return linear(h, w, dt, out_dtype=jnp.float32)
+
 
 def forward(
     params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None

@@ -3,20 +3,23 @@
 XLA:CPU has no fused dequantize-matmul (quantize.py says why that matters), so decoding with
 int8/int4 weights on a CPU calls `kernels/qmatmul_cpu.cc`: it widens each weight slice to
 float in registers, so only the quantized bytes cross the memory bus. The same tiles multiply
-float32 weights by a few rows of x (`matmul_f32`; model.linear says when), which XLA:CPU's dot
-reads at under half the memory bandwidth. The library is built with
+float32 weights by a few rows of x (`matmul_f32`), which XLA:CPU's dot reads at under half the
+memory bandwidth. Which weights go to the kernel is decided once, by `devices.prepare`; the
+model's matmuls then follow the weight they are given. The library is built with
 the machine's C++ compiler (`$CXX`, else g++/c++) for this very CPU (`-march=native`) and kept
 under ~/.cache/jaxllm/kernels (or `$JAXLLM_KERNEL_DIR`), keyed by the source, the compiler, the
-CPU's feature flags and jaxlib's FFI headers.
+CPU's feature flags and jaxlib's FFI headers. It is built on the first `available()` call,
+which `devices.prepare` makes only for params with weights the kernel would multiply.
 
 Whenever the kernel cannot be used — JAX runs on a GPU or TPU, not an x86 CPU with AVX-512, no
-compiler, a failed build, or `JAXLLM_NATIVE=0` — `available()` is False and quantize.py runs its pure-XLA formulation
-instead; nothing else changes. Why it was not used is in `status()`.
+compiler, a failed build, or `JAXLLM_NATIVE=0` — `available()` is False and `devices.prepare`
+chooses XLA's formulations instead; nothing else changes. Why it was not used is in `status()`.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -112,17 +115,32 @@ def qmatmul(x: jax.Array, values: jax.Array, scales: jax.Array, bits: int, group
 
     `tile` > 0: `values` are in quantize.tile_weight's layout [ceil(O/T), rows, T].
 
-    Differentiable in x and the scales (the backward pass runs the XLA formulation); under
-    vmap it runs once per batch element.
+    Differentiable in x and the scales (the backward pass runs the XLA formulation). Under vmap
+    the mapped axis of x joins its rows (one call over B * M rows); a mapped weight runs the
+    XLA formulation instead.
     """
     return _qmatmul(x, values, scales, bits, group_size, tile)
 
 
-def _call(x, values, scales, bits, group_size, tile):
-    out = jax.ShapeDtypeStruct((x.shape[0], scales.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(
-        x, values, scales, bits=np.int64(bits), group=np.int64(group_size), tile=np.int64(tile)
-    )
+@functools.lru_cache(maxsize=None)
+def _qkernel(bits: int, group_size: int, tile: int):
+    """The FFI call for one weight format, batched by folding vmapped axes of x into its rows."""
+
+    @jax.custom_batching.custom_vmap
+    def call(x, values, scales):
+        out = jax.ShapeDtypeStruct((x.shape[0], scales.shape[1]), jnp.float32)
+        return jax.ffi.ffi_call(TARGET, out)(x, values, scales, bits=np.int64(bits), group=np.int64(group_size), tile=np.int64(tile))
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, x, values, scales):
+        x_b, values_b, scales_b = in_batched
+        if values_b or scales_b:  # one weight per element: the kernel takes one, so XLA's formulation runs
+            axes = [0 if b else None for b in in_batched]
+            return jax.vmap(lambda x, v, s: _reference(x, v, s, bits, group_size, tile), in_axes=axes)(x, values, scales), True
+        b, m, i = x.shape
+        return call(x.reshape(b * m, i), values, scales).reshape(b, m, -1), True
+
+    return call
 
 
 def _reference(x, values, scales, bits, group_size, tile):
@@ -133,11 +151,11 @@ def _reference(x, values, scales, bits, group_size, tile):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _qmatmul(x, values, scales, bits, group_size, tile):
-    return _call(x, values, scales, bits, group_size, tile)
+    return _qkernel(bits, group_size, tile)(x, values, scales)
 
 
 def _fwd(x, values, scales, bits, group_size, tile):
-    return _call(x, values, scales, bits, group_size, tile), (x, values, scales)
+    return _qkernel(bits, group_size, tile)(x, values, scales), (x, values, scales)
 
 
 def _bwd(bits, group_size, tile, saved, g):
@@ -150,28 +168,61 @@ def _bwd(bits, group_size, tile, saved, g):
 _qmatmul.defvjp(_fwd, _bwd)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["w"], meta_fields=["rows"])
+@dataclasses.dataclass(frozen=True)
+class Float32Weight:
+    """A float32 weight [I, O] whose products with `rows` = (lo, hi) rows of x, bounds included,
+    run in the kernel (`model.linear`); other products are XLA's dot. `devices.prepare` makes
+    these on a CPU the kernel runs on; `devices.as_stored` turns them back into arrays."""
+
+    w: jax.Array  # f32 [I, O]
+    rows: tuple[int, int]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.w.shape
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.w.ndim
+
+
 def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
     """x f32 [M, I] @ w f32 [I, O] -> f32 [M, O] with the kernel's float32 tiles.
 
     For decode-sized M: XLA:CPU's own dot reads the weight at under half the memory bandwidth
-    once M > 1 (model.linear says when this is used). Differentiable in both (the backward pass
-    is XLA's); under vmap it runs once per batch element.
+    once M > 1 (devices.py says when this is used). Differentiable in both (the backward pass
+    is XLA's). Under vmap the mapped axis of x joins its rows; a mapped w runs XLA's dot.
     """
     return _matmul_f32(x, w)
 
 
-def _call_f32(x, w):
+@jax.custom_batching.custom_vmap
+def _f32_kernel(x, w):
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET_F32, out, vmap_method="sequential")(x, w)
+    return jax.ffi.ffi_call(TARGET_F32, out)(x, w)
+
+
+@_f32_kernel.def_vmap
+def _f32_rule(axis_size, in_batched, x, w):
+    x_b, w_b = in_batched
+    if w_b:
+        return jnp.matmul(x, w), True
+    b, m, i = x.shape
+    return _f32_kernel(x.reshape(b * m, i), w).reshape(b, m, -1), True
 
 
 @jax.custom_vjp
 def _matmul_f32(x, w):
-    return _call_f32(x, w)
+    return _f32_kernel(x, w)
 
 
 def _fwd_f32(x, w):
-    return _call_f32(x, w), (x, w)
+    return _f32_kernel(x, w), (x, w)
 
 
 def _bwd_f32(saved, g):

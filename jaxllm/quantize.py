@@ -23,25 +23,31 @@ int4 packing: within each group of G input rows, packed row j holds row j in its
 and row j + G/2 in its high nibble (two's complement). Unpacking is two shifts and no
 interleave; the matmul splits x into the same two halves instead of shuffling weights.
 
-Why the matmul is written as it is (measured on XLA:CPU, 2-core AVX-512 EPYC, see
+Which formulation a weight's matmul runs is a static field of the weight (`impl`), chosen
+once by `devices.prepare` for the backend; a weight as `quantize` makes it (`impl="xla"`) runs
+the same plain XLA function everywhere, which is what training and a user's own jit/vmap/grad
+code get. Why there are three (measured on XLA:CPU, 2-core AVX-512 EPYC, see
 benchmarks/RESULTS.md): XLA:CPU does not fuse a convert into a dot (XNNPACK/oneDNN/YNNPACK
 fusion flags included), so `x @ q.astype(f32)` first writes the whole float weight to a fresh
 buffer, and the page faults of a multi-MB buffer cost more than the matmul (int8 768x32000,
-one row of x: 26 ms, against 2.3 ms for float32). On an x86 CPU with AVX-512 the matmul
-therefore calls jaxllm's own kernel (native.py, kernels/qmatmul_cpu.cc), which widens the
-bytes in registers and reads nothing else: about 4x faster decoding than float32 (small config,
-batch 1). Without it
-(another CPU, no compiler, JAXLLM_NATIVE=0) the pure-XLA formulation below runs: small-M products as a
-`lax.scan` over blocks of input rows (int8: 64 rows; int4: one group): each block is
-dequantized into a small cache-resident buffer and accumulated, so the weights are read from
-memory once, as int8 or packed int4; the int8 per-channel scale multiplies the output once.
-Larger M (batch > 8 in decoding, prefill, training) is compute-bound: there the blocks cost more
-than one dequantize of the whole weight, which is what it does (SMALL_M). So do GPUs and
-TPUs, where a loop of small matmuls would launch many kernels. Measured on an H100
-(benchmarks/gpu_check.sh, RESULTS.md): XLA:GPU wrote each dequantized weight (int8 widened and
-scaled) out in bf16 before its GEMM, so int8 decoded at 0.65x bf16. int8 therefore feeds the
-dot a bare convert and scales the output, the operand pattern XLA:GPU's Triton GEMM fusion
-takes in (to be measured on the next GPU run); int4's nibble unpacking has no such form yet.
+one row of x: 26 ms, against 2.3 ms for float32).
+
+- "native": jaxllm's own CPU kernel (native.py, kernels/qmatmul_cpu.cc), which widens the
+  bytes in registers and reads nothing else: about 4x faster decoding than float32 (small
+  config, batch 1), at every M measured (1-64). Usually in the kernel's tiled layout (`tile`).
+- "xla_blocked": for a CPU without the kernel (another CPU, no compiler, JAXLLM_NATIVE=0):
+  small-M products as a `lax.scan` over blocks of input rows (int8: 64 rows; int4: one group):
+  each block is dequantized into a small cache-resident buffer and accumulated, so the weights
+  are read from memory once, as int8 or packed int4; the int8 per-channel scale multiplies the
+  output once. Larger M (batch > 8 in decoding, prefill, training) is compute-bound: there the
+  blocks cost more than one dequantize of the whole weight, which is what it does (SMALL_M).
+- "xla": one dequantize of the whole weight, then the matmul; fusion is left to XLA. So do
+  GPUs and TPUs, where a loop of small matmuls would launch many kernels. Measured on an H100
+  (benchmarks/gpu_check.sh, RESULTS.md): XLA:GPU wrote each dequantized weight (int8 widened
+  and scaled) out in bf16 before its GEMM, so int8 decoded at 0.65x bf16. int8 therefore feeds
+  the dot a bare convert and scales the output, the operand pattern XLA:GPU's Triton GEMM
+  fusion takes in (to be measured on the next GPU run); int4's nibble unpacking has no such
+  form yet.
 """
 
 from __future__ import annotations
@@ -63,13 +69,14 @@ INT8_BLOCK = 64  # input rows per step of the small-M int8 matmul (16..256 were 
 # Rows of x up to which the blocked matmul is used. Small config, int8, greedy decoding (tok/s,
 # blocked vs dequantize whole): batch 8 261 vs 216, batch 16 339 vs 343, batch 32 389 vs 471.
 SMALL_M = 8
+IMPLS = ("xla", "xla_blocked", "native")
 KERNEL_TILE = 128  # columns per tile in the CPU kernel's layout (kTile in kernels/qmatmul_cpu.cc)
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["values", "scales"],
-    meta_fields=["bits", "group_size", "transposed", "tile"],
+    meta_fields=["bits", "group_size", "transposed", "tile", "impl"],
 )
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
@@ -79,6 +86,7 @@ class QuantizedWeight:
     group_size: int  # G along the input axis (= I for per-channel int8)
     transposed: bool  # True: the logical weight is [..., O, I] (the embedding table), stored as [I, O]
     tile: int = 0  # T > 0: the CPU kernel's layout, column tiles of T stored one after another (see tile_weight)
+    impl: str = "xla"  # which matmul runs (IMPLS; see the module docstring): set by devices.prepare
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -208,22 +216,6 @@ def untile_weight(qw: QuantizedWeight) -> QuantizedWeight:
     return dataclasses.replace(qw, values=v, tile=0)
 
 
-def tile_params(params):
-    """Every 2-D, non-transposed QuantizedWeight in `params` in the CPU kernel's tiled layout
-    (one compiled program for the whole tree; params with nothing left to tile come back as they are)."""
-    is_q = lambda x: isinstance(x, QuantizedWeight)  # noqa: E731
-    leaves = jax.tree_util.tree_leaves(params, is_leaf=is_q)
-    if not any(is_q(x) and _tileable(x) for x in leaves):
-        return params
-    return _tile_all(params)
-
-
-@jax.jit
-def _tile_all(params):
-    is_q = lambda x: isinstance(x, QuantizedWeight)  # noqa: E731
-    return jax.tree_util.tree_map(lambda x: tile_weight(x) if is_q(x) else x, params, is_leaf=is_q)
-
-
 # ---------------------------------------------------------------------------- the matmul
 
 
@@ -234,8 +226,9 @@ def _divisor_at_most(n: int, k: int) -> int:
 def matmul(x: jax.Array, qw: QuantizedWeight, dtype=jnp.float32, out_dtype=None) -> jax.Array:
     """x [..., I] @ W [I, O] -> [..., O] (for the embedding table, W is its transpose: h @ embed.T).
 
-    Products accumulate in float32; the result is `out_dtype` (default `dtype`). Composes with
-    jit/vmap/grad (gradients flow to x; the integer values are constants).
+    Products accumulate in float32; the result is `out_dtype` (default `dtype`). `qw.impl` says
+    which formulation runs. Composes with jit/vmap/grad (gradients flow to x and the scales;
+    the integer values are constants).
     """
     assert qw.values.ndim == (3 if qw.tile else 2), "a stacked QuantizedWeight must be sliced per layer first"
     out_dtype = out_dtype or dtype
@@ -244,11 +237,11 @@ def matmul(x: jax.Array, qw: QuantizedWeight, dtype=jnp.float32, out_dtype=None)
     lead = x.shape[:-1]
     xm = x.reshape(-1, i).astype(dtype)
     m = xm.shape[0]
-    if native.available():  # at every M measured (1-64) it beats XLA
+    if qw.impl == "native":
         y = native.qmatmul(xm.astype(jnp.float32), qw.values, qw.scales, qw.bits, qw.group_size, qw.tile)
         return y.astype(out_dtype).reshape(*lead, o)
     qw = untile_weight(qw)
-    if m > SMALL_M or jax.default_backend() != "cpu":  # one matmul over the whole weight (see above)
+    if qw.impl != "xla_blocked" or m > SMALL_M:  # one matmul over the whole weight (see above)
         if qw.bits == 8:  # the per-channel scale factors out, so only a convert feeds the dot
             y = jnp.dot(xm, qw.values.astype(dtype), preferred_element_type=jnp.float32) * qw.scales[0]
             return y.astype(out_dtype).reshape(*lead, o)
@@ -299,6 +292,8 @@ def quantize_params(params: dict, bits: int = 8, group_size: int = 64) -> dict:
     check_options(bits, group_size)
 
     def q(w, transposed=False):
+        if isinstance(w, native.Float32Weight):  # prepared float32 params: the array it wraps
+            w = w.w
         return w if isinstance(w, QuantizedWeight) else quantize(w, bits, group_size, transposed=transposed)
 
     def layer(lp):

@@ -34,12 +34,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxllm import constraints
+from jaxllm import constraints, devices
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
 from jaxllm.generate import (
-    DecodeState, GenerationResult, _prepare, _split_kwargs, bucket, decode_params, emit, left_pad,
+    DecodeState, GenerationResult, _prepare, _split_kwargs, bucket, emit, left_pad,
 )
 from jaxllm.kvcache import KVCache, init_cache
 from jaxllm.model import forward, hidden_states, unembed
@@ -239,7 +239,7 @@ def speculative_generate(
     t0 = time.perf_counter()
     state, compile_s = _speculate_compiled(
         dict(tcfg=cfg, dcfg=draft_cfg, gamma=gamma, buffer_len=req.buffer_len, pad_id=req.pad_id),
-        tparams=decode_params(params), dparams=decode_params(draft_params), prompt=jnp.asarray(tokens),
+        tparams=devices.prepare(params, cfg), dparams=devices.prepare(draft_params, draft_cfg), prompt=jnp.asarray(tokens),
         prompt_pos=jnp.asarray(positions), sp=req.sampling, stops=req.stops, auto=req.automaton,
         constraint=req.row_states,
     )

@@ -50,6 +50,18 @@ def test_max_new_tokens_is_exact_and_does_not_recompile(cfg, params):
     assert c.count == 0
 
 
+def test_the_chunk_program_compiled_ahead_from_the_prefill_shapes_is_the_one_that_runs():
+    from conftest import tiny_config
+    from jaxllm import init_params
+    from jaxllm.generate import _chunk_program
+
+    cfg = tiny_config(89)  # shapes no other test compiles
+    out = generate(init_params(cfg, jax.random.key(0)), cfg, PROMPTS, max_new_tokens=20, temperature=0.0, eos_token_id=[])
+    assert [len(t) for t in out.token_ids] == [20] * 3  # two chunks: the second found the program ready
+    programs = [p for key, p in _chunk_program._programs.items() if dict(key[0])["cfg"] == cfg]
+    assert len(programs) == 1 and isinstance(programs[0], jax.stages.Compiled)  # compiled once, not again for the real state
+
+
 def test_changing_temperature_or_seed_does_not_recompile(cfg, params):
     generate(params, cfg, PROMPTS, max_new_tokens=8, temperature=0.7, seed=1)
     with CompileCounter() as c:

@@ -3,6 +3,7 @@ model under quantized weights (logits near fp32, a trained model's greedy text u
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxllm
-from jaxllm import forward, init_cache, init_params, native
+from jaxllm import devices, forward, init_cache, init_params, native
 from jaxllm.model import unstack_layers
 from jaxllm.quantize import (
     QuantizedWeight, dequantize, dequantize_params, matmul, pack_int4, quantize, quantize_params, take_rows,
@@ -40,13 +41,12 @@ def np_dequantize(qw: QuantizedWeight) -> np.ndarray:
     return np.swapaxes(w, -1, -2) if qw.transposed else w
 
 
-@pytest.fixture(params=["native", "xla"])
-def matmul_path(request, monkeypatch):
-    """The quantized matmul through jaxllm's CPU kernel (native.py), or through the pure-XLA formulation."""
+@pytest.fixture(params=["native", "xla_blocked", "xla"])
+def impl(request):
+    """Each formulation a QuantizedWeight may name: jaxllm's CPU kernel (native.py), XLA's blocked
+    small-M scan, XLA's whole-weight dequantize (what raw weights run)."""
     if request.param == "native" and not native.available():
         pytest.skip(f"native kernel not in use here: {native.status()}")
-    if request.param == "xla":
-        monkeypatch.setattr(native, "available", lambda: False)
     return request.param
 
 
@@ -101,9 +101,9 @@ def test_int4_packing_round_trips_every_value_including_minus_eight():
 
 
 @pytest.mark.parametrize("bits,group_size", [(8, 0), (4, 32), (4, 128)])
-@pytest.mark.parametrize("rows", [1, 5, 130])  # xla: the blocked small-M path and the dequantize-whole path
-def test_quantized_matmul_equals_dequantize_then_matmul(matmul_path, weight, bits, group_size, rows):
-    qw = quantize(weight, bits, group_size or 64)
+@pytest.mark.parametrize("rows", [1, 5, 130])  # xla_blocked: blocks up to SMALL_M rows, whole above
+def test_quantized_matmul_equals_dequantize_then_matmul(impl, weight, bits, group_size, rows):
+    qw = dataclasses.replace(quantize(weight, bits, group_size or 64), impl=impl)
     x = np.random.default_rng(rows).standard_normal((rows, 256)).astype(np.float32)
     want = x.astype(np.float64) @ np_dequantize(qw)
     got = np.asarray(fresh_matmul(jnp.asarray(x), qw))
@@ -147,29 +147,69 @@ def test_native_float32_kernel_matches_numpy(i):
             )
 
 
-def test_float32_linear_takes_the_kernel_for_decode_sized_rows_and_keeps_xla_gradients():
-    from jaxllm.model import NATIVE_F32_ROWS, linear
+def test_float32_linear_takes_the_kernel_only_for_prepared_weights_and_decode_sized_rows():
+    from jaxllm.model import linear
 
     if not native.available():
         pytest.skip(f"native kernel not in use here: {native.status()}")
     rng = np.random.default_rng(3)
     w = jnp.asarray(rng.standard_normal((96, 40)).astype(np.float32))
-    lo, hi = NATIVE_F32_ROWS
+    lo, hi = devices.F32_KERNEL_ROWS
+    ready = native.Float32Weight(w, (lo, hi))
     for b, t in ((1, 1), (1, lo), (2, hi // 2), (hi + 1, 1), (4, 8)):
         x = jnp.asarray(rng.standard_normal((b, t, 96)).astype(np.float32))
-        hlo = jax.jit(lambda x, w: linear(x, w, jnp.float32)).lower(x, w).compile().as_text()
+        hlo = jax.jit(lambda x, w: linear(x, w, jnp.float32)).lower(x, ready).compile().as_text()
         assert (native.TARGET_F32 in hlo) == (lo <= b * t <= hi), (b, t)
-        np.testing.assert_allclose(np.asarray(linear(x, w, jnp.float32)), np.asarray(x) @ np.asarray(w), rtol=1e-5, atol=1e-4)
+        raw = jax.jit(lambda x, w: linear(x, w, jnp.float32)).lower(x, w).compile().as_text()
+        assert native.TARGET_F32 not in raw  # a raw weight is XLA's dot, whatever the backend
+        np.testing.assert_allclose(np.asarray(linear(x, ready, jnp.float32)), np.asarray(x) @ np.asarray(w), rtol=1e-5, atol=1e-4)
     # bfloat16 compute keeps XLA's dot; gradients of the kernel's path are the plain matmul's
     x = jnp.asarray(rng.standard_normal((2, 3, 96)).astype(np.float32))
-    assert native.TARGET_F32 not in jax.jit(lambda x, w: linear(x, w, jnp.bfloat16)).lower(x, w).as_text()
+    assert native.TARGET_F32 not in jax.jit(lambda x, w: linear(x, w, jnp.bfloat16)).lower(x, ready).as_text()
     loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))  # noqa: E731
-    got = jax.grad(loss(lambda x, w: linear(x, w, jnp.float32)), argnums=(0, 1))(x, w)
-    want = jax.grad(loss(lambda x, w: x @ w), argnums=(0, 1))(x, w)
-    for a, b in zip(got, want):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
-    per_row = jax.vmap(lambda x: linear(x, w, jnp.float32))(x)  # under vmap: once per batch element
-    np.testing.assert_allclose(np.asarray(per_row), np.asarray(x) @ np.asarray(w), rtol=1e-5, atol=1e-4)
+    got = jax.grad(loss(lambda x, w: linear(x, native.Float32Weight(w, (lo, hi)), jnp.float32)), argnums=(0, 1))(x, w)
+    xn, wn = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    c = np.cos(xn @ wn)  # d sum(sin(x @ w)): cos(x @ w) @ w.T for x, x.T @ cos(x @ w) for w
+    for a, b in zip(got, (c @ wn.T, np.einsum("bti,bto->io", xn, c))):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-4)
+
+
+def _kernel_calls(hlo: str, target: str) -> list[str]:
+    return [line for line in hlo.splitlines() if target in line and "custom-call" in line]
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "float32"])
+def test_the_kernel_under_vmap_runs_once_over_all_rows_and_matches_numpy(weight, kind):
+    """vmap (and a nested vmap) folds the mapped axes into the rows of x: one kernel call, no
+    loop; results and gradients through vmap equal numpy's; a mapped weight still works."""
+    if not native.available():
+        pytest.skip(f"native kernel not in use here: {native.status()}")
+    if kind == "float32":
+        w_np, target = weight.astype(np.float64), native.TARGET_F32
+        f = lambda x, w=jnp.asarray(weight): native.matmul_f32(x, w)  # noqa: E731
+    else:
+        qw = tile_weight(quantize(weight, 8 if kind == "int8" else 4, 32))
+        w_np, target = np_dequantize(untile_weight(qw)), native.TARGET
+        f = lambda x, qw=qw: native.qmatmul(x, qw.values, qw.scales, qw.bits, qw.group_size, qw.tile)  # noqa: E731
+    x = np.random.default_rng(7).standard_normal((2, 3, 4, 256)).astype(np.float32)  # [B2, B1, M, I]
+    once, twice = jax.vmap(f), jax.vmap(jax.vmap(f))
+    for fn, xs in ((once, x[0]), (twice, x)):
+        np.testing.assert_allclose(np.asarray(jax.jit(fn)(xs)), xs.astype(np.float64) @ w_np, rtol=1e-5, atol=1e-4)
+        hlo = jax.jit(fn).lower(xs).compile().as_text()
+        calls = _kernel_calls(hlo, target)
+        assert len(calls) == 1 and f"= f32[{xs.size // 256},96]" in calls[0], calls  # all B * M rows at once
+        assert " while(" not in hlo  # no per-element loop
+    g = jax.jit(jax.grad(lambda x: jnp.sum(twice(x) ** 2) / 2))(x)
+    want = (x.astype(np.float64) @ w_np) @ w_np.T
+    np.testing.assert_allclose(np.asarray(g), want, rtol=1e-4, atol=1e-3)
+    if kind == "float32":  # one weight per element: XLA's dot
+        ws = np.stack([weight, 2 * weight])
+        got = jax.vmap(native.matmul_f32)(jnp.asarray(x[0, :2]), jnp.asarray(ws))
+        np.testing.assert_allclose(np.asarray(got), np.einsum("bmi,bio->bmo", x[0, :2], ws), rtol=1e-5, atol=1e-4)
+    else:
+        scales = jnp.stack([qw.scales, 2 * qw.scales])
+        got = jax.vmap(lambda x, s: native.qmatmul(x, qw.values, s, qw.bits, qw.group_size, qw.tile))(jnp.asarray(x[0, :2]), scales)
+        np.testing.assert_allclose(np.asarray(got), x[0, :2] @ w_np * np.array([1, 2])[:, None, None], rtol=1e-5, atol=1e-4)
 
 
 def test_tiled_layout_round_trips_and_keeps_the_logical_weight(weight):
@@ -184,40 +224,51 @@ def test_tiled_layout_round_trips_and_keeps_the_logical_weight(weight):
         assert tile_weight(t) is t and untile_weight(qw) is qw
 
 
-def test_decode_params_tile_for_the_kernel_and_checkpoints_store_the_plain_layout(tmp_path):
+@pytest.mark.parametrize("bits", [8, 0])  # int8, and float32 weights
+def test_prepared_params_tile_for_the_kernel_and_checkpoint_as_their_originals(tmp_path, bits):
     from jaxllm.checkpoint import load_checkpoint, save_checkpoint
-    from jaxllm.generate import decode_params
 
     cfg = tiny_config(96)
-    params = quantize_params(init_params(cfg, jax.random.key(0)), 8)
-    ready = decode_params(params)
-    tiled = [x for x in jax.tree.leaves(ready, is_leaf=lambda x: isinstance(x, QuantizedWeight)) if isinstance(x, QuantizedWeight) and x.tile]
-    assert bool(tiled) == native.available()
-    assert decode_params(ready)["layers"][0]["wq"] is ready["layers"][0]["wq"]  # idempotent: tiled params pass through
+    params = init_params(cfg, jax.random.key(0))
+    params = quantize_params(params, bits) if bits else params
+    ready = devices.prepare(params, cfg)
+    kernel = jax.default_backend() == "cpu" and native.available()
+    is_node = lambda x: isinstance(x, (QuantizedWeight, native.Float32Weight))  # noqa: E731
+    nodes = [x for x in jax.tree.leaves(ready, is_leaf=is_node) if is_node(x)]
+    if bits:
+        tiled = [x for x in nodes if x.tile]
+        assert len(tiled) == (7 * cfg.n_layers + 1 if kernel else 0)  # every projection and the untied head
+    else:
+        assert len(nodes) == (7 * cfg.n_layers + 1 if kernel else 0)
+    assert devices.prepare(ready, cfg) is ready  # idempotent: prepared params pass through
     save_checkpoint(tmp_path / "ckpt", ready, cfg)
     back, _, _ = load_checkpoint(tmp_path / "ckpt")
-    for a, b in zip(jax.tree.leaves(unstack_layers(back)), jax.tree.leaves(unstack_layers(params))):
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_decoding_program_calls_the_kernel_and_never_widens_a_whole_weight(weight):
     if not native.available():
         pytest.skip(f"native kernel not in use here: {native.status()}")
-    qw = quantize(weight, 8)
+    qw = dataclasses.replace(quantize(weight, 8), impl="native")
     hlo = jax.jit(lambda x, qw: matmul(x, qw)).lower(jnp.ones((1, 256)), qw).compile().as_text()
     assert native.TARGET in hlo
     assert "f32[256,96]" not in hlo  # the float weight is never materialized
 
 
-def test_without_the_kernel_the_matmul_falls_back_to_xla(tmp_path):
-    # A compiler that fails: the reason is reported and results still come (from XLA).
+def test_without_the_kernel_prepared_params_run_the_blocked_xla_matmul(tmp_path):
+    # A compiler that fails: the reason is reported, prepare picks XLA's blocked formulation, and
+    # its products equal those of the dequantized weight.
     code = (
         "import numpy as np, jax.numpy as jnp\n"
-        "from jaxllm import native\n"
-        "from jaxllm.quantize import quantize, matmul, dequantize\n"
+        "from jaxllm import devices, native\n"
+        "from jaxllm.quantize import dequantize, matmul, quantize\n"
+        "w = np.random.default_rng(0).standard_normal((1, 64, 32)).astype(np.float32)\n"  # one stacked layer
+        "ready = devices.prepare({'layers': {'w_up': quantize(w, 8)}})\n"
         "print(native.available(), native.status())\n"
-        "w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32); qw = quantize(w, 8)\n"
-        "x = jnp.ones((2, 64)); print(float(abs(matmul(x, qw) - x @ dequantize(qw)).max()))\n"
+        "w = ready['layers'][0]['w_up']; print(w.impl)\n"
+        "x = jnp.linspace(-1, 1, 2 * 64).reshape(2, 64); print(float(abs(matmul(x, w) - x @ dequantize(w)).max()))\n"
     )
     import subprocess, sys, os
 
@@ -228,7 +279,8 @@ def test_without_the_kernel_the_matmul_falls_back_to_xla(tmp_path):
         ).stdout.splitlines()
         reasons = ("build failed", "JAXLLM_NATIVE=0", "JAX runs on")  # the last on a GPU/TPU machine
         assert out[0].startswith("False") and any(r in out[0] for r in reasons), out
-        assert float(out[1]) < 1e-4
+        assert out[1] == ("xla_blocked" if jax.default_backend() == "cpu" else "xla")
+        assert float(out[2]) < 1e-4
     assert not list(tmp_path.glob("*.so"))  # a failed build leaves nothing behind
 
 
@@ -257,14 +309,14 @@ def test_embedding_lookup_dequantizes_the_rows_and_the_tied_head_uses_the_transp
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_matmul_composes_with_grad_and_vmap(matmul_path, weight, bits):
-    qw = quantize(weight, bits, 64)
+def test_quantized_matmul_composes_with_grad_and_vmap(impl, weight, bits):
+    qw = dataclasses.replace(quantize(weight, bits, 64), impl=impl)
     x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 256)), jnp.float32)
     g = jax.grad(lambda x: jnp.sum(matmul(x, qw) ** 2))(x)
     w = dequantize(qw)
     np.testing.assert_allclose(np.asarray(g), np.asarray(2 * (x @ w) @ w.T), rtol=1e-4, atol=1e-3)
     # the scales are float parameters: their gradient too
-    ds = jax.grad(lambda s: jnp.sum(matmul(x, QuantizedWeight(qw.values, s, bits, qw.group_size, False))))(qw.scales)
+    ds = jax.grad(lambda s: jnp.sum(matmul(x, QuantizedWeight(qw.values, s, bits, qw.group_size, False, 0, impl))))(qw.scales)
     ds_ref = jax.grad(lambda s: jnp.sum(x @ dequantize(QuantizedWeight(qw.values, s, bits, qw.group_size, False))))(qw.scales)
     np.testing.assert_allclose(np.asarray(ds), np.asarray(ds_ref), rtol=1e-4, atol=1e-3)
     per_row = jax.vmap(lambda r: matmul(r, qw))(x)
