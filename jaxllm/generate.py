@@ -481,7 +481,7 @@ def _generate(
     timing: dict = {}
     if stream and tokenizer is None:
         raise GenerationError("streaming needs a tokenizer")
-    streams = [tokenizer.stream_decoder() for _ in range(B)] if stream else []
+    streams = [tokenizer.stream_decoder(after=prompt) for prompt in req.prompts] if stream else []
     so_far, shown, seen = [""] * B, [0] * B, [0] * B
     for state in _run(params, cfg, req, chunk=chunk, num_alternatives=logprobs or 0, stop_fn=stop_fn, timing=timing, spec=spec):
         if not stream:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import pytest
+import sentencepiece as spm
 
 from jaxllm import ModelConfig, Tokenizer, init_params
 from jaxllm.compilation import enable_persistent_cache
@@ -62,6 +63,18 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer(corpus, tmp_path_factory) -> Tokenizer:
     return Tokenizer.train([corpus], tmp_path_factory.mktemp("tok") / "tok", vocab_size=512, model_type="bpe")
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(corpus, tmp_path_factory) -> Tokenizer:
+    """A tokenizer with Llama/Mistral's settings: every text starts with a dummy "▁" (a space),
+    which decoding drops again at the start of a text."""
+    prefix = tmp_path_factory.mktemp("llama_tok") / "llama"
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(prefix), vocab_size=400, model_type="bpe", byte_fallback=True,
+        add_dummy_prefix=True, normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
+    )
+    return Tokenizer.load(f"{prefix}.model")
 
 
 def tiny_config(vocab_size: int, **overrides) -> ModelConfig:
