@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -95,6 +96,32 @@ def test_clear_errors_for_unsupported_or_broken_directories(cfg, params, tmp_pat
     (d / "config.json").write_text(json.dumps(meta))
     (d / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_hf(d)
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "subdirectory"])
+def test_an_index_names_only_shard_files_inside_the_directory(cfg, params, tmp_path, where):
+    d = write_hf_dir(tmp_path / "hf", params, cfg, shards=2)
+    shard = "model-00001-of-00002.safetensors"
+    # a real copy of the shard where the index points, so only the name can be refused
+    target = {"parent": (tmp_path / shard, f"../{shard}"), "absolute": (tmp_path / shard, str(tmp_path / shard)),
+              "subdirectory": (d / "sub" / shard, f"sub/{shard}")}[where]
+    target[0].parent.mkdir(exist_ok=True)
+    shutil.copy(d / shard, target[0])
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: target[1] if v == shard else v for k, v in index["weight_map"].items()}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not a plain file name"):
+        load_hf(d)
+
+
+def test_a_tensor_in_two_shards_is_an_error(cfg, params, tmp_path):
+    d = write_hf_dir(tmp_path / "hf", params, cfg, shards=2)
+    save_file({"model.norm.weight": np.zeros(cfg.d_model, np.float32)}, str(d / "extra.safetensors"))
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    index["weight_map"]["extra.bias"] = "extra.safetensors"  # the index lists the file; it repeats a tensor
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="'model.norm.weight' is in two shards"):
         load_hf(d)
 
 
