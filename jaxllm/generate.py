@@ -8,8 +8,8 @@ Legend: B batch, P padded prompt length, N output buffer length, V vocab, A logp
 
 Prompts are left-padded so every row writes the cache at one cursor; prompt and output
 lengths are rounded up to buckets so a new length rarely compiles a new program. Sampling
-values, stop strings' bytes and `max_new_tokens` are traced, so changing them never
-recompiles.
+values, stop strings' bytes and `max_new_tokens` are traced, so changing them compiles
+nothing new unless a rounded-up size changes (README, "When a program is compiled").
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import pytest
 from jaxllm import GenerationError, SamplingParams, StopParams, generate
 from jaxllm.beam import NEG, beam_generate, beam_search
 from jaxllm.sampling import init_history
+from conftest import reference_stack
 
 PROMPTS = [[1, 40, 41, 42], [1, 50, 51, 52, 53, 54, 55, 56, 57, 58], [1, 60]]
 EOS = 0
@@ -145,8 +146,7 @@ def test_bad_arguments(cfg, params):
 @pytest.mark.parametrize("early,lp,n", [(True, 1.0, 2), (False, 1.0, 3), ("never", 2.0, 2), (False, -1.0, 1)])
 def test_equals_transformers_beam_search(early, lp, n, tmp_path):
     EOS_ID = 6  # a token the model likes early: hypotheses finish at different lengths
-    torch = pytest.importorskip("torch", reason="torch not installed")
-    tf = pytest.importorskip("transformers", reason="transformers not installed")
+    torch, tf = reference_stack()
     from jaxllm.hf import load_hf
 
     torch.manual_seed(0)

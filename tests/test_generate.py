@@ -50,6 +50,38 @@ def test_max_new_tokens_is_exact_and_does_not_recompile(cfg, params):
     assert c.count == 0
 
 
+def pow2(n):
+    return 1 << max(0, n - 1).bit_length()
+
+
+def program_shapes(rows, longest_prompt, max_new_tokens, stop=()):
+    """The README's rule for when generate compiles: what its programs' shapes depend on."""
+    stop_bytes = [len(s.encode("utf-8")) for s in stop]
+    return (rows, max(16, pow2(longest_prompt)), max(16, pow2(max_new_tokens)),
+            pow2(len(stop)) if stop else 0, pow2(max(stop_bytes)) if stop else 0)
+
+
+def test_a_program_is_compiled_exactly_when_a_bucket_changes(cfg, params, tokenizer):
+    # Five rows: a batch size no other test uses, so every program here is compiled here first.
+    prompts = [[1, 40 + i] for i in range(5)]
+    # max_new_tokens from 1 to 32: two buckets; stop strings: one and four of them, 1 to 4 bytes long
+    calls = [dict(max_new_tokens=n) for n in (1, 5, 16, 17, 24, 32)]
+    calls += [dict(max_new_tokens=8, stop=s) for s in (
+        ["x"], ["\n"], ["\u3053"], ["wxyz"], ["ab", "c", "d"], ["ab", "cd", "e", "f"],
+    )]
+    seen, compiled, expected = set(), [], []
+    for call in calls:
+        shapes = program_shapes(len(prompts), 2, call["max_new_tokens"], call.get("stop", ()))
+        expected.append(shapes not in seen)
+        seen.add(shapes)
+        with CompileCounter() as c:
+            generate(params, cfg, prompts, tokenizer=tokenizer, temperature=0.0, max_new_tokens=call["max_new_tokens"],
+                     stop=call.get("stop", ()))
+        compiled.append(c.count > 0)
+    assert compiled == expected
+    assert sum(expected) == 5  # both kinds of call were made
+
+
 def test_changing_temperature_or_seed_does_not_recompile(cfg, params):
     generate(params, cfg, PROMPTS, max_new_tokens=8, temperature=0.7, seed=1)
     with CompileCounter() as c:

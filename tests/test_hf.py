@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 from jaxllm import CheckpointError, forward, generate, init_params
 from jaxllm.checkpoint import flatten, load_any
 from jaxllm.hf import export_hf, load_hf
-from conftest import REPO, tiny_config
+from conftest import REPO, reference_stack, tiny_config
 
 
 def write_hf_dir(path, params, cfg, shards=1, generation=None):
@@ -150,8 +150,7 @@ HF_CASES = [
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
-    torch = pytest.importorskip("torch", reason="torch not installed: parity with transformers not checked")
-    tf = pytest.importorskip("transformers", reason="transformers not installed")
+    torch, tf = reference_stack()
     models = []
     for i, case in enumerate(HF_CASES):
         torch.manual_seed(i)
@@ -219,8 +218,7 @@ def test_export_command_writes_a_loadable_directory(cfg, params, tokenizer, tmp_
 
 
 def test_mistral_sliding_window_equals_transformers_past_the_window(tmp_path):
-    torch = pytest.importorskip("torch", reason="torch not installed: parity with transformers not checked")
-    tf = pytest.importorskip("transformers", reason="transformers not installed")
+    torch, tf = reference_stack()
     torch.manual_seed(7)
     config = tf.MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, max_position_embeddings=128, sliding_window=8, initializer_range=0.3)

@@ -13,6 +13,7 @@ from jaxllm.sampling import (
     penalize_repetition, record, truncate,
 )
 from jaxllm.errors import GenerationError
+from conftest import reference_stack
 
 V = 50
 
@@ -235,8 +236,7 @@ def test_sampled_frequencies_match_the_processed_distribution():
 
 
 def test_matches_transformers_processors():
-    torch = pytest.importorskip("torch", reason="torch not installed")
-    tf = pytest.importorskip("transformers", reason="transformers not installed")
+    torch, tf = reference_stack()
     rng = np.random.default_rng(3)
     ids = rng.integers(0, V, size=(3, 12))
     z = rng.normal(size=(3, V)).astype(np.float32) * 2
