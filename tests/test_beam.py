@@ -1,5 +1,5 @@
-"""Beam search: width 1 is greedy, toy Markov chains against a numpy reference and brute force,
-ragged batches, and transformers' generate(num_beams=K) when installed."""
+"""Beam search: width 1 is greedy, toy Markov chains against brute force (stop strings included),
+ragged batches, and transformers' generate(num_beams=K)."""
 
 from __future__ import annotations
 
