@@ -40,8 +40,9 @@ from jaxllm.errors import GenerationError
 from jaxllm.generate import GenerationResult, _prepare, _split_kwargs, bucket, left_pad
 from jaxllm.kvcache import KVCache, init_cache
 from jaxllm.model import forward, hidden_states, unembed
+from jaxllm.results import decode_rows
 from jaxllm.sampling import History, SamplingParams, init_history, process_logits, record
-from jaxllm.stopping import StopParams, append_bytes, cut_at_stop, stop_string_hit
+from jaxllm.stopping import StopParams, append_bytes, stop_string_hit
 from jaxllm.tokenizer import Tokenizer
 
 EARLY_STOPPING = (True, False, "never")
@@ -296,26 +297,22 @@ def beam_generate(
     out, lengths, scores = jax.device_get((beams.bank_tokens, beams.bank_len, beams.bank_scores))
     elapsed = time.perf_counter() - t0 - compile_s
     eos = set(np.asarray(req.stops.eos_ids).tolist())
-    token_ids, reasons, texts, best = [], [], [], []
+    token_ids, reasons, best, rows_prompt = [], [], [], []
     for b in range(len(unique)):
         for k in range(num_return_sequences):
             ids = out[b, k, : lengths[b, k]].tolist()
-            text = tokenizer.decode(ids) if tokenizer is not None else None
-            if ids and ids[-1] in eos:
-                why = "eos"
-            elif text is not None and req.stop_strings and cut_at_stop(text, req.stop_strings) != text:
-                why = "stop"
-                text = cut_at_stop(text, req.stop_strings, include_stop_str_in_output)
-            else:
-                why = "length"
+            text = tokenizer.decode(ids, after=unique[b]) if tokenizer is not None else ""
             token_ids.append(ids)
-            reasons.append(why)
-            texts.append(text)
+            reasons.append("eos" if ids and ids[-1] in eos else "stop" if any(s in text for s in req.stop_strings) else "length")
             best.append(float(scores[b, k]))
-    valid = errors = None
-    if texts and texts[0] is not None and req.automaton is not None:
+            rows_prompt.append(unique[b])
+    texts = valid = errors = None
+    if tokenizer is not None:
+        texts = decode_rows(tokenizer, rows_prompt, token_ids, reasons, req.stop_strings, include_stop_str_in_output)
+    if texts is not None and req.automaton is not None:
         specs = [req.constraints[b * num_beams] for b in range(len(unique)) for _ in range(num_return_sequences)]
-        valid, errors = constraints.verify_all(specs, texts)
+        own = decode_rows(tokenizer, rows_prompt, token_ids, reasons, req.stop_strings, include_stop_str_in_output, after_prompt=False)
+        valid, errors = constraints.verify_all(specs, own)  # as in results.collect
     return GenerationResult(
         token_ids=token_ids,
         finish_reasons=reasons,
@@ -323,7 +320,7 @@ def beam_generate(
         errors=errors,
         num_prompt_tokens=[len(unique[b]) for b in range(len(unique)) for _ in range(num_return_sequences)],
         prompt_index=[b for b in range(len(unique)) for _ in range(num_return_sequences)],
-        texts=texts if tokenizer is not None else None,
+        texts=texts,
         scores=best,
         timing={"compile_s": compile_s, "search_s": elapsed},
     )

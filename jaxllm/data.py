@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
@@ -56,12 +57,10 @@ def stdlib_files() -> list[Path]:
     """The standard library's .py files, without its test suites and installed packages."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).parts
-        if any(p in _SKIP_DIRS for p in parts) or parts[-1].startswith("test_"):
-            continue
-        files.append(path)
-    return files
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]  # not walked at all: site-packages can be huge
+        files += [Path(folder) / n for n in names if n.endswith(".py") and not n.startswith("test_")]
+    return sorted(files)
 
 
 def corpus_files(spec: str) -> list[Path]:
@@ -187,11 +186,30 @@ class Split:
         return self.n_bytes / len(self.tokens)
 
 
-def _source(spec: str, limit_mb: float, val_fraction: float, max_doc_bytes: int, tokenizer_id: str) -> dict:
+def corpus_digest(files: Sequence[Path], root: Path | None = None) -> str:
+    """A hash of every corpus file's name (relative to `root`, if given) and bytes.
+
+    Token shards are reused only for the same digest, so an edited, added or removed file
+    rebuilds them. Content rather than modification times: the hosts of a multi-host run
+    see the same digest for the same corpus, however their copies were made.
+    """
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.relative_to(root) if root else f}\0".encode())
+        try:
+            digest.update(hashlib.sha256(f.read_bytes()).digest())
+        except OSError as e:
+            raise DataError(f"cannot read corpus file {f}: {e}") from None
+    return digest.hexdigest()
+
+
+def _source(spec: str, files: Sequence[Path], limit_mb: float, val_fraction: float, max_doc_bytes: int, tokenizer_id: str) -> dict:
     """What the shards were made from; a directory is reused only for the same source."""
+    root = Path(sysconfig.get_paths()["stdlib"]) if spec == STDLIB else None  # the stdlib's place varies by machine
     return {
         "version": FORMAT_VERSION,
         "data": spec,
+        "content": corpus_digest(files, root),
         "data_limit_mb": limit_mb,
         "val_fraction": val_fraction,
         "max_doc_bytes": max_doc_bytes,
@@ -213,14 +231,16 @@ def prepare(
     """Tokenizes a corpus once into `out_dir` and returns (tokenizer, {"train", "val"} splits).
 
     Without a tokenizer, one of `vocab_size` is trained on the train documents and kept as
-    `out_dir/tokenizer.model`. A directory already prepared from the same source is reused.
+    `out_dir/tokenizer.model`. A directory already prepared from the same source (the same
+    settings and corpus content, see `corpus_digest`) is reused.
     Files are written under temporary names and meta.json last, so an interrupted
     preparation is redone rather than half-read.
     """
     out_dir = Path(out_dir)
     trained_path = out_dir / "tokenizer.model"
     tokenizer_id = tokenizer.fingerprint if tokenizer is not None else f"trained:{vocab_size}"
-    source = _source(spec, limit_mb, val_fraction, max_doc_bytes, tokenizer_id)
+    files = corpus_files(spec)
+    source = _source(spec, files, limit_mb, val_fraction, max_doc_bytes, tokenizer_id)
     meta_path = out_dir / META_FILE
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -229,10 +249,10 @@ def prepare(
                 tokenizer = Tokenizer.load(trained_path)
             log(f"reusing token shards in {out_dir}")
             return tokenizer, load_splits(out_dir)
-        meta_path.unlink()  # another source: everything below is rebuilt
+        meta_path.unlink()  # another source (or the corpus changed): everything below is rebuilt
 
     log(f"reading corpus {spec!r}")
-    docs = read_documents(corpus_files(spec), int(limit_mb * 1e6), max_doc_bytes)
+    docs = read_documents(files, int(limit_mb * 1e6), max_doc_bytes)
     train_docs, val_docs = split_documents(docs, val_fraction)
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:

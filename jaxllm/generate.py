@@ -8,8 +8,8 @@ Legend: B batch, P padded prompt length, N output buffer length, V vocab, A logp
 
 Prompts are left-padded so every row writes the cache at one cursor; prompt and output
 lengths are rounded up to buckets so a new length rarely compiles a new program. Sampling
-values, stop strings' bytes and `max_new_tokens` are traced, so changing them never
-recompiles.
+values, stop strings' bytes and `max_new_tokens` are traced, so changing them compiles
+nothing new unless a rounded-up size changes (README, "When a program is compiled").
 """
 
 from __future__ import annotations
@@ -469,7 +469,7 @@ def _generate(
     timing: dict = {}
     if stream and tokenizer is None:
         raise GenerationError("streaming needs a tokenizer")
-    streams = [tokenizer.stream_decoder() for _ in range(B)] if stream else []
+    streams = [tokenizer.stream_decoder(after=prompt) for prompt in req.prompts] if stream else []
     so_far, shown, seen = [""] * B, [0] * B, [0] * B
     for state in _run(params, cfg, req, chunk=chunk, num_alternatives=logprobs or 0, stop_fn=stop_fn, timing=timing, spec=spec):
         if not stream:

@@ -97,22 +97,42 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
         try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as e:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index} is unreadable ({e})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard files")
+        for name in weight_map.values():  # an absolute path or "../x" would read a file outside the directory
+            if not _plain_file_name(name):
+                raise CheckpointError(f"{index}: shard {name!r} is not a plain file name inside {directory}")
+        files = sorted(set(weight_map.values()))
     elif (directory / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
         raise CheckpointError(f"{directory} has no model.safetensors (nor an index of shards); .bin files are not read")
     tensors: dict[str, np.ndarray] = {}
+    found_in: dict[str, str] = {}
     for name in files:
         try:
-            tensors.update(load_file(str(directory / name)))
+            shard = load_file(str(directory / name))
         except FileNotFoundError:
             raise CheckpointError(f"{directory / name} is missing") from None
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{directory / name} is corrupt ({e})") from None
+        for key in shard:
+            if key in found_in:
+                raise CheckpointError(f"{directory}: tensor {key!r} is in two shards, {found_in[key]} and {name}")
+            found_in[key] = name
+        tensors.update(shard)
     return tensors
+
+
+def _plain_file_name(name) -> bool:
+    """A file name with no directory part (on any OS): what an index of shards may name."""
+    return (
+        isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+        and "\0" not in name and not os.path.isabs(name) and ":" not in name
+    )
 
 
 def load_hf(directory: str | os.PathLike, dtype: str | None = None) -> tuple[dict, ModelConfig, Tokenizer | None, dict]:

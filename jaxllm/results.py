@@ -24,7 +24,9 @@ class GenerationResult:
     finish_reasons: list[str]  # "eos", "stop", "length", "repetition", "custom" or "constraint"
     num_prompt_tokens: list[int]
     prompt_index: list[int]  # which prompt each output continues
-    texts: list[str] | None = None  # decoded and cut at the stop string, when a tokenizer was given
+    # with a tokenizer: the continuation as it reads after its prompt (prompt + text is the whole
+    # text; a Llama-style tokenizer's leading space is kept), cut at the stop string
+    texts: list[str] | None = None
     logprobs: list[list[float]] | None = None  # per generated token, when asked for
     top_logprobs: list[list[dict[int, float]]] | None = None  # A alternatives per token, when asked for
     timing: dict = dataclasses.field(default_factory=dict)  # compile_s, prefill_s, decode_s, decode_tokens_per_s
@@ -37,6 +39,15 @@ def final_text(text: str, reason: str, stop: Sequence[str], include: bool) -> st
     return cut_at_stop(text, stop, include) if reason == "stop" else text
 
 
+def decode_rows(tokenizer, prompts, token_ids, reasons, stop: Sequence[str], include: bool, after_prompt: bool = True) -> list[str]:
+    """Each row's text, cut at its stop string: as it reads after its prompt, or (`after_prompt=False`)
+    as a text of its own, whose first space a dummy-prefix tokenizer drops."""
+    return [
+        final_text(tokenizer.decode(ids, after=prompt if after_prompt else ()), why, stop, include)
+        for prompt, ids, why in zip(prompts, token_ids, reasons)
+    ]
+
+
 def collect(state, req, tokenizer, logprobs, include_stop, timing) -> GenerationResult:
     """The host's view of a finished `generate.DecodeState` for request `req` (`generate._Request`)."""
     out, lengths, finish, lp, top_ids, top_lp = jax.device_get(
@@ -45,10 +56,15 @@ def collect(state, req, tokenizer, logprobs, include_stop, timing) -> Generation
     B = len(req.prompts)
     token_ids = [out[r, : lengths[r]].tolist() for r in range(B)]
     reasons = [FINISH_REASONS[f] for f in finish]
-    texts = None
+    texts = valid = errors = None
     if tokenizer is not None:
-        texts = [final_text(tokenizer.decode(ids), why, req.stop_strings, include_stop) for ids, why in zip(token_ids, reasons)]
-    valid, errors = constraints.verify_all(req.constraints, texts) if texts is not None else (None, None)
+        texts = decode_rows(tokenizer, req.prompts, token_ids, reasons, req.stop_strings, include_stop)
+        # A constraint matches the output as a text of its own: a dummy-prefix tokenizer's first
+        # space separates it from the prompt and is not part of the value (constraints.dfa_table).
+        own = texts if all(c is None for c in req.constraints) else decode_rows(
+            tokenizer, req.prompts, token_ids, reasons, req.stop_strings, include_stop, after_prompt=False
+        )
+        valid, errors = constraints.verify_all(req.constraints, own)
     generated = int(np.sum(lengths))
     timing["decode_tokens_per_s"] = generated / timing["decode_s"] if timing.get("decode_s") else 0.0
     return GenerationResult(

@@ -207,22 +207,47 @@ class Tokenizer:
                 ids += (self._sp_inner if k else self.sp).encode(part)
         return ids
 
-    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        """Ids -> text. Special tokens are dropped, or written out with `skip_special=False`."""
+    def decode(self, ids: Iterable[int], skip_special: bool = True, after: Sequence[int] = ()) -> str:
+        """Ids -> text: each id's bytes (`token_bytes`) joined and read as UTF-8. Special tokens
+        are dropped, or written out with `skip_special=False`.
+
+        `after`: ids this text continues (a prompt). A model with a dummy prefix (Llama's and
+        Mistral's tokenizers) starts every text with a space, which is dropped at the start of
+        the text, as SentencePiece does; after a prompt that holds text, the leading space of
+        the continuation is real and kept, so `decode(prompt) + decode(ids, after=prompt)` reads
+        as the whole text. Bytes that are not UTF-8 become U+FFFD, one per maximal invalid
+        sequence (Python's rule), as in `StreamDecoder`, so streamed and decoded text agree.
+        """
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise TokenizerError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+        strip = self._strips_dummy_prefix and self.starts_text(after)
         if skip_special:
-            return self.sp.decode([i for i in ids if i not in self._special_ids])
+            return _utf8(self.bytes_of(ids), strip)
         parts, run = [], []
-        for i in ids:
-            if i in self._special_ids:
-                parts += [self.sp.decode(run), self.sp.id_to_piece(i)]
-                run = []
-            else:
+        for i in ids + [None]:  # specials written out split the ids into runs of text
+            if i is not None and i not in self._special_ids:
                 run.append(i)
-        return "".join(parts + [self.sp.decode(run)])
+                continue
+            data = self.bytes_of(run)
+            parts.append(_utf8(data, strip))
+            strip = strip and not data  # the dummy prefix belongs to the first text
+            if i is not None:
+                parts.append(self.sp.id_to_piece(i))
+            run = []
+        return "".join(parts)
+
+    def starts_text(self, ids: Sequence[int]) -> bool:
+        """Whether text after `ids` starts the text: they hold no text, only special tokens."""
+        _, lengths = self.token_bytes()
+        return not np.any(lengths[np.asarray(ids, np.int64)])
+
+    def bytes_of(self, ids: Sequence[int]) -> bytes:
+        """The ids' output bytes, joined (special tokens give none)."""
+        table, lengths = self.token_bytes()
+        ids = np.asarray(ids, np.int64)
+        return table[ids][np.arange(table.shape[1]) < lengths[ids][:, None]].tobytes()
 
     def encode_batch(self, texts: Sequence[str], **kwargs) -> list[list[int]]:
         """Many texts at once; plain texts go through SentencePiece's threaded batch encoder."""
@@ -257,24 +282,27 @@ class Tokenizer:
             return b""
         return self.sp.id_to_piece(i).replace(META_SPACE, " ").encode("utf-8")
 
-    def stream_decoder(self) -> "StreamDecoder":
-        return StreamDecoder(self)
+    def stream_decoder(self, after: Sequence[int] = ()) -> "StreamDecoder":
+        """An incremental `decode(..., after=after)` (see `StreamDecoder`)."""
+        return StreamDecoder(self, after)
 
 
 class StreamDecoder:
     """Incremental detokenization: feed ids as they come, get text that never splits a character.
 
-    The concatenation of every `push` and the final `flush` equals `decode` of all the ids.
+    The concatenation of every `push` and the final `flush` equals `decode(ids, after=after)`
+    of all the ids, however they were split into pushes: both read the bytes with Python's
+    UTF-8 decoder, whose replacement of invalid bytes does not depend on where input ends.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
-        self._table, self._lengths = tokenizer.token_bytes()
+    def __init__(self, tokenizer: Tokenizer, after: Sequence[int] = ()):
+        self._tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._strip_first_space = tokenizer._strips_dummy_prefix
+        self._strip_first_space = tokenizer._strips_dummy_prefix and tokenizer.starts_text(after)
         self._started = False
 
     def push(self, ids: Iterable[int]) -> str:
-        data = b"".join(self._table[i, : self._lengths[i]].tobytes() for i in ids)
+        data = self._tokenizer.bytes_of(list(ids))
         if data and not self._started:
             self._started = True
             if self._strip_first_space and data.startswith(b" "):
@@ -283,6 +311,13 @@ class StreamDecoder:
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
+
+
+def _utf8(data: bytes, strip_space: bool) -> str:
+    """Bytes -> text (invalid UTF-8 as U+FFFD), without one leading space when `strip_space`."""
+    if strip_space and data.startswith(b" "):
+        data = data[1:]
+    return data.decode("utf-8", errors="replace")
 
 
 def _lines(files: Sequence[Path]) -> Iterator[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import pytest
+import sentencepiece as spm
 
 from jaxllm import ModelConfig, Tokenizer, init_params
 from jaxllm.compilation import enable_persistent_cache
@@ -54,6 +55,26 @@ def make_corpus(path: Path, seed: int = 0, lines: int = 3000) -> Path:
     return path
 
 
+REQUIRE_REFERENCE = "JAXLLM_REQUIRE_REFERENCE"
+
+
+def reference_stack(allow_module_level: bool = False):
+    """-> (torch, transformers): the oracle of the parity tests (model, beam search, processors).
+
+    Without them those tests skip, except with JAXLLM_REQUIRE_REFERENCE=1 (set by .ci/run), where
+    they fail: a broken install of the reference stack must not leave CI green without its checks.
+    """
+    try:
+        import torch
+        import transformers
+    except ImportError as e:  # an install that fails half-way can leave either one unimportable
+        if os.environ.get(REQUIRE_REFERENCE) == "1":
+            pytest.fail(f"{REQUIRE_REFERENCE}=1 but the reference stack does not import: {e}", pytrace=False)
+        pytest.skip(f"torch/transformers not installed ({e}): parity with transformers not checked",
+                    allow_module_level=allow_module_level)
+    return torch, transformers
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
@@ -62,6 +83,18 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer(corpus, tmp_path_factory) -> Tokenizer:
     return Tokenizer.train([corpus], tmp_path_factory.mktemp("tok") / "tok", vocab_size=512, model_type="bpe")
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(corpus, tmp_path_factory) -> Tokenizer:
+    """A tokenizer with Llama/Mistral's settings: every text starts with a dummy "▁" (a space),
+    which decoding drops again at the start of a text."""
+    prefix = tmp_path_factory.mktemp("llama_tok") / "llama"
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(prefix), vocab_size=400, model_type="bpe", byte_fallback=True,
+        add_dummy_prefix=True, normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
+    )
+    return Tokenizer.load(f"{prefix}.model")
 
 
 def tiny_config(vocab_size: int, **overrides) -> ModelConfig:

@@ -59,12 +59,20 @@ def np_rope(x, pos, theta, inv_freq=None):
     return out
 
 
-def np_forward(params, cfg, tokens, positions=None):
+def np_int8_round(x):
+    """x: [T, E] -> x rounded to int8 steps, one scale per row: max |x| / 127 (the int8 KV cache's format)."""
+    scale = np.abs(x).max(axis=-1, keepdims=True) / 127.0
+    return np.round(x / np.where(scale > 0, scale, 1.0)) * scale
+
+
+def np_forward(params, cfg, tokens, positions=None, int8_kv=False):
     """Logits [T, V] of one unpadded sequence `tokens: [T]` at `positions` (default 0..T-1).
 
     Follows cfg's position_encoding (RoPE with its scaling, or ALiBi) and sliding_window
-    (query i sees keys j with i - W < j <= i).
+    (query i sees keys j with i - W < j <= i). `int8_kv`: every key (as attention reads it,
+    after RoPE) and value is rounded to int8 steps per token and kv head first.
     """
+    kv_round = np_int8_round if int8_kv else (lambda x: x)
     p = {k: (np.asarray(v, np.float64) if not isinstance(v, dict) else {kk: np.asarray(vv, np.float64) for kk, vv in v.items()}) for k, v in params.items()}
     T, E = len(tokens), cfg.dim_per_head
     H, K = cfg.n_heads, cfg.n_kv_heads
@@ -86,13 +94,13 @@ def np_forward(params, cfg, tokens, positions=None):
         for head in range(H):
             kv = head // (H // K)  # query heads share kv heads in consecutive groups
             qh = q[:, head] if alibi else np_rope(q[:, head], pos, cfg.rope_theta, inv_freq)
-            kh = k[:, kv] if alibi else np_rope(k[:, kv], pos, cfg.rope_theta, inv_freq)
+            kh = kv_round(k[:, kv] if alibi else np_rope(k[:, kv], pos, cfg.rope_theta, inv_freq))
             s = qh @ kh.T / np.sqrt(E)
             if alibi:
                 s = s - slopes[head] * (pos[:, None] - pos[None, :])
             s = np.where(causal, s, -np.inf)
             s = np.exp(s - s.max(-1, keepdims=True))
-            heads.append((s / s.sum(-1, keepdims=True)) @ v[:, kv])
+            heads.append((s / s.sum(-1, keepdims=True)) @ kv_round(v[:, kv]))
         x = x + np.concatenate(heads, axis=-1) @ lp["wo"]
         h = np_rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
         g = h @ lp["w_gate"]

@@ -1,5 +1,5 @@
-"""Beam search: width 1 is greedy, toy Markov chains against a numpy reference and brute force,
-ragged batches, and transformers' generate(num_beams=K) when installed."""
+"""Beam search: width 1 is greedy, toy Markov chains against brute force (stop strings included),
+ragged batches, and transformers' generate(num_beams=K)."""
 
 from __future__ import annotations
 
@@ -13,101 +13,123 @@ import pytest
 from jaxllm import GenerationError, SamplingParams, StopParams, generate
 from jaxllm.beam import NEG, beam_generate, beam_search
 from jaxllm.sampling import init_history
+from conftest import reference_stack
 
 PROMPTS = [[1, 40, 41, 42], [1, 50, 51, 52, 53, 54, 55, 56, 57, 58], [1, 60]]
 EOS = 0
 
 
-def markov_search(logits, start, K, max_new, lp, early, B=1):
-    """Runs beam_search on a Markov chain: the next token's logits depend only on the last token."""
+def markov_step(tokens, table):
+    """The model of a Markov chain: the next token's logits depend only on the last token."""
+    return table[tokens], table
+
+
+_search = jax.jit(beam_search, static_argnames=("step", "reorder", "num_beams", "early_stopping"))
+
+
+def markov_search(logits, start, K, max_new, lp, early, stop=(), token_bytes=None):
+    """Runs beam_search on a Markov chain -> the bank: [(tokens, score)], best first."""
     V = logits.shape[0]
-    R = B * K
     table = jnp.asarray(logits)
-    step = lambda tokens, aux: (table[tokens], aux)
-    reorder = lambda aux, rows: aux
-    history = init_history(jnp.full((R, 1), start, jnp.int32), jnp.ones((R, 1), bool), max_new, V)
-    sp = SamplingParams.make(R, V, temperature=0.0, seed=0)
-    stops = StopParams.make(R, max_new, eos_ids=[EOS])
-    beams = jax.jit(beam_search, static_argnames=("step", "reorder", "num_beams", "early_stopping"))(
-        step, reorder, table[jnp.full((R,), start)], None, history, sp, stops, num_beams=K, length_penalty=lp, early_stopping=early
-    )
-    out = []
-    for k in range(K):
-        if bool(beams.bank_full[0, k]):
-            out.append((tuple(np.asarray(beams.bank_tokens[0, k, : int(beams.bank_len[0, k])]).tolist()), float(beams.bank_scores[0, k])))
-    return out
+    history = init_history(jnp.full((K, 1), start, jnp.int32), jnp.ones((K, 1), bool), max_new, V)
+    sp = SamplingParams.make(K, V, temperature=0.0, seed=0)
+    stops = StopParams.make(K, max_new, eos_ids=[EOS], stop=stop, token_bytes=token_bytes)
+    beams = _search(markov_step, lambda aux, rows: aux, table[jnp.full((K,), start)], table, history, sp, stops,
+                    num_beams=K, length_penalty=lp, early_stopping=early)
+    return [
+        (tuple(np.asarray(beams.bank_tokens[0, k, : int(beams.bank_len[0, k])]).tolist()), float(beams.bank_scores[0, k]))
+        for k in range(K) if bool(beams.bank_full[0, k])
+    ]
 
 
-def np_beam_search(logits, start, K, max_new, lp, early):
-    """Reference: transformers' beam search semantics written as plain loops (float32 like the device)."""
-    logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
-    V = logp.shape[0]
-    M = 2 * K
-    f32 = np.float32
-    run = [((), f32(0.0) if k == 0 else f32(NEG)) for k in range(K)]
-    bank = [(f32(NEG), (), False)] * K
-    open_ = True
-    for g in range(max_new):
-        cands = [(f32(sc + logp[seq[-1] if seq else start, v]), k * V + v, k, v) for k, (seq, sc) in enumerate(run) for v in range(V)]
-        top = sorted(cands, key=lambda c: (-c[0], c[1]))[:M]
-        hits = [c[3] == EOS or g + 1 >= max_new for c in top]
-        run_scores = [f32(c[0] + (NEG if h else 0)) for c, h in zip(top, hits)]
-        keep = sorted(range(M), key=lambda i: (-run_scores[i], i))[:K]
-        new_run = [(run[top[i][2]][0] + (top[i][3],), run_scores[i]) for i in keep]
-        full = all(f for *_, f in bank)
-        fresh = []
-        for i, (c, h) in enumerate(zip(top, hits)):
-            blocked = (not open_) or not (h and i < K) or (early is True and full)
-            s = f32(c[0] / f32(g + 1) ** f32(lp))
-            fresh.append((f32(s + NEG) if blocked else s, run[c[2]][0] + (c[3],), not blocked))
-        merged = bank + fresh
-        bank = [merged[i] for i in sorted(range(len(merged)), key=lambda i: (-merged[i][0], i))[:K]]
-        best_len = max_new if (early == "never" and lp > 0) else g + 1
-        best = new_run[0][1] / f32(best_len) ** f32(lp)
-        worst = min(b[0] for b in bank)
-        open_ = open_ and any(best > (worst if f else NEG) for *_, f in bank)
-        run = new_run
-        if not open_ or all(hits) or (early is True and all(f for *_, f in bank)):
-            break
-    return [(seq, float(s)) for s, seq, f in bank if f]
+def brute_force_ranking(logits, start, max_new, lp, stop=b"", pieces=None):
+    """Every finished sequence with its score, sum log-prob / length ** lp, best first (float64).
 
-
-def brute_force_best(logits, start, max_new):
-    """The best finished sequence by summed log-probability (length_penalty 0), over all of them."""
+    A sequence is finished by EOS, by completing the stop string (on the pieces' bytes, across
+    token boundaries), or by reaching max_new tokens; whatever finished earlier is not extended.
+    """
     logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1), np.float64)
-    best = (-np.inf, None)
+
+    def ends_at(seq):  # the index of the token that finishes seq, or None
+        text = b""
+        for t, tok in enumerate(seq):
+            text += pieces[tok] if pieces else b""
+            if tok == EOS or (stop and stop in text):
+                return t
+        return None
+
+    ranking = []
     for n in range(1, max_new + 1):
         for seq in itertools.product(range(logp.shape[0]), repeat=n):
-            if EOS in seq[:-1] or (n < max_new and seq[-1] != EOS):
-                continue
-            prev = (start,) + seq[:-1]
-            best = max(best, (sum(logp[a, b] for a, b in zip(prev, seq)), seq))
-    return best
+            end = ends_at(seq)
+            if end == n - 1 or (end is None and n == max_new):
+                prev = (start,) + seq[:-1]
+                ranking.append((sum(logp[a, b] for a, b in zip(prev, seq)) / n**lp, seq))
+    return [(seq, score) for score, seq in sorted(ranking, reverse=True)]
 
 
 def markov_table(seed, V=5, scale=2.0):
     return np.random.default_rng(seed).normal(size=(V, V)).astype(np.float32) * scale
 
 
+def assert_same_ranking(got, want):
+    """Same sequences, each with its score, best first (a Markov chain's scores tie exactly when two
+    sequences take the same transitions in another order, so tied sequences may come in any order)."""
+    assert sorted(seq for seq, _ in got) == sorted(seq for seq, _ in want)
+    score = dict(want)
+    np.testing.assert_allclose([x for _, x in got], [score[seq] for seq, _ in got], rtol=1e-5, atol=1e-5)
+    assert all(a >= b - 1e-5 for (_, a), (_, b) in zip(got, got[1:]))
+
+
+# More beams than there are finished sequences (4 tokens, at most 4 steps: 121), so the search
+# is exhaustive whatever its stopping rule, and its bank must be every finished sequence in order.
+# The beams left over run on with the impossible score (NEG) and bank junk far below any real score.
+WIDE = 128
+
+
+def real(bank):
+    return [(seq, score) for seq, score in bank if score > NEG / 1e3]
+
+
 @pytest.mark.parametrize("early", [True, False, "never"])
 @pytest.mark.parametrize("seed,lp", [(0, 1.0), (1, 0.0), (2, 2.0), (3, -0.5)])
-def test_markov_chain_matches_the_reference_beam_search(early, seed, lp):
-    table = markov_table(seed)
-    got = markov_search(table, 1, K=3, max_new=5, lp=lp, early=early)
-    want = np_beam_search(table, 1, K=3, max_new=5, lp=lp, early=early)
-    assert [s for s, _ in got] == [s for s, _ in want]
-    np.testing.assert_allclose([x for _, x in got], [x for _, x in want], rtol=1e-5)
+def test_wide_beams_bank_every_finished_sequence_in_brute_force_order(early, seed, lp):
+    table = markov_table(10 + seed, V=4)
+    got = real(markov_search(table, 1, K=WIDE, max_new=4, lp=lp, early=early))
+    assert_same_ranking(got, brute_force_ranking(table, 1, 4, lp))
 
 
 @pytest.mark.parametrize("early", [False, "never"])
 @pytest.mark.parametrize("seed", range(4))
-def test_wide_beams_find_the_brute_force_optimum(early, seed):
-    V, max_new = 4, 4
-    table = markov_table(10 + seed, V=V)
-    score, seq = brute_force_best(table, 1, max_new)
-    got = markov_search(table, 1, K=(V - 1) ** (max_new - 1), max_new=max_new, lp=0.0, early=early)
-    assert got[0][0] == seq
-    assert got[0][1] == pytest.approx(score, abs=1e-4)
+def test_beams_narrower_than_the_tree_still_find_the_optimum(early, seed):
+    # 27 beams against up to 108 continuations a step: pruning happens, yet on these tables the
+    # best finished sequence (length_penalty 0: the most probable) survives it
+    table = markov_table(10 + seed, V=4)
+    got = markov_search(table, 1, K=27, max_new=4, lp=0.0, early=early)
+    seq, score = brute_force_ranking(table, 1, 4, 0.0)[0]
+    assert got[0][0] == seq and got[0][1] == pytest.approx(score, abs=1e-4)
+
+
+PIECES = [b"", b"a", b"b", b"ab"]  # token 0 is EOS (no bytes); "ab" completes "ba" after "b"
+
+
+def piece_bytes():
+    lengths = np.array([len(p) for p in PIECES], np.int32)
+    table = np.zeros((len(PIECES), 2), np.uint8)
+    for i, p in enumerate(PIECES):
+        table[i, : len(p)] = list(p)
+    return table, lengths
+
+
+@pytest.mark.parametrize("seed,lp", [(0, 0.0), (1, 1.0), (2, -0.5)])
+def test_a_stop_string_finishes_a_hypothesis_like_eos(seed, lp):
+    table = markov_table(20 + seed, V=4)
+    table[:, EOS] -= 4.0  # rarely EOS: most hypotheses end at the stop string or the length limit
+    got = real(markov_search(table, 1, K=WIDE, max_new=4, lp=lp, early=False, stop=["ba"], token_bytes=piece_bytes()))
+    want = brute_force_ranking(table, 1, 4, lp, stop=b"ba", pieces=PIECES)
+    assert_same_ranking(got, want)
+    stopped = [seq for seq, _ in want if len(seq) < 4 and seq[-1] != EOS]
+    assert stopped and any(PIECES[a][-1:] == b"b" and PIECES[b][:1] == b"a" for a, b in [s[-2:] for s in stopped if len(s) > 1])
 
 
 def test_width_one_is_greedy(cfg, params):
@@ -123,6 +145,17 @@ def test_ragged_batch_equals_each_prompt_alone(cfg, params):
         alone = beam_generate(params, cfg, [prompt], **kw)
         assert together.token_ids[2 * i : 2 * i + 2] == alone.token_ids
         np.testing.assert_allclose(together.scores[2 * i : 2 * i + 2], alone.scores, rtol=1e-5)
+
+
+def test_width_one_with_a_stop_string_is_greedy_with_it(cfg, params, tokenizer):
+    prompts = ["def f(x):", "the of"]
+    free = generate(params, cfg, prompts, tokenizer=tokenizer, max_new_tokens=16, temperature=0.0, eos_token_id=[])
+    kw = dict(tokenizer=tokenizer, max_new_tokens=16, eos_token_id=[], stop=[free.texts[0][6:9]])
+    greedy = generate(params, cfg, prompts, temperature=0.0, **kw)
+    beam = beam_generate(params, cfg, prompts, num_beams=1, **kw)
+    assert greedy.finish_reasons[0] == "stop" and len(greedy.token_ids[0]) < 16  # the stop string did end row 0
+    assert beam.token_ids == greedy.token_ids
+    assert beam.texts == greedy.texts and beam.finish_reasons == greedy.finish_reasons
 
 
 def test_processors_apply_to_each_beam(cfg, params):
@@ -145,8 +178,7 @@ def test_bad_arguments(cfg, params):
 @pytest.mark.parametrize("early,lp,n", [(True, 1.0, 2), (False, 1.0, 3), ("never", 2.0, 2), (False, -1.0, 1)])
 def test_equals_transformers_beam_search(early, lp, n, tmp_path):
     EOS_ID = 6  # a token the model likes early: hypotheses finish at different lengths
-    torch = pytest.importorskip("torch", reason="torch not installed")
-    tf = pytest.importorskip("transformers", reason="transformers not installed")
+    torch, tf = reference_stack()
     from jaxllm.hf import load_hf
 
     torch.manual_seed(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -117,6 +118,25 @@ def test_prepare_reuses_the_same_source_and_rebuilds_for_another(prepared, token
     assert (shards / "train.bin").stat().st_mtime_ns == before
     _, other = data.prepare(str(docs), shards.parent / "other", tokenizer=tokenizer, val_fraction=0.5)
     assert other["val"].n_bytes > prepared[3]["val"].n_bytes
+
+
+def test_prepare_rebuilds_when_the_corpus_content_changes(tmp_path, tokenizer):
+    docs = make_docs(tmp_path / "corpus", n=20)
+    shards = tmp_path / "shards"
+    texts = lambda splits: decode_docs(tokenizer, splits["train"].tokens) + decode_docs(tokenizer, splits["val"].tokens)
+    _, splits = data.prepare(str(docs), shards, tokenizer=tokenizer, val_fraction=0.2)
+    assert sum("# marker-005" in t for t in texts(splits)) == 1
+    # an edit that keeps the file's name, size and modification time: only the bytes say it changed
+    f = docs / "doc005.py"
+    stat = f.stat()
+    f.write_text(f.read_text().replace("marker-005", "MARKER-005"))
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    _, splits = data.prepare(str(docs), shards, tokenizer=tokenizer, val_fraction=0.2)
+    assert sum("# MARKER-005" in t for t in texts(splits)) == 1 and not any("marker-005" in t for t in texts(splits))
+    (docs / "doc999.py").write_text("# marker-999\nx = 1\n")  # a file added to a directory
+    _, splits = data.prepare(str(docs), shards, tokenizer=tokenizer, val_fraction=0.2)
+    assert sum("# marker-999" in t for t in texts(splits)) == 1
 
 
 def test_prepare_trains_a_tokenizer_when_none_is_given(tmp_path):

@@ -32,14 +32,14 @@ def test_batch_of_ragged_prompts_equals_each_prompt_alone(cfg, params):
 
 def test_eos_stops_only_its_row(cfg, params):
     free = generate(params, cfg, PROMPTS[:2], max_new_tokens=16, temperature=0.0, eos_token_id=[]).token_ids
-    eos = free[0][5]
+    eos = next(t for t in free[0][3:] if t not in free[1])  # row 0 emits it after a few tokens, row 1 never
     first = free[0].index(eos)
+    assert 0 < first < 15
     unused = min(set(range(cfg.vocab_size)) - set(free[0]) - set(free[1]))  # a second EOS id that never comes
     result = generate(params, cfg, PROMPTS[:2], max_new_tokens=16, temperature=0.0, eos_token_id=[eos, unused])
     assert result.token_ids[0] == free[0][: first + 1]  # EOS kept in the ids
     assert result.finish_reasons[0] == "eos"
-    if eos not in free[1]:
-        assert result.token_ids[1] == free[1] and result.finish_reasons[1] == "length"
+    assert result.token_ids[1] == free[1] and result.finish_reasons[1] == "length"
 
 
 def test_max_new_tokens_is_exact_and_does_not_recompile(cfg, params):
@@ -60,6 +60,38 @@ def test_the_chunk_program_compiled_ahead_from_the_prefill_shapes_is_the_one_tha
     assert [len(t) for t in out.token_ids] == [20] * 3  # two chunks: the second found the program ready
     programs = [p for key, p in _chunk_program._programs.items() if dict(key[0])["cfg"] == cfg]
     assert len(programs) == 1 and isinstance(programs[0], jax.stages.Compiled)  # compiled once, not again for the real state
+
+
+def pow2(n):
+    return 1 << max(0, n - 1).bit_length()
+
+
+def program_shapes(rows, longest_prompt, max_new_tokens, stop=()):
+    """The README's rule for when generate compiles: what its programs' shapes depend on."""
+    stop_bytes = [len(s.encode("utf-8")) for s in stop]
+    return (rows, max(16, pow2(longest_prompt)), max(16, pow2(max_new_tokens)),
+            pow2(len(stop)) if stop else 0, pow2(max(stop_bytes)) if stop else 0)
+
+
+def test_a_program_is_compiled_exactly_when_a_bucket_changes(cfg, params, tokenizer):
+    # Five rows: a batch size no other test uses, so every program here is compiled here first.
+    prompts = [[1, 40 + i] for i in range(5)]
+    # max_new_tokens from 1 to 32: two buckets; stop strings: one and four of them, 1 to 4 bytes long
+    calls = [dict(max_new_tokens=n) for n in (1, 5, 16, 17, 24, 32)]
+    calls += [dict(max_new_tokens=8, stop=s) for s in (
+        ["x"], ["\n"], ["\u3053"], ["wxyz"], ["ab", "c", "d"], ["ab", "cd", "e", "f"],
+    )]
+    seen, compiled, expected = set(), [], []
+    for call in calls:
+        shapes = program_shapes(len(prompts), 2, call["max_new_tokens"], call.get("stop", ()))
+        expected.append(shapes not in seen)
+        seen.add(shapes)
+        with CompileCounter() as c:
+            generate(params, cfg, prompts, tokenizer=tokenizer, temperature=0.0, max_new_tokens=call["max_new_tokens"],
+                     stop=call.get("stop", ()))
+        compiled.append(c.count > 0)
+    assert compiled == expected
+    assert sum(expected) == 5  # both kinds of call were made
 
 
 def test_changing_temperature_or_seed_does_not_recompile(cfg, params):

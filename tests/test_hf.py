@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from safetensors.numpy import save_file
 from jaxllm import CheckpointError, forward, generate, init_params
 from jaxllm.checkpoint import flatten, load_any
 from jaxllm.hf import export_hf, load_hf
-from conftest import REPO, tiny_config
+from conftest import REPO, reference_stack, tiny_config
 
 
 def write_hf_dir(path, params, cfg, shards=1, generation=None):
@@ -98,6 +99,32 @@ def test_clear_errors_for_unsupported_or_broken_directories(cfg, params, tmp_pat
         load_hf(d)
 
 
+@pytest.mark.parametrize("where", ["parent", "absolute", "subdirectory"])
+def test_an_index_names_only_shard_files_inside_the_directory(cfg, params, tmp_path, where):
+    d = write_hf_dir(tmp_path / "hf", params, cfg, shards=2)
+    shard = "model-00001-of-00002.safetensors"
+    # a real copy of the shard where the index points, so only the name can be refused
+    target = {"parent": (tmp_path / shard, f"../{shard}"), "absolute": (tmp_path / shard, str(tmp_path / shard)),
+              "subdirectory": (d / "sub" / shard, f"sub/{shard}")}[where]
+    target[0].parent.mkdir(exist_ok=True)
+    shutil.copy(d / shard, target[0])
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: target[1] if v == shard else v for k, v in index["weight_map"].items()}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not a plain file name"):
+        load_hf(d)
+
+
+def test_a_tensor_in_two_shards_is_an_error(cfg, params, tmp_path):
+    d = write_hf_dir(tmp_path / "hf", params, cfg, shards=2)
+    save_file({"model.norm.weight": np.zeros(cfg.d_model, np.float32)}, str(d / "extra.safetensors"))
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    index["weight_map"]["extra.bias"] = "extra.safetensors"  # the index lists the file; it repeats a tensor
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="'model.norm.weight' is in two shards"):
+        load_hf(d)
+
+
 def test_sample_py_reads_an_hf_directory_and_reports_its_defaults(cfg, params, tokenizer, tmp_path):
     d = write_hf_dir(tmp_path / "hf", params, cfg, generation={"do_sample": False, "eos_token_id": 2})
     tokenizer.save(d / "tokenizer.model")
@@ -123,8 +150,7 @@ HF_CASES = [
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
-    torch = pytest.importorskip("torch", reason="torch not installed: parity with transformers not checked")
-    tf = pytest.importorskip("transformers", reason="transformers not installed")
+    torch, tf = reference_stack()
     models = []
     for i, case in enumerate(HF_CASES):
         torch.manual_seed(i)
@@ -192,8 +218,7 @@ def test_export_command_writes_a_loadable_directory(cfg, params, tokenizer, tmp_
 
 
 def test_mistral_sliding_window_equals_transformers_past_the_window(tmp_path):
-    torch = pytest.importorskip("torch", reason="torch not installed: parity with transformers not checked")
-    tf = pytest.importorskip("transformers", reason="transformers not installed")
+    torch, tf = reference_stack()
     torch.manual_seed(7)
     config = tf.MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, max_position_embeddings=128, sliding_window=8, initializer_range=0.3)

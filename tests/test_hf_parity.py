@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from jaxllm import forward, init_params
-from conftest import tiny_config
+from conftest import reference_stack, tiny_config
 
-torch = pytest.importorskip("torch", reason="torch not installed: parity with transformers not checked")
-transformers = pytest.importorskip("transformers", reason="transformers not installed")
+torch, transformers = reference_stack(allow_module_level=True)
 
 
 def to_hf(params, cfg):

@@ -219,17 +219,35 @@ def test_int8_cache_decode_logits_stay_close_to_the_float_cache(cfg, ring):
         assert not np.array_equal(g, w)  # really quantized
 
 
-def test_int8_cache_greedy_output_mostly_unchanged(cfg, params):
+def test_int8_cache_logits_err_no_more_than_int8_rounding_explains(cfg, params):
+    # The 5x sharper fixture model, where a small error in the cache moves logits the most.
+    # The tolerance comes from int8's step: the numpy reference rounds every cached key and value
+    # to int8 steps (max |x| / 127 per token and head), and the logits move by `moved`; the int8
+    # cache may move them about as much (rounding in float32 rather than float64 flips a few
+    # half-way values), not more.
+    from reference import np_forward
+
+    rng = np.random.default_rng(7)
+    prompts = [list(rng.integers(4, cfg.vocab_size, size=n)) for n in (11, 6)]
+    extra = [list(rng.integers(4, cfg.vocab_size, size=12)) for _ in prompts]
+    want, _ = decode_each(params, cfg, init_cache(cfg, 2, 32), prompts, extra)
+    got, cache = decode_each(params, cfg, init_cache(cfg, 2, 32, "int8"), prompts, extra)
+    assert cache.k.dtype == jnp.int8
+    for g, w, p, e in zip(got, want, prompts, extra):
+        exact = np_forward(params, cfg, p + e)
+        rounded = np_forward(params, cfg, p + e, int8_kv=True)
+        moved = np.abs(rounded - exact).max()
+        np.testing.assert_allclose(w, exact, atol=1e-3, rtol=0)  # the float cache is the reference's
+        assert 1e-3 < moved  # int8 rounding does matter for this model
+        assert np.abs(g - w).max() <= 1.25 * moved
+        assert np.abs(g - rounded).max() <= 0.25 * moved  # the error is int8 rounding's, logit by logit
+
+
+def test_int8_cache_rejects_other_dtypes(cfg, params):
     from jaxllm import generate
 
-    prompts = [[1, 40, 41, 42], [1, 50, 51, 52, 53, 54, 55, 56, 57, 58], [1, 60]]
-    kw = dict(max_new_tokens=12, temperature=0.0, eos_token_id=[])
-    a = generate(params, cfg, prompts, **kw).token_ids
-    b = generate(params, cfg, prompts, kv_cache_dtype="int8", **kw).token_ids
-    same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
-    assert same >= 0.8 * 36, (a, b)
     with pytest.raises(Exception, match="kv_cache_dtype"):
-        generate(params, cfg, prompts, kv_cache_dtype="int4", **kw)
+        generate(params, cfg, [[1, 40]], max_new_tokens=4, temperature=0.0, eos_token_id=[], kv_cache_dtype="int4")
 
 
 def test_sinks_batch_of_ragged_prompts_equals_each_alone_past_the_window(cfg, params):

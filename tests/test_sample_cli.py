@@ -11,10 +11,10 @@ import sys
 import jax
 import pytest
 
-from jaxllm import generate, save_checkpoint
+from jaxllm import generate, init_params, save_checkpoint
 from jaxllm.chat import build_prompt
 from jaxllm.compilation import warmup_lengths
-from conftest import REPO
+from conftest import REPO, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,23 @@ def test_jsonl_with_sampling_flags_matches_the_library(checkpoint, cfg, params, 
         assert r["prompt"] == "class Foo:\n" and r["num_generated_tokens"] == len(r["token_ids"]) == len(r["logprobs"])
         assert r["finish_reason"] in ("eos", "length") and set(r["timing"]) == {"compile_s", "prefill_s", "decode_s", "decode_tokens_per_s"}
         assert all(len(alt) == 2 for alt in r["top_logprobs"])
+
+
+def test_llama_style_output_prints_with_its_space_after_the_prompt(llama_tokenizer, tmp_path):
+    tok = llama_tokenizer
+    cfg = tiny_config(tok.vocab_size)
+    params = jax.tree_util.tree_map(lambda x: x * 5 if x.ndim > 1 else x, init_params(cfg, jax.random.key(1)))
+    checkpoint = save_checkpoint(tmp_path / "llama", params, cfg, tok)
+    words = [i for i in range(tok.vocab_size) if tok.sp.id_to_piece(i).startswith("\u2581") and len(tok.sp.id_to_piece(i)) > 1]
+    prompt = "this is one of"
+    ids = generate(params, cfg, [prompt], tokenizer=tok, max_new_tokens=6, temperature=0.0, allowed_token_ids=words).token_ids[0]
+    whole = tok.sp.decode(tok.encode(prompt, add_bos=True) + ids)  # SentencePiece's reading of the whole sequence
+    assert whole.startswith(prompt + " ")
+    for stream in ([], ["--stream"]):
+        proc = run("--checkpoint", checkpoint, "--prompt", prompt, "--max_new_tokens", 6, "--temperature", 0,
+                   "--allowed_token_ids", ",".join(map(str, words)), *stream)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == whole + "\n", stream
 
 
 def test_chat_and_stream(checkpoint, cfg, params, tokenizer):

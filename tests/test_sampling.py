@@ -9,10 +9,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jaxllm.sampling import (
-    SamplingParams, choose_next, first_argmax, init_history, no_repeat_ngram_mask, bad_words_mask, penalize_frequency_presence,
+    CANDIDATES, SamplingParams, _cutoff, choose_next, first_argmax, init_history, no_repeat_ngram_mask, bad_words_mask, penalize_frequency_presence,
     penalize_repetition, record, truncate,
 )
 from jaxllm.errors import GenerationError
+from conftest import reference_stack
 
 V = 50
 
@@ -84,24 +85,26 @@ def test_first_argmax_never_returns_an_out_of_range_id_for_nan():
 
 
 jit_truncate = jax.jit(truncate)
-settings_cases = st.tuples(
-    st.integers(0, 2**31 - 1),  # numpy seed for the logits
-    st.sampled_from([0, 1, 2, 5, 17, V, V + 3, -1]),  # top_k
-    st.sampled_from([1.0, 0.999, 0.9, 0.5, 0.1, 1e-4]),  # top_p
-    st.sampled_from([0.0, 0.01, 0.2, 0.9, 1.0]),  # min_p
-    st.sampled_from([0.5, 1.0, 3.0]),  # logit scale
-)
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.lists(settings_cases, min_size=4, max_size=4))
-def test_truncation_matches_numpy_row_by_row(rows):
-    z = np.stack([np.random.default_rng(seed).normal(size=V) * scale for seed, *_, scale in rows]).astype(np.float32)
+def truncation_row(vocab):
+    """One row's (logits seed, top_k, top_p, min_p, logit scale). Scale 0.01 is nearly flat: top_p
+    then keeps thousands of tokens, past the 256 candidates, as does top_k > 256."""
+    top_k = sorted({0, 1, 2, 5, 17, 255, 256, 257, 1000, vocab, vocab + 3, -1})
+    return st.tuples(
+        st.integers(0, 2**31 - 1), st.sampled_from(top_k), st.sampled_from([1.0, 0.999, 0.9, 0.5, 0.1, 1e-4]),
+        st.sampled_from([0.0, 0.01, 0.2, 0.9, 1.0]), st.sampled_from([0.01, 0.5, 1.0, 3.0]),
+    )
+
+
+def check_truncation(rows, vocab):
+    """truncate() on a batch of `rows` (see truncation_row) against numpy, row by row."""
+    z = np.stack([np.random.default_rng(seed).normal(size=vocab) * scale for seed, *_, scale in rows]).astype(np.float32)
     k = np.array([r[1] for r in rows], np.int32)
     p = np.array([r[2] for r in rows], np.float32)
     m = np.array([r[3] for r in rows], np.float32)
     got = np.asarray(jit_truncate(jnp.asarray(z), jnp.asarray(k), jnp.asarray(p), jnp.asarray(m)))
-    for b in range(4):
+    for b in range(len(rows)):
         # float32 vs float64: a token whose cumulative mass or probability ratio lies within
         # 1e-5 of the threshold may go either way; every other token must agree exactly.
         surely, maybe = (
@@ -114,9 +117,31 @@ def test_truncation_matches_numpy_row_by_row(rows):
         np.testing.assert_array_equal(got[b][kept], z[b][kept])
 
 
+# V = 50 is below the 256 candidates (every row sorts the whole vocabulary); 4096 is a real
+# vocabulary's size, where rows take the shortcut through the 256 best logits unless a row of
+# the batch needs more, and the batch then sorts everything.
+@pytest.mark.parametrize("vocab", [V, 4096])
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_truncation_matches_numpy_row_by_row(vocab, data):
+    check_truncation(data.draw(st.lists(truncation_row(vocab), min_size=1, max_size=4)), vocab)
+
+
 def nudge(p, m, sign, eps=1e-5):
     """(top_p, min_p) moved by eps: sign -1 keeps fewer tokens, +1 more."""
     return (p if p >= 1 else p * (1 + sign * eps)), min(1.0, m * (1 - sign * eps))
+
+
+def test_truncation_at_a_real_vocabulary_size_takes_both_paths():
+    vocab = 4096
+    sharp = [(1, 0, 0.9, 0.0, 3.0), (2, 40, 0.5, 0.01, 1.0), (3, 255, 1.0, 0.0, 3.0), (4, 0, 0.8, 0.2, 3.0)]
+    flat = [(5, 0, 0.9, 0.0, 0.01), (6, 1000, 1.0, 0.0, 1.0)]  # ~3700 and 1000 tokens kept
+    for rows, shortcut in ((sharp, True), (sharp[:2] + flat[:1], False), (flat[1:], False)):
+        z = np.stack([np.random.default_rng(seed).normal(size=vocab) * scale for seed, *_, scale in rows]).astype(np.float32)
+        k, p = jnp.asarray([r[1] for r in rows], jnp.int32), jnp.asarray([r[2] for r in rows], jnp.float32)
+        _, fits = _cutoff(jnp.asarray(z), jax.lax.top_k(jnp.asarray(z), CANDIDATES)[0], k, p)
+        assert bool(jnp.all(fits)) == shortcut  # the premise: which path this batch takes
+        check_truncation(rows, vocab)
 
 
 def test_top_p_beyond_the_candidate_set_falls_back_to_a_full_sort():
@@ -235,8 +260,7 @@ def test_sampled_frequencies_match_the_processed_distribution():
 
 
 def test_matches_transformers_processors():
-    torch = pytest.importorskip("torch", reason="torch not installed")
-    tf = pytest.importorskip("transformers", reason="transformers not installed")
+    torch, tf = reference_stack()
     rng = np.random.default_rng(3)
     ids = rng.integers(0, V, size=(3, 12))
     z = rng.normal(size=(3, V)).astype(np.float32) * 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sentencepiece as spm
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -94,20 +93,69 @@ def test_stream_decoder_never_splits_a_character(tokenizer, text):
     assert "".join(pieces) == text
 
 
-def test_loads_llama_style_model_with_dummy_prefix(corpus, tmp_path):
+def test_loads_llama_style_model_with_dummy_prefix(llama_tokenizer):
     # Llama/Gemma-style settings: a leading "▁" is added on encode and dropped on decode.
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(tmp_path / "llama"), vocab_size=400, model_type="bpe",
-        byte_fallback=True, add_dummy_prefix=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, minloglevel=2,
-    )
-    tok = Tokenizer.load(tmp_path / "llama.model")
+    tok = llama_tokenizer
     assert tok.sp.encode("hello", out_type=str)[0].startswith("\u2581")
     for text in ["hello world", "  two spaces", "こんにちは", "a\nb", "\u2581x", "a \u2581b\u2581", " \u2581"]:
         ids = tok.encode(text)
         assert tok.decode(ids) == text
         stream = tok.stream_decoder()
         assert "".join(stream.push([i]) for i in ids) + stream.flush() == text
+
+
+def test_llama_style_continuation_keeps_the_space_before_its_first_word(llama_tokenizer):
+    tok = llama_tokenizer
+    prompt = tok.encode("this is one of", add_bos=True)
+    cont = tok.encode("the words")  # "▁the", ...: a word-initial piece first
+    assert tok.sp.id_to_piece(cont[0]) == "\u2581the"
+    assert tok.decode(cont, after=prompt) == " the words"
+    assert tok.decode(prompt) + tok.decode(cont, after=prompt) == tok.sp.decode(prompt + cont) == "this is one of the words"
+    stream = tok.stream_decoder(after=prompt)
+    assert "".join(stream.push([i]) for i in cont) + stream.flush() == " the words"
+    # after nothing but special tokens the continuation starts the text: its dummy space goes
+    assert tok.decode(cont, after=[tok.bos_id]) == tok.decode(cont) == "the words"
+
+
+def ordinary_pieces(tok):
+    """Ids of pieces that are text (not byte, control, unknown or unused): their bytes are valid UTF-8."""
+    sp = tok.sp
+    return [i for i in range(tok.vocab_size) if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i))]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_prompt_then_continuation_reads_as_sentencepiece_decodes_them_together(tokenizer, llama_tokenizer, data):
+    for tok in (tokenizer, llama_tokenizer):
+        text_ids = st.sampled_from(ordinary_pieces(tok))
+        prompt = data.draw(st.sampled_from([[], [tok.bos_id]])) + data.draw(st.lists(text_ids, max_size=6))
+        cont = data.draw(st.lists(text_ids, max_size=8))
+        whole = tok.sp.decode(prompt + cont)  # SentencePiece's own reading of the whole sequence: the oracle
+        assert tok.decode(prompt) + tok.decode(cont, after=prompt) == whole
+        stream = tok.stream_decoder(after=prompt)
+        assert tok.decode(prompt) + "".join(stream.push([i]) for i in cont) + stream.flush() == whole
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_streamed_pieces_join_to_the_decoded_text_for_any_ids(tokenizer, llama_tokenizer, data):
+    # Random ids are mostly not UTF-8: byte-fallback pieces in any order, split anywhere.
+    for tok in (tokenizer, llama_tokenizer):
+        byte_ids = [i for i in range(tok.vocab_size) if tok.sp.is_byte(i)]
+        ids = data.draw(st.lists(st.one_of(st.sampled_from(byte_ids), st.integers(0, tok.vocab_size - 1)), max_size=24))
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(ids)), max_size=4)))
+        after = data.draw(st.sampled_from([[], [tok.bos_id], tok.encode("x")]))
+        stream = tok.stream_decoder(after=after)
+        pieces = [stream.push(ids[a:b]) for a, b in zip([0] + cuts, cuts + [len(ids)])] + [stream.flush()]
+        assert "".join(pieces) == tok.decode(ids, after=after)
+
+
+def test_invalid_utf8_streams_as_it_decodes(tokenizer):
+    # E3 81 is the start of a three-byte character that never comes
+    ids = [tokenizer.sp.piece_to_id("<0xE3>"), tokenizer.sp.piece_to_id("<0x81>")] + tokenizer.encode("a")
+    stream = tokenizer.stream_decoder()
+    streamed = "".join(stream.push([i]) for i in ids) + stream.flush()
+    assert streamed == tokenizer.decode(ids) == b"\xe3\x81a".decode("utf-8", errors="replace")
 
 
 def test_batch_encode_decode(tokenizer):
