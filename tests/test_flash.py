@@ -56,12 +56,17 @@ def _cases():
     chunk_q = np.stack([np.arange(236, 300), np.arange(86, 150)]).astype(np.int32)
     ring = np.stack([ring_positions(256, 0, 700), ring_positions(256, 40, 300)])  # wrapped ring slots
     ring_q = np.stack([np.arange(690, 700), np.arange(330, 340)]).astype(np.int32)
+    long = np.arange(512, dtype=np.int32)[None]  # 256 queries from position 200: blocks of keys and
+    long_q = long[:, 200:456]  # queries do not line up, as in a chunk at a cursor
     return {
         "padded_gqa": dict(q_pos=padded, k_pos=padded, K=2),
         "mqa_alibi": dict(q_pos=padded, k_pos=padded, K=1, slopes=True),
         "window": dict(q_pos=padded, k_pos=padded, K=2, window=50),
         "chunk_against_cache": dict(q_pos=chunk_q, k_pos=chunk, K=2),
         "ring_window_min_pos": dict(q_pos=ring_q, k_pos=ring, K=4, window=200, min_pos=4),
+        # small blocks: most key blocks lie wholly in the future of a query block or wholly out of
+        # its window, so the kernels skip them, and a wrong skip shows
+        "many_blocks_skipped": dict(q_pos=long_q, k_pos=long, K=2, window=100, blocks=(64, 128)),
     }
 
 
@@ -81,7 +86,8 @@ def run_case(case, dtype=jnp.float32, grads=True):
         return jnp.sum(weights * fn(q, k, v).astype(jnp.float32))
 
     ref = lambda q, k, v: attend(q, k, v, q_pos, k_pos, **opts)  # noqa: E731
-    ker = lambda q, k, v: flash.flash_attention(q, k, v, q_pos, k_pos, **opts, interpret=True)  # noqa: E731
+    bq, bk = c.get("blocks", (None, None))
+    ker = lambda q, k, v: flash.flash_attention(q, k, v, q_pos, k_pos, **opts, block_q=bq, block_k=bk, interpret=True)  # noqa: E731
     out = (np.asarray(jax.jit(ref)(q, k, v), np.float32), np.asarray(jax.jit(ker)(q, k, v), np.float32))
     if not grads:
         return real, out, None
