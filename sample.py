@@ -113,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     _flag(p, "quantize", choices=["int8", "int4"], default=None, help="weight-only quantization after loading")
     _flag(p, "group_size", type=int, default=64, help="int4: input features per scale (32, 64 or 128)")
     _flag(p, "warmup", action="store_true", help="compile every prompt-length bucket up to the context first")
-    _flag(p, "verbose", action="store_true", help="report on stderr the params' layout and which matmul runs for which weights, then compilations, persistent-cache hits and compile time")
+    _flag(p, "verbose", action="store_true", help="report on stderr the params' layout and which matmul runs for which weights, which attention backend runs and why, then compilations, persistent-cache hits and compile time")
     args = p.parse_args(argv)
     for name, (ok, allowed) in RANGES.items():
         value = getattr(args, name)

@@ -3,8 +3,8 @@
 #   bash benchmarks/gpu_check.sh              (from the repository root, on a machine with an NVIDIA GPU)
 #   bash benchmarks/gpu_check.sh --dry-run    print the commands and their time limits, run nothing
 #   bash benchmarks/gpu_check.sh --cpu-smoke  the same steps on the CPU with tiny shapes (checks the script)
-#   PARTS=234 bash benchmarks/gpu_check.sh    only the parts named (default: all four)
-# Parts run independently with their own time limits (240 + 60 + 240 + 90 s at most), so one
+#   PARTS=234 bash benchmarks/gpu_check.sh    only the parts named (default: all five)
+# Parts run independently with their own time limits (240 + 60 + 240 + 90 + 150 s at most), so one
 # failure does not hide the rest; a part that hits its limit prints "TIMEOUT".
 set -u
 MODE=${1:-}
@@ -12,7 +12,7 @@ case "$MODE" in ""|--dry-run|--cpu-smoke) ;; *) echo "usage: $0 [--dry-run | --c
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/jaxllm_gpu}
 PY=${PY:-python3}
-PARTS=${PARTS:-1234}
+PARTS=${PARTS:-12345}
 mkdir -p "$OUT"
 
 # The benchmark table: bf16, a ~1B config (TinyLlama-1.1B shapes: 22 layers, d 2048, GQA 32/4,
@@ -23,7 +23,8 @@ SUITE=(benchmarks/suite.py --configs 1b --dtype bfloat16 --modes greedy --batche
        --new_tokens 128 --reps 2 --ttft_configs "" --train_configs "" --results "$OUT/RESULTS_gpu.md"
        --note "benchmarks/gpu_check.sh")
 TESTS=(tests/test_model.py tests/test_generate.py tests/test_sampling.py tests/test_quantize.py
-       tests/test_attention.py tests/test_long_context.py)  # attention: cuDNN flash (bf16) vs the reference
+       tests/test_attention.py tests/test_long_context.py tests/test_half_precision.py tests/test_devices.py)
+# attention: cuDNN flash (bf16, fp16) vs the reference; half precision with cuDNN's finite mask; the GPU layout
 PROFILE=(--config 1b --dtype bfloat16 --batch 1 --weights fp,int8 --new_tokens 64)
 if [ "$MODE" = "--cpu-smoke" ]; then
   export JAX_PLATFORMS=cpu
@@ -92,4 +93,7 @@ for n in ($PREFILL_LENGTHS):
         except Exception as e:  # noqa: BLE001  (a check script: report and go on)
             print(f"prefill {n:5d} tokens  {impl:5s} failed: {type(e).__name__}: {str(e)[:200]}")
 PYEOF
+TRAIN=(benchmarks/train.py --configs gpt2 --dtype bfloat16 --steps 10 --no_reference)
+[ "$MODE" = "--cpu-smoke" ] && TRAIN=(benchmarks/train.py --configs small --steps 2 --no_reference)
+part 150 "5. training MFU: GPT-2-small shapes (124M), bf16, batch 16 x 1024" -- $PY "${TRAIN[@]}"
 [ "$MODE" = "--dry-run" ] || { echo "results: $OUT/RESULTS_gpu.md"; date -u; }

@@ -40,7 +40,7 @@ from jaxllm.quantize import LINEAR_WEIGHTS, SMALL_M, QuantizedWeight, tile_weigh
 # Backends whose decoding runs the layers as a Python loop over per-layer arrays. Inside a
 # `lax.scan`, XLA copies each layer's weights out of the stacked arrays before every matmul, so
 # a memory-bound decode step read the weights about three times; separate arrays are read once
-# (measured: small config on CPU 17 -> 57 tok/s at batch 1, 91% of the bandwidth roofline; 1.47x
+# (measured: small config on CPU 17 -> 57 tok/s at batch 1, 73% of the bandwidth roofline; 1.47x
 # on a 1B config in bf16 on an H100). TPUs keep the scan (not measured). Training and prefill
 # of raw params keep the scan everywhere.
 UNSTACKED_ON = ("cpu", "gpu")

@@ -159,9 +159,10 @@ def test_the_reference_tells_the_options_apart():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs an NVIDIA GPU")
 @pytest.mark.parametrize("case", CASES)
-def test_cudnn_flash_equals_the_reference_in_bfloat16(case):
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])  # float16: the mask bias must stay finite
+def test_cudnn_flash_equals_the_reference_in_half_precision(case, dtype):
     c = CASES[case]
-    q, k, v = (x.astype(jnp.bfloat16) for x in random_qkv(T=8, S=16, K=c["K"], E=64, seed=len(case)))
+    q, k, v = (x.astype(dtype) for x in random_qkv(T=8, S=16, K=c["K"], E=64, seed=len(case)))
     k_pos = left_padded_positions(3, 16, [min(n + 4, 16) for n in c["lengths"]])
     q_pos = k_pos[:, -8:]
     assert resolve_impl("cudnn", q, k) == "cudnn"
