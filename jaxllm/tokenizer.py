@@ -45,6 +45,10 @@ class Tokenizer:
         except Exception as e:  # sentencepiece raises RuntimeError / OSError for bad bytes
             raise TokenizerError(f"not a valid SentencePiece model ({e})") from None
         self.vocab_size = self.sp.get_piece_size()
+        try:  # a damaged piece still parses, and would fail in the middle of decoding
+            self.sp.id_to_piece(list(range(self.vocab_size)))
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"not a valid SentencePiece model (a piece is not UTF-8: {e})") from None
         self.special_tokens = {
             self.sp.id_to_piece(i): i
             for i in range(self.vocab_size)

@@ -188,3 +188,14 @@ def test_clear_errors(tmp_path, corpus):
         Tokenizer.train([tmp_path / "nope.txt"], tmp_path / "t", vocab_size=300)
     with pytest.raises(TokenizerError, match="training failed"):
         Tokenizer.train([corpus], tmp_path / "t", vocab_size=10)
+
+
+def test_a_model_whose_piece_is_not_utf8_is_refused_on_load(tokenizer):
+    """A damaged byte inside a piece still parses as a model; using that piece would fail later."""
+    piece = next(p for p in map(tokenizer.sp.id_to_piece, range(tokenizer.vocab_size)) if len(p) >= 2 and p.isascii() and p.isalpha())
+    entry = b"\n" + bytes([len(piece)]) + piece.encode()  # field 1 of a SentencePiece: the piece's text
+    proto = tokenizer.serialized()
+    assert proto.count(entry) >= 1
+    damaged = proto.replace(entry, entry[:2] + b"\x96" + entry[3:], 1)
+    with pytest.raises(TokenizerError, match="not a valid SentencePiece model.*UTF-8"):
+        Tokenizer(damaged)
