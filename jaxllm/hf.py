@@ -37,6 +37,7 @@ LAYER_WEIGHTS = {
 LAYER_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 # generation_config.json keys that become generate() defaults (same names in jaxllm)
 GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size", "max_new_tokens")
+INTEGER_KEYS = ("top_k", "no_repeat_ngram_size", "max_new_tokens", "eos_token_id")
 
 
 def is_hf_directory(directory: str | os.PathLike) -> bool:
@@ -48,8 +49,40 @@ def is_hf_directory(directory: str | os.PathLike) -> bool:
     return isinstance(meta, dict) and meta.get("format") != "jaxllm" and ("architectures" in meta or "model_type" in meta)
 
 
+# config.json fields read below -> their JSON type ("number" admits integers; neither admits booleans)
+FIELD_TYPES = {
+    "architectures": list, "model_type": str, "hidden_act": str, "vocab_size": int, "hidden_size": int,
+    "num_hidden_layers": int, "num_attention_heads": int, "num_key_value_heads": int, "intermediate_size": int,
+    "max_position_embeddings": int, "sliding_window": int, "use_sliding_window": bool, "head_dim": int,
+    "rope_theta": "number", "rms_norm_eps": "number", "tie_word_embeddings": bool, "rope_parameters": dict,
+    "rope_scaling": dict,
+}
+ROPE_FIELD_TYPES = {"rope_type": str, "type": str, "rope_theta": "number", "factor": "number", "low_freq_factor": "number",
+                    "high_freq_factor": "number", "original_max_position_embeddings": int}
+
+
+def _typed(values: dict, types: dict, where: str) -> dict:
+    """`values` without nulls (HF writes null for "the default"), each field checked against `types`."""
+    values = {k: v for k, v in values.items() if v is not None}
+    for key, kind in types.items():
+        if key not in values:
+            continue
+        v = values[key]
+        if kind in (int, "number"):
+            ok = not isinstance(v, bool) and isinstance(v, int if kind is int else (int, float))
+        else:
+            ok = isinstance(v, kind)
+        if not ok:
+            name = {int: "an integer", "number": "a number", str: "a string", bool: "true or false", list: "a list", dict: "an object"}[kind]
+            raise CheckpointError(f"{where}: {key} must be {name}, got {v!r}")
+    return values
+
+
 def config_from_hf(meta: dict, where: str = "config.json") -> ModelConfig:
     """HF config.json (transformers 4 or 5 layout) -> ModelConfig; unsupported features are refused by name."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where} must hold a JSON object")
+    meta = _typed(meta, FIELD_TYPES, where)
     arch = meta.get("architectures") or [meta.get("model_type", "?")]
     if not any(a in SUPPORTED for a in arch) and meta.get("model_type") not in ("llama", "mistral"):
         raise CheckpointError(f"{where}: unsupported architecture {arch}; jaxllm loads {', '.join(SUPPORTED)}")
@@ -57,7 +90,7 @@ def config_from_hf(meta: dict, where: str = "config.json") -> ModelConfig:
         raise CheckpointError(f"{where}: hidden_act {meta['hidden_act']!r} is not supported (only silu)")
     if meta.get("attention_bias") or meta.get("mlp_bias"):
         raise CheckpointError(f"{where}: attention_bias / mlp_bias are not supported")
-    rope = dict(meta.get("rope_parameters") or meta.get("rope_scaling") or {})
+    rope = _typed(meta.get("rope_parameters") or meta.get("rope_scaling") or {}, ROPE_FIELD_TYPES, where)
     theta = rope.get("rope_theta", meta.get("rope_theta", 10000.0))
     kind = rope.get("rope_type", rope.get("type", "default"))
     scaling = {"default": "none", "linear": "linear", "llama3": "llama3"}.get(kind)
@@ -67,6 +100,9 @@ def config_from_hf(meta: dict, where: str = "config.json") -> ModelConfig:
     window = meta.get("sliding_window") or 0
     if meta.get("use_sliding_window") is False or window >= max_len:  # a window as long as the context is none
         window = 0
+    heads, head_dim = meta.get("num_attention_heads"), meta.get("head_dim")
+    if heads and head_dim == meta.get("hidden_size", 0) // heads:
+        head_dim = None  # the default, d_model // n_heads
     try:
         return ModelConfig(
             vocab_size=meta["vocab_size"],
@@ -77,7 +113,7 @@ def config_from_hf(meta: dict, where: str = "config.json") -> ModelConfig:
             d_ff=meta["intermediate_size"],
             max_seq_len=max_len,
             sliding_window=int(window),
-            head_dim=None if meta.get("head_dim") in (None, meta["hidden_size"] // meta["num_attention_heads"]) else meta["head_dim"],
+            head_dim=head_dim,
             rope_theta=float(theta),
             rope_scaling=scaling,
             rope_factor=float(rope.get("factor", 1.0)),
@@ -151,6 +187,8 @@ def load_hf(directory: str | os.PathLike, dtype: str | None = None) -> tuple[dic
         raise CheckpointError(f"{directory / 'config.json'} is unreadable ({e})") from None
     cfg = config_from_hf(meta, str(directory / "config.json"))
     tensors = _read_tensors(directory)
+    if not tensors:
+        raise CheckpointError(f"{directory}: its safetensors files hold no tensors")
     stored = next(iter(tensors.values())).dtype
     dtype = dtype or ("bfloat16" if stored == np.dtype("bfloat16") else "float32")
     cfg = cfg.replace(param_dtype=dtype)
@@ -202,16 +240,22 @@ def generation_defaults(directory: str | os.PathLike) -> dict:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is unreadable ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
     out = {k: meta[k] for k in GENERATION_KEYS if meta.get(k) is not None}
+    if meta.get("eos_token_id") is not None:
+        eos = meta["eos_token_id"]
+        out["eos_token_id"] = list(eos) if isinstance(eos, list) else [eos]
+    for key, value in out.items():  # a value of the wrong type would fail deep inside generation
+        for v in value if key == "eos_token_id" else [value]:
+            if isinstance(v, bool) or not isinstance(v, int if key in INTEGER_KEYS else (int, float)):
+                raise CheckpointError(f"{path}: {key} must be {'an integer' if key in INTEGER_KEYS else 'a number'}, got {value!r}")
     if meta.get("do_sample") is False:
         out["temperature"] = 0.0
     elif meta.get("do_sample") is not True:
         out.pop("temperature", None)  # HF ignores sampling values unless do_sample is set
         for k in ("top_k", "top_p", "min_p"):
             out.pop(k, None)
-    if meta.get("eos_token_id") is not None:
-        eos = meta["eos_token_id"]
-        out["eos_token_id"] = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     return out
 
 

@@ -99,6 +99,37 @@ def test_clear_errors_for_unsupported_or_broken_directories(cfg, params, tmp_pat
         load_hf(d)
 
 
+@pytest.mark.parametrize(
+    "file,change,message",
+    [  # cases the fuzz harness (tests/test_fuzz.py) found ending in a traceback
+        ("config.json", {"rope_theta": None, "rms_norm_eps": None}, None),  # null is "the default", as HF writes it
+        ("config.json", {"rope_theta": "abc"}, "rope_theta must be a number, got 'abc'"),
+        ("config.json", {"rope_scaling": [1, 2]}, "rope_scaling must be an object"),
+        ("config.json", {"architectures": 7}, "architectures must be a list"),
+        ("config.json", {"num_attention_heads": 0}, "n_heads must be a positive integer"),
+        ("config.json", {"sliding_window": "4096"}, "sliding_window must be an integer"),
+        ("config.json", {"rope_parameters": {"rope_type": "linear", "factor": None}}, None),
+        ("config.json", {"rope_parameters": {"rope_type": "linear", "factor": "2"}}, "factor must be a number"),
+        ("generation_config.json", None, "must hold a JSON object"),
+        ("generation_config.json", {"do_sample": True, "temperature": "hot"}, "temperature must be a number, got 'hot'"),
+        ("generation_config.json", {"top_k": 2.5}, "top_k must be an integer"),
+        ("generation_config.json", {"eos_token_id": [2, "x"]}, r"eos_token_id must be an integer, got \[2, 'x'\]"),
+        ("model.safetensors.index.json", {"weight_map": {}}, "hold no tensors"),
+    ],
+)
+def test_wrong_values_in_hf_files_fail_with_one_line(cfg, params, tmp_path, file, change, message):
+    d = write_hf_dir(tmp_path / "hf", params, cfg, shards=2, generation={"eos_token_id": 2})
+    if isinstance(change, dict):
+        change = {**json.loads((d / file).read_text()), **change}
+    (d / file).write_text(json.dumps(change))
+    if message is None:
+        assert load_hf(d)[1].rope_theta == 10000.0
+        return
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_hf(d)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("where", ["parent", "absolute", "subdirectory"])
 def test_an_index_names_only_shard_files_inside_the_directory(cfg, params, tmp_path, where):
     d = write_hf_dir(tmp_path / "hf", params, cfg, shards=2)
