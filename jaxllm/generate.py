@@ -300,7 +300,7 @@ def _prepare(
 
     if eos_token_id is None:
         eos_token_id = [tokenizer.eos_id] if tokenizer is not None and tokenizer.eos_id is not None else []
-    eos = [int(e) for e in np.atleast_1d(np.asarray(eos_token_id, np.int64))]
+    eos = [int(e) for e in np.atleast_1d(np.asarray(eos_token_id, object))]  # Python ints: a huge id is refused, not overflowed
     if any(not 0 <= e < cfg.vocab_size for e in eos):
         raise GenerationError(f"eos_token_id {eos} is outside the vocabulary (size {cfg.vocab_size})")
     stop = list(stop or [])

@@ -175,6 +175,8 @@ def _per_row(name: str, value, batch: int, dtype) -> np.ndarray:
         arr = np.asarray(value, dtype=dtype)
     except (TypeError, ValueError):
         raise GenerationError(f"{name} must be a number or one number per row, got {value!r}") from None
+    except OverflowError:
+        raise GenerationError(f"{name} is out of range ({np.dtype(dtype).name}), got {value!r}") from None
     if arr.ndim == 0:
         return np.full((batch,), arr, dtype)
     if arr.shape != (batch,):

@@ -162,6 +162,8 @@ def test_bad_requests_raise_clear_errors(cfg, params):
         generate(params, cfg, [[]])
     with pytest.raises(GenerationError, match="tokenizer"):
         generate(params, cfg, ["text"])
+    with pytest.raises(GenerationError, match="eos_token_id .* is outside the vocabulary"):  # was an OverflowError
+        generate(params, cfg, PROMPTS, eos_token_id=[2, 2**63])
 
 
 def test_buckets_are_powers_of_two():

@@ -233,6 +233,7 @@ def test_sampling_params_reject_out_of_range_values():
         (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"), (dict(seed=-1), "seed"),
         (dict(logit_bias={V: 1.0}), "logit_bias"), (dict(allowed_token_ids=[]), "allowed_token_ids"),
         (dict(temperature=[1.0, 2.0, 3.0]), "temperature"), (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+        (dict(seed=2**64), "seed is out of range"), (dict(top_k=2**40), "top_k is out of range"),  # were OverflowErrors
     ]:
         with pytest.raises(GenerationError, match=name):
             SamplingParams.make(2, V, **kwargs)
