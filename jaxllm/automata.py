@@ -64,28 +64,36 @@ def trim(dfa: ByteDFA) -> ByteDFA:
 
     Otherwise a row could walk into a dead end, where it could neither go on nor stop.
     """
-    N = dfa.trans.shape[0]
-    live = dfa.accepting.copy()
-    while True:
-        reach = np.zeros(N, bool)
-        src, _ = np.nonzero((dfa.trans >= 0) & live[np.maximum(dfa.trans, 0)])
-        reach[src] = True
-        grown = live | reach
-        if (grown == live).all():
-            break
-        live = grown
+    live = _levels_back(dfa.trans, dfa.accepting) >= 0
     if not live[0]:
         raise ConstraintError("the constraint cannot be satisfied by any string")
     trans = np.where((dfa.trans >= 0) & live[np.maximum(dfa.trans, 0)], dfa.trans, DEAD)
     return minimize(ByteDFA(trans.astype(np.int32), dfa.accepting))
 
 
+def _levels_back(trans: np.ndarray, goal: np.ndarray) -> np.ndarray:
+    """[N] int64: the fewest bytes from each state to a `goal` state (-1: none), by a
+    breadth-first search along the edges backwards, O(edges)."""
+    src, byte = np.nonzero(trans >= 0)
+    dst = trans[src, byte]
+    order = np.argsort(dst, kind="stable")  # the edges into each state, contiguous
+    preds, first = src[order], np.searchsorted(dst[order], np.arange(trans.shape[0] + 1))
+    level = np.where(goal, 0, -1)
+    frontier, depth = np.nonzero(goal)[0], 0
+    while len(frontier):
+        _, k = _runs(first[frontier], first[frontier + 1] - first[frontier])
+        frontier, depth = np.unique(preds[k][level[preds[k]] < 0]), depth + 1
+        level[frontier] = depth
+    return level
+
+
 def minimize(dfa: ByteDFA) -> ByteDFA:
     """Merges states with the same future (Moore's partition refinement); the start stays state 0.
 
-    Each round splits classes by (class, classes of the 256 successors), grouped by a random
-    64-bit hash of that row; the result is checked exactly and, on a (vanishingly unlikely)
-    hash collision, recomputed with exact row comparisons.
+    `dfa` is trimmed (every transition leads to a state that can still accept). Each round
+    splits classes by (class, classes of the successors), grouped by a random 64-bit hash of
+    that row; the result is checked exactly and, on a (vanishingly unlikely) hash collision,
+    recomputed with exact row comparisons.
     """
     for exact in (False, True):
         cls = _refine(dfa, exact)
@@ -100,11 +108,18 @@ def minimize(dfa: ByteDFA) -> ByteDFA:
 
 def _refine(dfa: ByteDFA, exact: bool) -> np.ndarray:
     """Class of each state after refinement, numbered by first appearance (state 0 -> class 0)."""
-    cls = dfa.accepting.astype(np.int64)
-    weights = np.random.default_rng(0).integers(1, 2**62, size=dfa.trans.shape[1] + 1, dtype=np.int64)
+    # Start from what equal futures share: acceptance, and the shortest way to an accepting
+    # state and to one with no moves (which accepts only the empty string). A chain such as
+    # a{N} or .{0,N} is then split at once, not in N rounds of O(N) work.
+    terminal = ~np.any(dfa.trans >= 0, axis=1)
+    keys = np.stack([dfa.accepting, _levels_back(dfa.trans, dfa.accepting), _levels_back(dfa.trans, terminal)], axis=1)
+    cls = np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    # bytes every state treats alike split nothing: one column per distinct column (a few dozen, not 256)
+    trans = np.unique(dfa.trans, axis=1)
+    weights = np.random.default_rng(0).integers(1, 2**62, size=trans.shape[1] + 1, dtype=np.int64)
     count = len(np.unique(cls))
     while True:
-        targets = np.where(dfa.trans >= 0, cls[np.maximum(dfa.trans, 0)], -1)
+        targets = np.where(trans >= 0, cls[np.maximum(trans, 0)], -1)
         if exact:
             _, new = np.unique(np.concatenate([cls[:, None], targets], axis=1), axis=0, return_inverse=True)
         else:
@@ -283,8 +298,23 @@ def schema_regex(schema: dict, depth: int = 2) -> str:
     """
     if not isinstance(schema, dict):
         raise ConstraintError("a JSON Schema must be a JSON object")
+    _check_schema(schema)
     defs = {**schema.get("definitions", {}), **schema.get("$defs", {})}
     return _schema(schema, defs, depth, ())
+
+
+def _check_schema(schema: dict) -> None:
+    """Refuses a schema its meta-schema refuses (a keyword of the wrong type, ...) before it
+    is compiled, with jsonschema's reason: `verify` would otherwise fail after generation."""
+    import jsonschema
+
+    if not isinstance(schema.get("$schema", ""), str):
+        raise ConstraintError(f"invalid JSON Schema: $schema must be a URI string, got {schema['$schema']!r}")
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "/".join(map(str, e.absolute_path))
+        raise ConstraintError(f"invalid JSON Schema{f' at {where}' if where else ''}: {e.message}") from None
 
 
 def _schema(s, defs, depth: int, refs: tuple) -> str:
@@ -303,6 +333,8 @@ def _schema(s, defs, depth: int, refs: tuple) -> str:
     if "const" in s:
         return _literal(s["const"])
     if "enum" in s:
+        if not s["enum"]:
+            raise ConstraintError("an empty enum allows no value")
         return "(" + "|".join(_literal(v) for v in s["enum"]) + ")"
     for key in ("anyOf", "oneOf"):
         if key in s:
@@ -314,6 +346,8 @@ def _schema(s, defs, depth: int, refs: tuple) -> str:
         kind = "object" if "properties" in s else "array" if "items" in s else None
     if kind == "string":
         lo, hi = int(s.get("minLength", 0)), s.get("maxLength")
+        if hi is not None and hi < lo:
+            raise ConstraintError(f"minLength {lo} > maxLength {hi}: no string fits")
         return f'"{_STRING_CHAR}{{{lo},{"" if hi is None else int(hi)}}}"'
     if kind == "integer":
         return _INTEGER
@@ -326,6 +360,8 @@ def _schema(s, defs, depth: int, refs: tuple) -> str:
     if kind == "array":
         item = _schema(s.get("items", {}), defs, max(depth - 1, 0), refs)
         lo, hi = int(s.get("minItems", 0)), s.get("maxItems")
+        if hi is not None and hi < lo:
+            raise ConstraintError(f"minItems {lo} > maxItems {hi}: no array fits")
         return r"\[" + _WS + _repeat(item, lo, None if hi is None else int(hi)) + _WS + r"\]"
     if kind == "object":
         props = s.get("properties")

@@ -1,11 +1,16 @@
 """Regular expressions compiled straight to DFAs over UTF-8 bytes.
 
 The subset of Python's `re` that constraints need: literals, escapes (`\\d \\w \\s \\D \\W \\S`,
-`\\n \\t \\r \\f \\v \\xHH \\uHHHH` and escaped punctuation), classes `[a-z_]` and `[^...]`,
-`.` (any character but a newline), groups `( )` and `(?: )`, `|`, and the quantifiers
+`\\n \\t \\r \\f \\v \\0 \\0oo \\xHH \\uHHHH` and escaped punctuation), classes `[a-z_]` and
+`[^...]`, `.` (any character but a newline), groups `( )` and `(?: )`, `|`, and the quantifiers
 `* + ? {m} {m,} {m,n}` (a trailing `?` for laziness is accepted and means nothing here).
 Matching is always a full match; `^` at the start and `$` at the end are allowed. Classes
-are ASCII (as with `re.ASCII`); a negated class may only exclude ASCII characters.
+are ASCII (as with `re.ASCII`); a negated class may only exclude ASCII characters. What is
+accepted means what Python's `re.fullmatch` means (constraints verify outputs with it), so a
+pattern Python reads differently is refused: a quantifier after a quantifier (`a**`, the
+possessive `a*+`), `^`/`$` elsewhere, a class as a range's end (`[\\d-z]`). A surrogate
+(`\\ud800`) matches nothing: UTF-8 cannot encode it. Patterns whose automaton would exceed
+`MAX_NFA_STATES` / `MAX_DFA_STATES` are refused (`.{0,1000}` is about 11,000 DFA states).
 
     pattern ──parse──▶ tree ──Thompson──▶ byte NFA ──subsets over byte classes──▶ DFA [N, 256]
 
@@ -23,9 +28,14 @@ ASCII = (1 << 128) - 1
 _DIGIT = sum(1 << b for b in range(48, 58))
 _WORD = _DIGIT | sum(1 << b for b in (*range(65, 91), *range(97, 123), 95))
 _SPACE = sum(1 << b for b in b" \t\n\r\f\v")
+_SURROGATES = (0xD800, 0xDFFF)
 _CLASSES = {"d": (_DIGIT, False), "w": (_WORD, False), "s": (_SPACE, False),
             "D": (ASCII & ~_DIGIT, True), "W": (ASCII & ~_WORD, True), "S": (ASCII & ~_SPACE, True)}
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "0": "\0"}
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v"}
+
+# Past these, compiling takes many seconds and the token table (states x vocabulary) gigabytes;
+# bounded repetitions multiply states: .{0,1000} needs 11,000 DFA states, a{1000}{1000} would need 10^6.
+MAX_NFA_STATES, MAX_DFA_STATES = 200_000, 20_000
 
 # A tree node: ("set", ascii_mask, any_non_ascii, extra_chars) | ("seq", [nodes]) | ("alt", [nodes])
 # | ("rep", node, lo, hi or None)
@@ -36,7 +46,8 @@ class _Parser:
         self.p, self.i = pattern, 0
 
     def fail(self, why: str):
-        raise ConstraintError(f"cannot use regex {self.p!r}: {why} at position {self.i}")
+        shown = repr(self.p) if len(self.p) <= 200 else f"{self.p[:200]!r}... ({len(self.p):,} characters)"
+        raise ConstraintError(f"cannot use regex {shown}: {why} at position {self.i}")
 
     def peek(self) -> str | None:
         return self.p[self.i] if self.i < len(self.p) else None
@@ -72,27 +83,35 @@ class _Parser:
         return ("seq", items)
 
     def quantified(self, node):
-        while True:
-            c = self.peek()
-            if c in ("*", "+", "?"):
-                self.i += 1
-                node = ("rep", node, 1 if c == "+" else 0, 1 if c == "?" else None)
-            elif c == "{" and self._bounds() is not None:
-                lo, hi = self._bounds(consume=True)
-                node = ("rep", node, lo, hi)
-            else:
-                return node
-            if self.peek() == "?":  # lazy: the same language
-                self.i += 1
+        c = self.peek()
+        if c in ("*", "+", "?"):
+            self.i += 1
+            node = ("rep", node, 1 if c == "+" else 0, 1 if c == "?" else None)
+        elif c == "{" and self._bounds() is not None:
+            lo, hi = self._bounds(consume=True)
+            node = ("rep", node, lo, hi)
+        else:
+            return node
+        if self.peek() == "?":  # lazy: the same language
+            self.i += 1
+        if self._at_quantifier():  # Python refuses "a**"; "a*+" is possessive there (3.11+), another language
+            self.fail("a quantifier cannot follow another (possessive quantifiers are not supported)")
+        return node
+
+    def _at_quantifier(self) -> bool:
+        return self.peek() in ("*", "+", "?") or (self.peek() == "{" and self._bounds() is not None)
 
     def _bounds(self, consume: bool = False):
         end = self.p.find("}", self.i)
         body = self.p[self.i + 1 : end] if end > 0 else ""
         parts = body.split(",")
-        if end < 0 or len(parts) > 2 or not (parts[0].isdigit() or (parts[0] == "" and len(parts) == 2)):
+        digits = lambda t: t != "" and all(d in "0123456789" for d in t)  # noqa: E731  (str.isdigit takes "٣")
+        if end < 0 or len(parts) > 2 or not (digits(parts[0]) or (parts[0] == "" and len(parts) == 2)):
             return None
-        if len(parts) == 2 and parts[1] and not parts[1].isdigit():
+        if len(parts) == 2 and parts[1] and not digits(parts[1]):
             return None
+        if max(map(len, parts)) > 9:  # past the automaton's size limit anyway (and int() of 5,000 digits fails)
+            self.fail("repetition count too large")
         lo = int(parts[0] or 0)
         hi = lo if len(parts) == 1 else (int(parts[1]) if parts[1] else None)
         if hi is not None and hi < lo:
@@ -103,8 +122,10 @@ class _Parser:
 
     def atom(self):
         c = self.peek()
-        if c in ("*", "+", "?") or (c == "{" and self._bounds() is not None):
+        if self._at_quantifier():
             self.fail(f"nothing to repeat before {c!r}")
+        if c in ("^", "$"):  # anchors inside a pattern: Python's meaning is not a character
+            self.fail(f"{c!r} is only supported at the {'start' if c == '^' else 'end'} of the pattern")
         c = self.take()
         if c == "(":
             if self.p.startswith("?:", self.i):
@@ -130,6 +151,11 @@ class _Parser:
         if c in _CLASSES:
             mask, non_ascii = _CLASSES[c]
             return ("set", mask, non_ascii, frozenset())
+        if c == "0":  # \0 and up to two more octal digits, as in Python
+            digits = "0"
+            while len(digits) < 3 and self.peek() is not None and self.peek() in "01234567":
+                digits += self.take()
+            return ("char", chr(int(digits, 8)))
         if c in _ESCAPES:
             return ("char", _ESCAPES[c])
         if c in "xu":
@@ -160,6 +186,8 @@ class _Parser:
             first = False
             item = self.class_item()
             if item[0] == "set":
+                if self.peek() == "-" and self.p[self.i + 1 : self.i + 2] not in ("]", ""):
+                    self.fail("bad range in a class")  # [\d-z]: Python refuses a class as a range's end
                 mask, non_ascii = mask | item[1], non_ascii or item[2]
                 continue
             lo = hi = item[1]
@@ -174,7 +202,7 @@ class _Parser:
             for o in range(ord(lo), ord(hi) + 1):
                 if o < 128:
                     mask |= 1 << o
-                else:
+                elif not _SURROGATES[0] <= o <= _SURROGATES[1]:
                     extra.add(chr(o))
         if negate:
             if extra:
@@ -184,6 +212,8 @@ class _Parser:
 
 
 def _char(c: str):
+    if _SURROGATES[0] <= ord(c) <= _SURROGATES[1]:
+        return ("set", 0, False, frozenset())  # UTF-8 cannot encode it, so no output holds it: matches nothing
     return ("set", 1 << ord(c), False, frozenset()) if ord(c) < 128 else ("set", 0, False, frozenset([c]))
 
 
@@ -196,6 +226,8 @@ class _NFA:
         self.edges: list[list[tuple[int, int]]] = []  # (byte mask, target)
 
     def state(self) -> int:
+        if len(self.eps) >= MAX_NFA_STATES:
+            raise _too_large(MAX_NFA_STATES)
         self.eps.append([])
         self.edges.append([])
         return len(self.eps) - 1
@@ -240,29 +272,47 @@ class _NFA:
                 a, b = self.build(item)
                 self.eps[cur] += [a]
                 self.eps[b] += [cur]
-            else:  # x?x?...: the same language as x{0,k}
+            else:  # x{0,k} as (x(x(...)?)?)?: each copy may end the repeat, so an epsilon closure
+                # holds O(1) copies' starts, not all k (x?x?...x? made subsets O(k) large: O(k^2) work)
                 for _ in range(hi - lo):
                     a, b = self.build(item)
-                    self.eps[cur] += [a]
-                    skip = self.state()
-                    self.eps[cur] += [skip]
-                    self.eps[b] += [skip]
-                    cur = skip
+                    self.eps[cur] += [a, e]
+                    cur = b
             self.eps[cur].append(e)
         return s, e
 
     def _utf8_any(self, s: int, e: int) -> None:
-        """Any well-formed multi-byte UTF-8 character from s to e."""
-        cont = sum(1 << b for b in range(0x80, 0xC0))
-        tails = [e]
+        """Any well-formed multi-byte UTF-8 character from s to e: no overlong forms, surrogates
+        or code points past U+10FFFF (the second byte's range depends on the first byte)."""
+        cont = _byte_range(0x80, 0xBF)
+        tails = [e]  # tails[k]: k more continuation bytes reach e
         for _ in range(2):
             t = self.state()
             self.edges[t].append((cont, tails[-1]))
             tails.append(t)
-        for lo, hi, tail in ((0xC2, 0xDF, tails[0]), (0xE0, 0xEF, tails[1]), (0xF0, 0xF4, tails[2])):
+        for first, second, rest in _UTF8_LEADS:
             mid = self.state()
-            self.edges[s].append((sum(1 << b for b in range(lo, hi + 1)), mid))
-            self.edges[mid].append((cont, tail))
+            self.edges[s].append((_byte_range(*first), mid))
+            self.edges[mid].append((_byte_range(*second), tails[rest]))
+
+
+def _byte_range(lo: int, hi: int) -> int:
+    return sum(1 << b for b in range(lo, hi + 1))
+
+
+# Well-formed UTF-8 beyond ASCII (the Unicode standard's table 3-7): (first byte range, second
+# byte range, continuation bytes after the second)
+_UTF8_LEADS = (
+    ((0xC2, 0xDF), (0x80, 0xBF), 0),
+    ((0xE0, 0xE0), (0xA0, 0xBF), 1), ((0xE1, 0xEC), (0x80, 0xBF), 1), ((0xED, 0xED), (0x80, 0x9F), 1),
+    ((0xEE, 0xEF), (0x80, 0xBF), 1),
+    ((0xF0, 0xF0), (0x90, 0xBF), 2), ((0xF1, 0xF3), (0x80, 0xBF), 2), ((0xF4, 0xF4), (0x80, 0x8F), 2),
+)
+
+
+def _too_large(limit: int) -> ConstraintError:
+    return ConstraintError(f"the regex needs more than {limit:,} automaton states: shorten its bounded repetitions "
+                           f"(x{{m,n}}; in a JSON Schema maxLength, maxItems) or alternatives")
 
 
 def compile_regex(pattern: str) -> tuple[np.ndarray, np.ndarray]:
@@ -303,6 +353,8 @@ def compile_regex(pattern: str) -> tuple[np.ndarray, np.ndarray]:
         for c, targets in moves.items():
             target = frozenset().union(*(closure(t) for t in targets))
             if target not in index:
+                if len(sets) >= MAX_DFA_STATES:
+                    raise _too_large(MAX_DFA_STATES)
                 index[target] = len(sets)
                 sets.append(target)
             row[c] = index[target]

@@ -4,6 +4,7 @@ the masked distribution against numpy; and a random-weight model whose every con
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 import re
@@ -18,6 +19,7 @@ from jaxllm import automata, generate
 from jaxllm import constraints as C
 from jaxllm.errors import ConstraintError
 from jaxllm.sampling import SamplingParams, choose_next, init_history
+from fuzzing import time_bound
 
 
 class ByteTokenizer:
@@ -98,6 +100,8 @@ PATTERNS = [
     r"(ab|c)[0-9]{1,3}x?[^a]é", r"[a-z]+@[a-z]+\.(com|org)", r"\d{3}-\d{4}", r"(日本|é)+x",
     r"a*b*a*", r"[^\"]{2,4}", r"(yes|no|maybe)\??", r"\w+\s\w+", r".*x.", r"[\d\-]+", r"a{2,}b{,3}",
     r"(?:ab)+|c{2}", r"[\u3040-\u309f]+", r"\x41\u00e9?", r"[a\]]+", r"^a.c$", r"[^\W\d]+", r"\{[a-c]*\}",
+    # found by fuzzing (tests/test_fuzz_constraints.py): octal escapes, a digit only str.isdigit takes, a surrogate
+    r"\012a|\0[\01-\03]+", "a{\u0663}x?", r"x+|\ud800",
 ]
 
 
@@ -127,6 +131,60 @@ def test_choices_trie_and_bad_constraints():
             automata.regex_dfa(bad)
     with pytest.raises(ConstraintError, match="recursive"):
         automata.schema_regex({"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}}}, "$ref": "#/$defs/n"})
+
+
+@pytest.mark.parametrize("pattern", [
+    "a**", "a*+", "a+?*", "a{2}{3}", "a?{2}",  # Python: "multiple repeat", or a possessive quantifier (3.11+)
+    r"[\d-z]", r"a$b", r"(a$)", r"a^", r"(^a)",  # a bad range; anchors inside, which Python reads as anchors
+])
+def test_regexes_python_reads_otherwise_are_refused(pattern):
+    with pytest.raises(ConstraintError):
+        automata.regex_dfa(pattern)
+
+
+def test_any_character_is_exactly_the_well_formed_utf8_ones():
+    """`.` against Python's strict UTF-8 decoder: no overlong forms, surrogates or code points past U+10FFFF."""
+    dfa = automata.regex_dfa(".")
+    rng = random.Random(0)
+    pieces = [bytes(p) for n in (1, 2) for p in itertools.product(range(256), repeat=n)]
+    lead = [0xE0, 0xED, 0xEF, 0xF0, 0xF4, 0xF5, 0xC0, 0xC2]
+    pieces += [bytes([rng.choice(lead)] + [rng.randrange(0x80, 0xC0) for _ in range(n - 1)]) for n in (3, 4) for _ in range(20000)]
+    for piece in pieces:
+        try:
+            want = len(piece.decode("utf-8")) == 1 and piece != b"\n"
+        except UnicodeDecodeError:
+            want = False
+        s = 0
+        for b in piece:
+            s = dfa.trans[s, b] if s >= 0 else s
+        assert (s >= 0 and bool(dfa.accepting[s])) == want, piece
+
+
+@pytest.mark.parametrize("pattern", ["a{100000}", "(a|b)*a(a|b){16}", "(?:(?:a{100}){100}){100}", "a{99999999999}"])
+def test_regexes_past_the_size_limit_are_refused_within_seconds(pattern):
+    with time_bound(30, f"compiling {pattern}"), pytest.raises(ConstraintError, match="automaton states|too large"):
+        automata.regex_dfa(pattern)
+
+
+def test_a_long_bounded_string_compiles_within_seconds():
+    """maxLength 500 took minutes: x{0,500} was x?x?...x?, whose every subset held all the copies' starts."""
+    with time_bound(30, "compiling a maxLength of 500"):
+        dfa = automata.regex_dfa(automata.schema_regex({"type": "string", "maxLength": 500}))
+    assert dfa_accepts(dfa, json.dumps("é" * 500)) and not dfa_accepts(dfa, json.dumps("é" * 501))
+
+
+@pytest.mark.parametrize("schema,message", [
+    ({"type": "string", "minLength": "x"}, "minLength"), ({"enum": 5}, "enum"), ({"properties": [1]}, "properties"),
+    ({"definitions": []}, "definitions"), ({"type": None}, "type"), ({"$schema": {}}, "schema"),
+    ({"enum": []}, "empty enum"), ({"type": "string", "minLength": 5, "maxLength": 2}, "minLength 5 > maxLength 2"),
+    ({"type": "array", "minItems": 3, "maxItems": 1}, "minItems 3 > maxItems 1"),
+])
+def test_schemas_that_are_not_schemas_or_allow_nothing_fail_with_one_line(schema, message):
+    """Found by fuzzing: these raised TypeError/AttributeError, or compiled ({"type": null}, an empty enum)
+    into output that jsonschema then refused."""
+    with pytest.raises(ConstraintError, match=message) as e:
+        automata.schema_regex(schema)
+    assert "\n" not in str(e.value)
 
 
 def test_token_table_equals_running_each_tokens_bytes(tokenizer):
