@@ -49,6 +49,12 @@ def test_config_that_disagrees_with_the_arrays(cfg, params, tmp_path):
         load_checkpoint(tmp_path)
 
 
+def set_model_field(directory, name, value):
+    meta = json.loads((directory / "config.json").read_text())
+    meta["model"][name] = value
+    (directory / "config.json").write_text(json.dumps(meta))
+
+
 @pytest.mark.parametrize(
     "damage,message",
     [
@@ -59,6 +65,11 @@ def test_config_that_disagrees_with_the_arrays(cfg, params, tmp_path):
         (lambda d: (d / "params.safetensors").write_bytes(b"\x00" * 50), "params.safetensors is corrupt"),
         (lambda d: (d / "params.safetensors").unlink(), "params.safetensors is missing"),
         (lambda d: (d / "tokenizer.model").write_bytes(b"garbage"), "tokenizer.model"),
+        # found by fuzzing: fields of the wrong type loaded, then failed inside jit or a shape computation
+        (lambda d: set_model_field(d, "rope_high_freq_factor", []), "rope_high_freq_factor must be a finite number"),
+        (lambda d: set_model_field(d, "norm_eps", float("nan")), "norm_eps must be a finite number"),
+        (lambda d: set_model_field(d, "head_dim", -2), "head_dim must be an integer >= 1"),
+        (lambda d: set_model_field(d, "tie_embeddings", "no"), "tie_embeddings must be true or false"),
     ],
 )
 def test_broken_directories_fail_with_one_clear_line(cfg, params, tokenizer, tmp_path, damage, message):
@@ -95,6 +106,12 @@ def _edit_config(d, **quantization):
     meta = json.loads((d / "config.json").read_text())
     meta["quantization"] = quantization
     (d / "config.json").write_text(json.dumps(meta))
+
+
+def set_model_field(directory, name, value):
+    meta = json.loads((directory / "config.json").read_text())
+    meta["model"][name] = value
+    (directory / "config.json").write_text(json.dumps(meta))
 
 
 @pytest.mark.parametrize(
