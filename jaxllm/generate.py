@@ -272,8 +272,8 @@ def _prepare(
     prompts = [list(map(int, p)) for p in prompts]
     if not isinstance(n, int) or n < 1:
         raise GenerationError(f"num_return_sequences must be >= 1, got {n}")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, (int, np.integer)) or not 1 <= max_new_tokens < 2**31:  # positions are int32
+        raise GenerationError(f"max_new_tokens must be >= 1 and < 2**31, got {max_new_tokens}")
     for i, p in enumerate(prompts):
         if not p:
             raise GenerationError(f"prompt {i} is empty (no tokens to condition on)")

@@ -164,6 +164,8 @@ def test_bad_requests_raise_clear_errors(cfg, params):
         generate(params, cfg, ["text"])
     with pytest.raises(GenerationError, match="eos_token_id .* is outside the vocabulary"):  # was an OverflowError
         generate(params, cfg, PROMPTS, eos_token_id=[2, 2**63])
+    with pytest.raises(GenerationError, match="max_new_tokens"):  # a ring cache never fills: was an OverflowError
+        generate(params, cfg, PROMPTS, max_new_tokens=2**31, window=16)
 
 
 def test_buckets_are_powers_of_two():
