@@ -22,9 +22,14 @@ from pathlib import Path
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "jaxllm" / "assets" / "default"
 
 
+def one_line(message: str) -> str:
+    """Errors are one line: a line break inside one (from a path, flag or key the user wrote) is shown escaped."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, instead of usage + message
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
 
 
 def _flag(p, name, **kw):
@@ -294,7 +299,7 @@ def main(argv=None) -> int:
         else:
             result = jaxllm.generate(params, cfg, inputs, **kwargs, **long_context)
     except jaxllm.JaxllmError as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
+        print(f"sample.py: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     _print(result, prompts, args)
     _report(counter, args, result.timing)

@@ -16,9 +16,14 @@ import argparse
 import sys
 
 
+def one_line(message: str) -> str:
+    """Errors are one line: a line break inside one (from a path, flag or key the user wrote) is shown escaped."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, instead of usage + message
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
@@ -64,10 +69,10 @@ def main(argv=None) -> int:
         print(f"train.py: {args.config or args.out_dir}: {description}")
         trainer.run(cfg, tcfg, args.out_dir, resume=args.resume, progress=not args.no_progress)
     except jaxllm.TrainingError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        print(f"train.py: error: {one_line(str(e))}", file=sys.stderr)
         return 1
     except jaxllm.JaxllmError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        print(f"train.py: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     return 0
 

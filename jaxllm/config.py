@@ -106,7 +106,7 @@ class ModelConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown model config field(s): {_names(unknown)}")
         required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
         missing = [n for n in required if n not in values]
         if missing:
@@ -126,6 +126,12 @@ class ModelConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"config {path} must hold a JSON object")
         return cls.from_dict(values.get("model", values))
+
+
+def _names(names) -> str:
+    """Names from a file or the command line, for an error message of one line: quoted when they
+    hold a line break or another unprintable character."""
+    return ", ".join(n if n.isprintable() else repr(n) for n in names)
 
 
 # ---------------------------------------------------------------------------- training
@@ -210,7 +216,7 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ConfigError(f"unknown train config field(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown train config field(s): {_names(unknown)}")
         # JSON has one number type: accept 3 for a float field, never 3.5 for an int field.
         fixed = {}
         for f in dataclasses.fields(cls):
@@ -241,7 +247,7 @@ def load_preset(path: str | Path) -> tuple[ModelConfig, TrainConfig, str]:
         raise ConfigError(f'config {path} must be a JSON object with a "model" section')
     unknown = sorted(set(values) - set(PRESET_KEYS))
     if unknown:
-        raise ConfigError(f"config {path}: unknown section(s) {', '.join(unknown)} (allowed: {', '.join(PRESET_KEYS)})")
+        raise ConfigError(f"config {path}: unknown section(s) {_names(unknown)} (allowed: {', '.join(PRESET_KEYS)})")
     train = values.get("train", {})
     if not isinstance(train, dict):
         raise ConfigError(f'config {path}: "train" must be a JSON object')
@@ -306,5 +312,5 @@ def apply_overrides(
         elif name in train_types:
             train_changes[name] = _parse(name, value, train_types[name])
         else:
-            raise ConfigError(f"unknown config field --{name}")
+            raise ConfigError(f"unknown config field {_names(['--' + name])}")
     return model.replace(**model_changes), train.replace(**train_changes)

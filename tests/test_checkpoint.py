@@ -70,6 +70,7 @@ def set_model_field(directory, name, value):
         (lambda d: set_model_field(d, "norm_eps", float("nan")), "norm_eps must be a finite number"),
         (lambda d: set_model_field(d, "head_dim", -2), "head_dim must be an integer >= 1"),
         (lambda d: set_model_field(d, "tie_embeddings", "no"), "tie_embeddings must be true or false"),
+        (lambda d: set_model_field(d, "new\nfield", 1), r"unknown model config field\(s\): 'new\\nfield'"),
     ],
 )
 def test_broken_directories_fail_with_one_clear_line(cfg, params, tokenizer, tmp_path, damage, message):

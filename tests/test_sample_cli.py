@@ -136,6 +136,7 @@ def test_speculative_flags(checkpoint, cfg, params, tokenizer, tmp_path):
         (["--quantize", "int9"], "--quantize"),
         (["--quantize", "int4", "--group_size", "48"], "--group_size"),
         (["--warmup", "--num_beams", "2"], "--warmup"),
+        (["--bo\ngus"], "--bo\\ngus"),  # a line break the user typed is shown escaped (found by fuzzing)
     ],
 )
 def test_bad_flags_exit_2_with_one_line(checkpoint, args, named):
