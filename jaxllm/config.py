@@ -183,6 +183,8 @@ class TrainConfig:
             low = 1 if name in positive else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.seed >= 2**63:  # jax.random.key takes an int64
+            raise ConfigError(f"seed must be < 2**63, got {self.seed}")
         for name, low, high in (
             ("lr", 0.0, 1.0),
             ("min_lr_ratio", 0.0, 1.0),

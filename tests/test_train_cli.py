@@ -115,6 +115,7 @@ def test_sample_py_on_a_run_missing_its_params_exits_2(trained, tmp_path):
         (["--config", TINY, "--batch_size"], ["--batch_size needs a value"]),
         (["--resume"], ["run.json is missing"]),
         (["--config", TINY, "--bo\ngus", "3"], ["unknown config field '--bo\\ngus'"]),  # found by fuzzing
+        (["--config", TINY, "--seed", str(2**63)], ["seed must be < 2**63"]),  # was an OverflowError, found by fuzzing
         ([], ["--config"]),
     ],
 )
