@@ -208,7 +208,10 @@ def main(argv=None) -> int:
     from jaxllm.checkpoint import load_any
 
     if not args.no_compile_cache:
-        enable_persistent_cache()
+        try:
+            enable_persistent_cache()
+        except jaxllm.CacheError as e:  # a cache others can write could hand XLA their code: go without
+            print(f"sample.py: warning: {e}; running without the persistent compilation cache", file=sys.stderr)
     counter = CompileCounter().__enter__()  # --verbose reports what this process compiled
     try:
         prompts = list(args.prompt)

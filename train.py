@@ -65,7 +65,10 @@ def main(argv=None) -> int:
             (cfg, tcfg), description = trainer.read_run(args.out_dir), "resumed run"
         cfg, tcfg = apply_overrides(cfg, tcfg, overrides)
         if not args.no_compile_cache:
-            enable_persistent_cache()
+            try:
+                enable_persistent_cache()
+            except jaxllm.CacheError as e:  # a cache others can write could hand XLA their code: go without
+                print(f"train.py: warning: {e}; running without the persistent compilation cache", file=sys.stderr)
         print(f"train.py: {args.config or args.out_dir}: {description}")
         trainer.run(cfg, tcfg, args.out_dir, resume=args.resume, progress=not args.no_progress)
     except jaxllm.TrainingError as e:

@@ -4,6 +4,7 @@ from jaxllm.checkpoint import load_checkpoint, save_checkpoint
 from jaxllm.config import ModelConfig, TrainConfig
 from jaxllm.devices import prepare as prepare_params
 from jaxllm.errors import (
+    CacheError,
     CheckpointError,
     ConfigError,
     DataError,
@@ -24,6 +25,7 @@ from jaxllm.tokenizer import Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheError",
     "CheckpointError",
     "ConfigError",
     "DataError",

@@ -124,6 +124,11 @@ def expected_shapes(cfg: ModelConfig, quantization: dict | None = None) -> dict:
     return flatten(shapes)
 
 
+# int4 files written before quantize padded input rows to a multiple of the group size held
+# some weights in another group size; their shapes differ from what the config implies now.
+_OLD_INT4 = " (an int4 checkpoint from before groups were padded to the group size? quantize the float model again)"
+
+
 def load_checkpoint(
     directory: str | os.PathLike, expect_config: ModelConfig | None = None
 ) -> tuple[dict, ModelConfig, Tokenizer | None]:
@@ -163,9 +168,10 @@ def load_checkpoint(
         )
     for name, spec in expected.items():
         if tuple(flat[name].shape) != tuple(spec.shape):
+            old_int4 = quantization and quantization["bits"] == 4 and flat[name].dtype == spec.dtype and name.endswith((".values", ".scales"))
             raise CheckpointError(
                 f"{directory / PARAMS_FILE}: {name} has shape {tuple(flat[name].shape)}, "
-                f"the config implies {tuple(spec.shape)}"
+                f"the config implies {tuple(spec.shape)}{_OLD_INT4 if old_int4 else ''}"
             )
         if quantization is not None and name.endswith((".values", ".scales")) and flat[name].dtype != spec.dtype:
             raise CheckpointError(

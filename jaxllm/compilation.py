@@ -11,6 +11,8 @@ from pathlib import Path
 
 import jax
 
+from jaxllm import cachedirs
+
 # JAX reports this duration for every program it compiles *or loads from the persistent cache*;
 # a load also reports a cache hit, so new compilations = compiles - cache hits.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -57,9 +59,12 @@ class CompileCounter:
 
 
 def enable_persistent_cache(path: str | os.PathLike | None = None) -> Path:
-    """Keeps compiled programs on disk between runs (default: ~/.cache/jaxllm/xla)."""
-    path = Path(path or os.environ.get("JAXLLM_CACHE_DIR") or Path.home() / ".cache" / "jaxllm" / "xla")
-    path.mkdir(parents=True, exist_ok=True)
+    """Keeps compiled programs on disk between runs (default: $JAXLLM_CACHE_DIR, else ~/.cache/jaxllm/xla).
+
+    XLA loads machine code from there, so the directory must be this user's alone (created
+    0700; cachedirs.py): otherwise this raises CacheError and leaves the cache off."""
+    path = cachedirs.private_dir(path or os.environ.get("JAXLLM_CACHE_DIR") or Path.home() / ".cache" / "jaxllm" / "xla",
+                                 "JAXLLM_CACHE_DIR")
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

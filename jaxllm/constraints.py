@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -36,9 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import automata
+from jaxllm import automata, cachedirs
 from jaxllm.automata import DEAD, STACK
-from jaxllm.errors import ConstraintError
+from jaxllm.errors import CacheError, ConstraintError
 from jaxllm.sampling import pow2_bucket
 
 FORMAT_VERSION = 1  # of the cached .npz files (changes to the code that builds them are detected)
@@ -208,8 +209,16 @@ def _code_version() -> str:
 
 
 def _cache_dir() -> Path | None:
+    """The table cache's directory, or None: turned off, or not this user's alone (then a warning
+    says so once and tables are built without it: a planted table would decide what is valid)."""
     path = os.environ.get("JAXLLM_CONSTRAINT_CACHE", str(Path.home() / ".cache" / "jaxllm" / "constraints"))
-    return None if path in ("", "off", "0") else Path(path)
+    if path in ("", "off", "0"):
+        return None
+    try:
+        return cachedirs.private_dir(path, "JAXLLM_CONSTRAINT_CACHE")
+    except CacheError as e:
+        warnings.warn(f"{e}; building constraint tables without it", stacklevel=3)
+        return None
 
 
 def compile_table(constraint: Constraint, tokenizer) -> TokenTable:

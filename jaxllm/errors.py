@@ -35,3 +35,7 @@ class TrainingError(JaxllmError):
 
 class ConstraintError(JaxllmError, ValueError):
     """A regex, JSON Schema or choice list cannot be turned into a constraint."""
+
+
+class CacheError(JaxllmError):
+    """A cache directory or file that another user could write: jaxllm does not use it (cachedirs.py)."""

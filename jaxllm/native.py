@@ -11,9 +11,18 @@ under ~/.cache/jaxllm/kernels (or `$JAXLLM_KERNEL_DIR`), keyed by the source, th
 CPU's feature flags and jaxlib's FFI headers. It is built on the first `available()` call,
 which `devices.prepare` makes only for params with weights the kernel would multiply.
 
+A library found there is code this process will run, so it is loaded only from a directory
+only this user can write (cachedirs.py: created 0700; someone else's, or a group- or
+world-writable one, is refused), only when the file itself is this user's and not writable by
+others, and only when its SHA-256 equals the one recorded beside it (`qmatmul-<key>.so.sha256`)
+by the build that wrote it. A library without its record, or not matching it (truncated by a
+crash, overwritten, planted), is rebuilt. The check and the load read the same open file
+(dlopen of /proc/self/fd/N), so the file cannot be swapped between them.
+
 Whenever the kernel cannot be used — JAX runs on a GPU or TPU, not an x86 CPU with AVX-512, no
-compiler, a failed build, or `JAXLLM_NATIVE=0` — `available()` is False and `devices.prepare`
-chooses XLA's formulations instead; nothing else changes. Why it was not used is in `status()`.
+compiler, a failed build, a cache directory others can write, or `JAXLLM_NATIVE=0` —
+`available()` is False and `devices.prepare` chooses XLA's formulations instead; nothing else
+changes. Why it was not used is in `status()`.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -33,10 +43,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import cachedirs
+from jaxllm.errors import CacheError
+
 SOURCE = Path(__file__).parent / "kernels" / "qmatmul_cpu.cc"
 TARGET = "jaxllm_qmatmul"
 TARGET_F32 = "jaxllm_matmul_f32"
 _status = {"reason": "not tried yet"}
+_registered: list = []  # the library whose handlers XLA calls (set once per process)
 
 
 def status() -> str:
@@ -58,14 +72,26 @@ def available() -> bool:
     if not cxx:
         return _fail("no C++ compiler found (set CXX)")
     try:
-        lib = ctypes.CDLL(str(_build(cxx)))
+        fd, path = _build(cxx)
+    except CacheError as e:
+        return _fail(f"kernel not loaded: {e}")
     except (OSError, subprocess.SubprocessError) as e:
         return _fail(f"kernel build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
+    # Loaded through the descriptor whose contents were checked, not through the path (which
+    # could name another file by now). The descriptor stays open for the life of the process:
+    # the loader knows the library by this name, which must not come to mean another file.
+    try:
+        lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+    except OSError as e:
+        os.close(fd)
+        return _fail(f"kernel load failed: {path}: {e}")
     if not lib.jaxllm_qmatmul_simd():
         return _fail("this CPU has no AVX-512: the portable loops are slower than XLA")
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxllmQMatmul), platform="cpu")
-    jax.ffi.register_ffi_target(TARGET_F32, jax.ffi.pycapsule(lib.JaxllmMatmulF32), platform="cpu")
-    _status["reason"] = f"in use: {lib._name}"
+    if not _registered:  # XLA refuses a second handler under a name; a process needs one
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxllmQMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_F32, jax.ffi.pycapsule(lib.JaxllmMatmulF32), platform="cpu")
+        _registered.append(lib)
+    _status["reason"] = f"in use: {path}"
     return True
 
 
@@ -84,7 +110,16 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build(cxx: str) -> Path:
+def kernel_dir() -> Path:
+    """Where built libraries are kept: $JAXLLM_KERNEL_DIR, else ~/.cache/jaxllm/kernels."""
+    return Path(os.environ.get("JAXLLM_KERNEL_DIR") or Path.home() / ".cache" / "jaxllm" / "kernels")
+
+
+def _build(cxx: str) -> tuple[int, Path]:
+    """-> (an open descriptor of the library, verified against its recorded digest, and its path).
+
+    Builds it when the cache has no verified copy. Raises CacheError for an unsafe directory
+    or file, OSError for a failed build."""
     include = jax.ffi.include_dir()
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", "-isystem", include]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
@@ -92,22 +127,88 @@ def _build(cxx: str) -> Path:
     for part in (SOURCE.read_bytes(), " ".join(flags).encode(), version.encode(), _cpu_flags().encode(),
                  (Path(include) / "xla" / "ffi" / "api" / "c_api.h").read_bytes()):
         key.update(part)
-    out_dir = Path(os.environ.get("JAXLLM_KERNEL_DIR") or Path.home() / ".cache" / "jaxllm" / "kernels")
+    out_dir = cachedirs.private_dir(kernel_dir(), "JAXLLM_KERNEL_DIR")
     path = out_dir / f"qmatmul-{key.hexdigest()[:16]}.so"
-    if path.exists():
-        return path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # concurrent builds each write their own file
-    os.close(fd)
+    fd = _open_verified(path)
+    if fd is not None:
+        return fd, path
+    tmp_fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # concurrent builds each write their own file
+    os.close(tmp_fd)
     try:
         done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode:
             raise OSError(done.stderr or f"{cxx} exited with {done.returncode}")
+        os.chmod(tmp, 0o700)  # the linker's mode follows the umask, which may let the group write
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _write_digest(digest_path(path), _sha256(fd))
+            os.replace(tmp, path)  # a process that checks the pair in between sees a mismatch and builds too
+        except BaseException:
+            os.close(fd)
+            raise
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return fd, path
+
+
+def digest_path(path: Path) -> Path:
+    """Where the SHA-256 of the library at `path` is recorded (hex, one line)."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(fd: int) -> str:
+    h = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while chunk := os.read(fd, 1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _open_checked(path: Path) -> int | None:
+    """An open descriptor of `path`, a regular file of this user that others cannot write; None
+    when it does not exist. Raises CacheError otherwise (a symlink included)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CacheError(f"{path} cannot be opened as a plain file ({e.strerror or e})") from None
+    st = os.fstat(fd)
+    why = "is not a regular file" if not stat.S_ISREG(st.st_mode) else cachedirs.problem(st)
+    if why:
+        os.close(fd)
+        raise CacheError(f"{path} {why}")
+    return fd
+
+
+def _open_verified(path: Path) -> int | None:
+    """An open descriptor of the library at `path` when its contents match the recorded digest;
+    None when either file is missing or they differ (it is then rebuilt)."""
+    record = _open_checked(digest_path(path))
+    if record is None:
+        return None
+    try:
+        recorded = os.read(record, 128).decode("ascii", "replace").strip()
+    finally:
+        os.close(record)
+    fd = _open_checked(path)
+    if fd is not None and _sha256(fd) != recorded:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _write_digest(path: Path, digest: str) -> None:
+    """Writes the record atomically: a reader sees the old record or the new one, never half."""
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(digest + "\n")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
 
 
 def qmatmul(x: jax.Array, values: jax.Array, scales: jax.Array, bits: int, group_size: int, tile: int = 0) -> jax.Array:

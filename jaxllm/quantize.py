@@ -6,7 +6,14 @@ A `QuantizedWeight` is a pytree node that stands in for a float weight in the [I
 orientation that `x @ w` reads, with groups running down the input axis:
 
     bits=8: values int8  [..., I, O]     scales f32 [..., 1, O]      (one scale per output channel)
-    bits=4: values uint8 [..., I/2, O]   scales f32 [..., I/G, O]    (two values per byte)
+    bits=4: values uint8 [..., I'/2, O]  scales f32 [..., I'/G, O]   (two values per byte)
+
+I' is I rounded up to a multiple of G: where G does not divide I (d_ff 704 at G 128, a d_model
+of 32 at G 64), `pad` = I' - I zero rows are appended to the weight, and the matmul appends as
+many zeros to x, so the group is always the G asked for and a saved checkpoint records the group
+every weight has. (Choosing another divisor of I instead gave groups that `load_checkpoint`
+rejects, 44 for d_ff 176 at G 64.) Zero rows change no group's scale (a zero moves max(w) or
+min(w) at most to 0, where its term of the scale below is 0) and store q = 0.
 
 Leading axes (the stacked layer axis L) pass through, so quantized params still run under
 `lax.scan`, and `model.unstack_layers` slices them like arrays. The embedding table [V, D] is
@@ -76,17 +83,18 @@ KERNEL_TILE = 128  # columns per tile in the CPU kernel's layout (kTile in kerne
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["values", "scales"],
-    meta_fields=["bits", "group_size", "transposed", "tile", "impl"],
+    meta_fields=["bits", "group_size", "transposed", "tile", "impl", "pad"],
 )
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
-    values: jax.Array  # int8 [..., I, O] (bits 8) or uint8 [..., I/2, O] (bits 4, packed); tiled: [ceil(O/T), rows, T]
-    scales: jax.Array  # f32 [..., I/G, O]; G = I for bits 8
+    values: jax.Array  # int8 [..., I, O] (bits 8) or uint8 [..., I'/2, O] (bits 4, packed); tiled: [ceil(O/T), rows, T]
+    scales: jax.Array  # f32 [..., I'/G, O]; G = I for bits 8
     bits: int  # 8 or 4
     group_size: int  # G along the input axis (= I for per-channel int8)
     transposed: bool  # True: the logical weight is [..., O, I] (the embedding table), stored as [I, O]
     tile: int = 0  # T > 0: the CPU kernel's layout, column tiles of T stored one after another (see tile_weight)
     impl: str = "xla"  # which matmul runs (IMPLS; see the module docstring): set by devices.prepare
+    pad: int = 0  # zero input rows stored after the I real ones (I' = I + pad, a multiple of G; int4 only)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -94,7 +102,7 @@ class QuantizedWeight:
         *lead, n, o = self.values.shape
         if self.tile:
             lead, n, o = [], n, self.scales.shape[-1]
-        i = n * 2 if self.bits == 4 else n
+        i = (n * 2 if self.bits == 4 else n) - self.pad
         return (*lead, o, i) if self.transposed else (*lead, i, o)
 
     @property
@@ -138,8 +146,10 @@ def quantize(w: jax.Array, bits: int = 8, group_size: int = 64, *, transposed: b
     """A float weight -> QuantizedWeight.
 
     w: [..., I, O] (a linear weight, x @ w), or with `transposed` [..., O, I] (the embedding
-    table [V, D], which the tied head reads as h @ w.T). int8 ignores `group_size`; where I is not a
-    multiple of it, int4 uses the largest even divisor of I below it (d_ff 704 at G 128 gets 64).
+    table [V, D], which the tied head reads as h @ w.T). int8 ignores `group_size` (one scale per
+    output channel); int4 always uses groups of `group_size`, and where that does not divide I,
+    stores I' = I rounded up to a multiple of it, the rows past I zero (`pad`; d_ff 704 at G 128:
+    768 rows, 64 of them zero).
     """
     check_options(bits, group_size)
     w = jnp.asarray(w, jnp.float32)
@@ -147,10 +157,10 @@ def quantize(w: jax.Array, bits: int = 8, group_size: int = 64, *, transposed: b
         w = jnp.swapaxes(w, -1, -2)
     *lead, i, o = w.shape
     g = i if bits == 8 else group_size
-    if i % g:  # e.g. d_ff 704 with G 128 -> 64, d_ff 688 -> 16: the largest even divisor of I below G
-        g = max((d for d in range(2, g, 2) if i % d == 0), default=0)
-        if not g:
-            raise ConfigError(f"int4 needs an even input dimension, got {i}")
+    pad = -i % g
+    if pad:  # zero rows quantize to 0 under any scale and do not change the group's scale
+        w = jnp.pad(w, [(0, 0)] * len(lead) + [(0, pad), (0, 0)])
+        i += pad
     wg = w.reshape(*lead, i // g, g, o)
     qmax = QMAX[bits]
     qmin = -qmax - (bits == 4)  # int4 also uses -8: the smallest scale that fits both extremes
@@ -158,7 +168,7 @@ def quantize(w: jax.Array, bits: int = 8, group_size: int = 64, *, transposed: b
     scales = jnp.where(step > 0, step, 1.0)  # an all-zero group gets scale 1 (q = 0)
     q = jnp.clip(jnp.round(wg / scales[..., None, :]), qmin, qmax).astype(jnp.int8).reshape(*lead, i, o)
     values = q if bits == 8 else pack_int4(q, g)
-    return QuantizedWeight(values, scales.astype(jnp.float32), bits, g, transposed)
+    return QuantizedWeight(values, scales.astype(jnp.float32), bits, g, transposed, pad=pad)
 
 
 def _dequantize_io(bits: int, group_size: int, values: jax.Array, scales: jax.Array, dtype) -> jax.Array:
@@ -174,13 +184,15 @@ def dequantize(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
     """QuantizedWeight -> the float weight in its logical shape (`qw.shape`)."""
     qw = untile_weight(qw)
     w = _dequantize_io(qw.bits, qw.group_size, qw.values, qw.scales, dtype)
+    w = w[..., : w.shape[-2] - qw.pad, :]  # the zero rows that only pad I to a multiple of G
     return jnp.swapaxes(w, -1, -2) if qw.transposed else w
 
 
 def take_rows(qw: QuantizedWeight, ids: jax.Array, dtype) -> jax.Array:
     """Embedding lookup in a quantized [V, D] table: ids [...] int -> [..., D]; dequantizes only those rows."""
     flat = ids.reshape(-1)
-    cols = _dequantize_io(qw.bits, qw.group_size, qw.values[:, flat], qw.scales[:, flat], dtype)  # [D, n]
+    cols = _dequantize_io(qw.bits, qw.group_size, qw.values[:, flat], qw.scales[:, flat], dtype)  # [D', n]
+    cols = cols[: cols.shape[0] - qw.pad]  # [D, n]: without the rows that pad D to a multiple of G
     return cols.T.reshape(*ids.shape, cols.shape[0])
 
 
@@ -228,14 +240,17 @@ def matmul(x: jax.Array, qw: QuantizedWeight, dtype=jnp.float32, out_dtype=None)
 
     Products accumulate in float32; the result is `out_dtype` (default `dtype`). `qw.impl` says
     which formulation runs. Composes with jit/vmap/grad (gradients flow to x and the scales;
-    the integer values are constants).
+    the integer values are constants). A padded weight (`qw.pad`) gets as many zeros appended
+    to x, so every formulation multiplies the stored [I', O] as it is.
     """
     assert qw.values.ndim == (3 if qw.tile else 2), "a stacked QuantizedWeight must be sliced per layer first"
     out_dtype = out_dtype or dtype
     n, o = qw.values.shape[-2], qw.scales.shape[-1]  # stored rows are dim -2 in both layouts
-    i = n * 2 if qw.bits == 4 else n
+    i = n * 2 if qw.bits == 4 else n  # I' = I + pad
     lead = x.shape[:-1]
-    xm = x.reshape(-1, i).astype(dtype)
+    xm = x.reshape(-1, i - qw.pad).astype(dtype)
+    if qw.pad:
+        xm = jnp.pad(xm, ((0, 0), (0, qw.pad)))
     m = xm.shape[0]
     if qw.impl == "native":
         y = native.qmatmul(xm.astype(jnp.float32), qw.values, qw.scales, qw.bits, qw.group_size, qw.tile)

@@ -4,6 +4,7 @@ model under quantized weights (logits near fp32, a trained model's greedy text u
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -25,7 +26,8 @@ BUNDLED = Path(jaxllm.__file__).parent / "assets" / "default"
 
 
 def np_dequantize(qw: QuantizedWeight) -> np.ndarray:
-    """Independent reference: unpack nibbles with numpy and apply the scales -> logical [I, O] (or [O, I])."""
+    """Independent reference: unpack nibbles with numpy and apply the scales -> logical [I, O] (or [O, I]),
+    without the `pad` zero rows that round I up to a multiple of the group."""
     v, s = np.asarray(qw.values), np.asarray(qw.scales, np.float64)
     if qw.bits == 4:
         g = qw.group_size
@@ -35,7 +37,7 @@ def np_dequantize(qw: QuantizedWeight) -> np.ndarray:
         n, o = v.shape[-2:]
         lo, hi = lo.reshape(*v.shape[:-2], n * 2 // g, g // 2, o), hi.reshape(*v.shape[:-2], n * 2 // g, g // 2, o)
         q = np.concatenate([lo, hi], axis=-2)  # [..., I/G, G, O]
-        w = (q * s[..., :, None, :]).reshape(*v.shape[:-2], n * 2, o)
+        w = (q * s[..., :, None, :]).reshape(*v.shape[:-2], n * 2, o)[..., : n * 2 - qw.pad, :]
     else:
         w = v.astype(np.float64) * s
     return np.swapaxes(w, -1, -2) if qw.transposed else w
@@ -119,12 +121,13 @@ def test_native_kernel_matches_numpy_on_every_tile_shape(bits, group_size, i):
     rng = np.random.default_rng(i)
     for o in (1, 17, 700, 1000):
         qw = quantize(rng.standard_normal((i, o)).astype(np.float32), bits, group_size or 64)
-        assert bits == 8 or qw.group_size == (20 if i == 80 else group_size)  # 80 rows: groups of 20 (10 packed)
-        ref = np_dequantize(qw)
+        ref = np_dequantize(qw)  # [I, O]; 80 rows at G 32 are stored as 96, the last 16 zero
+        pad = qw.pad
         for layout in (qw, tile_weight(qw)):  # [rows, O], and tiles of 128 columns (the last one padded)
             for m in (1, 2, 3, 4, 5, 8, 9, 12, 34):
                 x = rng.standard_normal((m, i)).astype(np.float32)
-                got = native.qmatmul(jnp.asarray(x), layout.values, layout.scales, bits, layout.group_size, layout.tile)
+                xp = np.pad(x, ((0, 0), (0, pad)))  # the kernel multiplies the stored rows, zeros included
+                got = native.qmatmul(jnp.asarray(xp), layout.values, layout.scales, bits, layout.group_size, layout.tile)
                 np.testing.assert_allclose(
                     np.asarray(got), x.astype(np.float64) @ ref, rtol=1e-5, atol=1e-4, err_msg=f"O={o} M={m} tile={layout.tile}",
                 )
@@ -296,28 +299,30 @@ def test_the_kernel_stays_off_when_jax_runs_on_an_accelerator(monkeypatch):
         native.available.cache_clear()
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_embedding_lookup_dequantizes_the_rows_and_the_tied_head_uses_the_transpose(bits):
-    table = np.random.default_rng(2).standard_normal((50, 64)).astype(np.float32)  # [V, D]
+@pytest.mark.parametrize("bits,d", [(8, 64), (4, 64), (4, 48)])  # D 48 at G 32: stored as 64 rows
+def test_embedding_lookup_dequantizes_the_rows_and_the_tied_head_uses_the_transpose(bits, d):
+    table = np.random.default_rng(2).standard_normal((50, d)).astype(np.float32)  # [V, D]
     qw = quantize(table, bits, 32, transposed=True)
-    assert qw.shape == (50, 64) and qw.values.shape[-1] == 50  # stored [D, V]
+    assert qw.shape == (50, d) and qw.values.shape[-1] == 50  # stored [D, V]
     ref = np_dequantize(qw)  # [V, D]
     ids = jnp.asarray([[3, 49, 0], [7, 7, 12]])
     np.testing.assert_allclose(np.asarray(take_rows(qw, ids, jnp.float32)), ref[np.asarray(ids)], rtol=1e-6)
-    h = np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)
+    h = np.random.default_rng(3).standard_normal((2, d)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(matmul(jnp.asarray(h), qw)), h @ ref.T, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_matmul_composes_with_grad_and_vmap(impl, weight, bits):
-    qw = dataclasses.replace(quantize(weight, bits, 64), impl=impl)
-    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 256)), jnp.float32)
+@pytest.mark.parametrize("bits,rows", [(8, 256), (4, 256), (4, 176)])  # 176 rows at G 64: stored as 192
+def test_quantized_matmul_composes_with_grad_and_vmap(impl, weight, bits, rows):
+    qw = dataclasses.replace(quantize(weight[:rows], bits, 64), impl=impl)
+    if impl == "native":
+        qw = tile_weight(qw)  # as devices.prepare lays it out for the kernel
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, rows)), jnp.float32)
     g = jax.grad(lambda x: jnp.sum(matmul(x, qw) ** 2))(x)
     w = dequantize(qw)
     np.testing.assert_allclose(np.asarray(g), np.asarray(2 * (x @ w) @ w.T), rtol=1e-4, atol=1e-3)
     # the scales are float parameters: their gradient too
-    ds = jax.grad(lambda s: jnp.sum(matmul(x, QuantizedWeight(qw.values, s, bits, qw.group_size, False, 0, impl))))(qw.scales)
-    ds_ref = jax.grad(lambda s: jnp.sum(x @ dequantize(QuantizedWeight(qw.values, s, bits, qw.group_size, False))))(qw.scales)
+    ds = jax.grad(lambda s: jnp.sum(matmul(x, dataclasses.replace(qw, scales=s))))(qw.scales)
+    ds_ref = jax.grad(lambda s: jnp.sum(x @ dequantize(dataclasses.replace(qw, scales=s, impl="xla"))))(qw.scales)
     np.testing.assert_allclose(np.asarray(ds), np.asarray(ds_ref), rtol=1e-4, atol=1e-3)
     per_row = jax.vmap(lambda r: matmul(r, qw))(x)
     np.testing.assert_allclose(np.asarray(per_row), np.asarray(matmul(x, qw)), rtol=1e-6, atol=1e-5)
@@ -374,8 +379,66 @@ def test_trained_model_greedy_text_is_unchanged_under_int8():
     assert got == want
 
 
-def test_int4_falls_back_to_a_smaller_group_that_divides_the_input():
-    w = np.random.default_rng(6).standard_normal((688, 8)).astype(np.float32)  # 688 = 16 * 43
-    qw = quantize(w, 4, 64)
-    assert qw.group_size == 16 and qw.scales.shape == (43, 8)
-    assert np.all(np.abs(np_dequantize(qw) - w) <= np.repeat(np.asarray(qw.scales), 16, axis=0) / 2 * (1 + 1e-6))
+# Input sizes that int4's group does not divide: d_ff 176 and 688 at G 64, 704 (the bundled
+# model's d_ff) at G 128, a d_model of 32 at G 64, and an odd size. Each used to get another group.
+UNEVEN = [(176, 64), (688, 64), (704, 128), (32, 64), (75, 32)]
+
+
+@pytest.mark.parametrize("i,group_size", UNEVEN)
+def test_int4_keeps_the_group_asked_for_and_pads_the_input_rows_with_zeros(i, group_size):
+    o = 8
+    w = np.random.default_rng(i).standard_normal((i, o)).astype(np.float32)
+    qw = quantize(w, 4, group_size)
+    n = -(-i // group_size)  # groups: I rounded up to a multiple of G, over G
+    assert qw.group_size == group_size and qw.shape == (i, o) and dequantize(qw).shape == (i, o)
+    assert qw.values.shape == (n * group_size // 2, o) and qw.scales.shape == (n, o)
+    padded = np.zeros((n * group_size, o), np.float32)
+    padded[:i] = w
+    groups = padded.reshape(n, group_size, o)
+    step = np.maximum(groups.max(axis=1) / 7, groups.min(axis=1) / -8)
+    np.testing.assert_allclose(np.asarray(qw.scales), np.where(step > 0, step, 1.0), rtol=1e-6)
+    # every stored nibble past row I is 0; the real rows are within half a step
+    v = np.asarray(qw.values).reshape(n, group_size // 2, o)
+    nibbles = np.concatenate([v & 0xF, v >> 4], axis=1).reshape(n * group_size, o)
+    assert np.all(nibbles[i:] == 0)
+    scale = np.repeat(np.asarray(qw.scales), group_size, axis=0)[:i]
+    assert np.all(np.abs(np_dequantize(qw) - w) <= scale / 2 * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("i,group_size", UNEVEN[:4])
+@pytest.mark.parametrize("rows", [1, 5, 130])
+def test_padded_int4_matmul_equals_dequantize_then_matmul(impl, i, group_size, rows):
+    rng = np.random.default_rng(rows)
+    w = rng.standard_normal((i, 40)).astype(np.float32)
+    qw = dataclasses.replace(quantize(w, 4, group_size), impl=impl)
+    x = rng.standard_normal((2, rows, i)).astype(np.float32)  # leading axes as in the model: [B, T, I]
+    want = x.astype(np.float64) @ np_dequantize(qw)
+    for layout in (qw, tile_weight(qw)) if impl == "native" else (qw,):
+        np.testing.assert_allclose(np.asarray(fresh_matmul(jnp.asarray(x), layout)), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides,group_size", [
+    (dict(d_ff=176), 64),  # the issue's case: w_down's 176 rows used to get groups of 44
+    (dict(d_ff=704, d_model=256, n_heads=4, n_kv_heads=2), 128),  # the bundled model's shape: w_down got 64
+    (dict(d_model=96, n_heads=4, n_kv_heads=2, d_ff=128), 64),  # a d_model (every other input) not a multiple of G
+])
+@pytest.mark.parametrize("tied", [True, False])
+def test_int4_checkpoint_of_uneven_shapes_loads_with_the_group_asked_for(tmp_path, overrides, group_size, tied):
+    from jaxllm.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = tiny_config(97, tie_embeddings=tied, **overrides)
+    q = quantize_params(init_params(cfg, jax.random.key(2)), 4, group_size)
+    save_checkpoint(tmp_path / "ckpt", q, cfg)
+    loaded, _, _ = load_checkpoint(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization"] == {"bits": 4, "group_size": group_size}
+    is_q = lambda x: isinstance(x, QuantizedWeight)  # noqa: E731
+    weights = [x for x in jax.tree.leaves(loaded, is_leaf=is_q) if is_q(x)]
+    assert weights and all(w.group_size == group_size for w in weights)
+    assert jax.tree.structure(loaded) == jax.tree.structure(q)  # pad, bits and group are static fields
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(q)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ids = list(np.random.default_rng(0).integers(0, 97, size=7))
+    want = np_forward(jax.tree.map(lambda x: np_dequantize(x) if is_q(x) else np.asarray(x), loaded, is_leaf=is_q), cfg, ids)
+    for p in (loaded, devices.prepare(loaded, cfg)):  # raw (XLA), and prepared (the kernel, or XLA's blocks)
+        got = forward(p, cfg, jnp.asarray([ids]), jnp.arange(len(ids))[None])[0][0]
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)

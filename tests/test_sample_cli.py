@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 
@@ -227,6 +228,7 @@ def test_a_second_process_compiles_nothing_new_thanks_to_the_persistent_cache(ch
     assert first.returncode == 0, first.stderr
     total, hits, new = _verbose_counts(first.stderr)
     assert new > 0 and hits == 0 and any((tmp_path / "xla").iterdir())
+    assert stat.S_IMODE((tmp_path / "xla").stat().st_mode) == 0o700  # created for this user alone
     from jaxllm import native  # --verbose describes the layout and which matmul runs, and why
 
     line = [x for x in first.stderr.splitlines() if f"sample.py: decoding on {jax.default_backend()}: " in x]
@@ -237,6 +239,23 @@ def test_a_second_process_compiles_nothing_new_thanks_to_the_persistent_cache(ch
     second = run(*args, cache_dir=tmp_path / "xla")
     assert second.returncode == 0 and second.stdout == first.stdout
     assert _verbose_counts(second.stderr) == (total, total, 0)  # every program came from the disk cache
+
+
+def test_a_compile_cache_directory_others_can_write_is_not_used(checkpoint, cfg, params, tokenizer, tmp_path):
+    # XLA loads machine code from its cache: sample.py says why in one line and compiles afresh.
+    shared = tmp_path / "xla"
+    shared.mkdir()
+    shared.chmod(0o777)
+    proc = run("--checkpoint", checkpoint, "--prompt", "def f(x):", "--max_new_tokens", 4, "--temperature", 0,
+               "--verbose", cache_dir=shared)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [x for x in proc.stderr.splitlines() if "warning" in x]
+    assert len(warnings) == 1 and warnings[0].startswith(f"sample.py: warning: the cache directory {shared} "), proc.stderr
+    assert "writable by other users (mode 0o777)" in warnings[0] and "without the persistent compilation cache" in warnings[0]
+    total, hits, new = _verbose_counts(proc.stderr)
+    assert hits == 0 and new == total > 0 and not any(shared.iterdir())  # nothing read from it or written to it
+    want = generate(params, cfg, ["def f(x):"], tokenizer=tokenizer, max_new_tokens=4, temperature=0.0).texts
+    assert proc.stdout == "def f(x):" + want[0] + "\n"
 
 
 def test_warmup_compiles_every_prompt_bucket_ahead(checkpoint, cfg):
