@@ -280,23 +280,11 @@ def test_without_the_kernel_prepared_params_run_the_blocked_xla_matmul(tmp_path)
             [sys.executable, "-c", code], capture_output=True, text=True, check=True,
             env={**os.environ, "JAXLLM_KERNEL_DIR": str(tmp_path), **env},
         ).stdout.splitlines()
-        reasons = ("build failed", "JAXLLM_NATIVE=0", "JAX runs on")  # the last on a GPU/TPU machine
+        reasons = ("build failed", "JAXLLM_NATIVE=0")
         assert out[0].startswith("False") and any(r in out[0] for r in reasons), out
         assert out[1] == ("xla_blocked" if jax.default_backend() == "cpu" else "xla")
         assert float(out[2]) < 1e-4
     assert not list(tmp_path.glob("*.so"))  # a failed build leaves nothing behind
-
-
-def test_the_kernel_stays_off_when_jax_runs_on_an_accelerator(monkeypatch):
-    # On a GPU machine with an AVX-512 host, arrays live on the GPU: XLA's matmul must run there.
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.delenv("JAXLLM_NATIVE", raising=False)
-    native.available.cache_clear()
-    try:
-        assert not native.available() and "JAX runs on gpu" in native.status()
-    finally:
-        monkeypatch.undo()
-        native.available.cache_clear()
 
 
 @pytest.mark.parametrize("bits,d", [(8, 64), (4, 64), (4, 48)])  # D 48 at G 32: stored as 64 rows
