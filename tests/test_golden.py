@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import jax
@@ -32,6 +31,7 @@ from jaxllm.checkpoint import load_any
 from jaxllm.model import forward
 
 REPO = Path(__file__).resolve().parent.parent
+BUNDLED = REPO / "jaxllm" / "assets" / "default"  # what sample.py runs without --checkpoint
 GOLDEN = REPO / "tests" / "golden" / "bundled_greedy.json"
 UPDATE = os.environ.get("JAXLLM_UPDATE_GOLDEN") == "1"
 PROMPTS = ["    return", "Hello, world", "class Error(Exception):\n", "class Stack:\n    def __init__(self):"]
@@ -40,10 +40,7 @@ NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def bundled():
-    sys.path.insert(0, str(REPO))
-    from sample import DEFAULT_CHECKPOINT  # the model sample.py runs without --checkpoint
-
-    params, cfg, tokenizer, _ = load_any(DEFAULT_CHECKPOINT)
+    params, cfg, tokenizer, _ = load_any(BUNDLED)  # as sample.py loads a checkpoint
     return params, cfg, tokenizer
 
 
