@@ -6,7 +6,7 @@
     python sample.py --prompt "A user record:" --json_schema user.json --format jsonl
     python sample.py --quantize int4 --group_size 64 --warmup --verbose --prompt "import os"
 
-Flags are named as in shared/SAMPLING.md (hyphenated aliases work too). Without
+Flags are named as in docs/GENERATION.md (hyphenated aliases work too). Without
 --checkpoint, the model bundled with the package is used. Bad input exits with code 2 and
 one line naming the problem.
 """

@@ -9,7 +9,7 @@ A constraint is compiled on the host, once per (constraint, tokenizer), into a t
 
 Tokens that behave the same in every state share a column (`token_class`), which keeps the
 table small for large vocabularies. EOS is allowed exactly in accepting states. The decode
-loop carries each row's state, masks the logits first in the chain (SAMPLING.md), and
+loop carries each row's state, masks the logits first in the chain (docs/GENERATION.md), and
 after the token is chosen looks up the next state: no host round trip per token.
 
 JSON nests, so its automaton alone is not enough: rows in JSON mode also carry a stack

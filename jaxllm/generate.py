@@ -1,15 +1,21 @@
-"""Generation: prefill once, then a jit-compiled `lax.scan` decode loop over a preallocated cache.
+"""Generation: a prefill program, then a decode program run chunk by chunk over a preallocated cache.
 
 Legend: B batch, P padded prompt length, N output buffer length, V vocab, A logprob alternatives.
 
-    prompts ──left-pad to a bucket──▶ prefill (one forward) ──▶ logits of the next token
-    repeat in chunks of `chunk` steps until every row is done:
-        choose_next(logits) ──▶ record token, check stops ──▶ forward(token) ──▶ logits
+    prompts ──left-pad to a bucket──▶ init_state: prefill (one forward, or `prefill_chunk`
+        columns at a time) ──▶ DecodeState holding the logits of the next token
+    decode_chunk: a `lax.while_loop` of up to `chunk` decode_steps that also ends once every
+        row is done; a decode_step is
+        (constraint mask) ──▶ choose_next(logits) ──▶ emit: record token, check stops ──▶ forward(token)
+    host (generate, generate_stream): the chunk program again, its state donated, with one device-to-host check of
+        the finish codes per chunk, until every row is done (streaming reads the state there)
 
+`generate_tokens` is the same loop with no host in it: a `lax.while_loop` over chunks.
 Prompts are left-padded so every row writes the cache at one cursor; prompt and output
 lengths are rounded up to buckets so a new length rarely compiles a new program. Sampling
 values, stop strings' bytes and `max_new_tokens` are traced, so changing them compiles
 nothing new unless a rounded-up size changes (README, "When a program is compiled").
+The semantics of every control are in docs/GENERATION.md.
 """
 
 from __future__ import annotations
@@ -401,7 +407,7 @@ def generate(
 ) -> GenerationResult:
     """Generates continuations for a batch of prompts (strings need `tokenizer`; or lists of ids).
 
-    Sampling controls are keyword arguments named as in SAMPLING.md (temperature, top_k, top_p,
+    Sampling controls (docs/GENERATION.md) are keyword arguments (temperature, top_k, top_p,
     min_p, repetition_penalty, presence_penalty, frequency_penalty, no_repeat_ngram_size,
     min_new_tokens, logit_bias, allowed_token_ids, bad_words / bad_words_ids, seed): a scalar
     for all prompts or a list with one value per prompt. Or pass a ready `sampling`.

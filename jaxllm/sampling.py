@@ -2,7 +2,7 @@
 
 Legend: B batch, V vocab, S history length (prompt block + output buffer), C candidates.
 
-The chain, in the order of shared/SAMPLING.md (HF `transformers` semantics):
+The chain, in the order docs/GENERATION.md gives and explains (HF `transformers` semantics):
 
     raw logits [B, V] float32
     → bias (allowed_token_ids / single-token bad words: -inf; logit_bias: +b)
