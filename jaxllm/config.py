@@ -103,6 +103,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
         """Builds a config, naming any unknown or missing field (one clear line, not a TypeError)."""
+        _object(values, "model config")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
@@ -126,6 +127,13 @@ class ModelConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"config {path} must hold a JSON object")
         return cls.from_dict(values.get("model", values))
+
+
+def _object(values, what: str) -> None:
+    """A config section read from JSON must be an object: a list or number there would be iterated
+    as field names (a list of nulls raised AttributeError; found by fuzzing config.json)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} must be a JSON object, got {type(values).__name__}")
 
 
 def _names(names) -> str:
@@ -216,6 +224,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        _object(values, "train config")
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ConfigError(f"unknown train config field(s): {_names(unknown)}")

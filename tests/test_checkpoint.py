@@ -71,6 +71,8 @@ def set_model_field(directory, name, value):
         (lambda d: set_model_field(d, "head_dim", -2), "head_dim must be an integer >= 1"),
         (lambda d: set_model_field(d, "tie_embeddings", "no"), "tie_embeddings must be true or false"),
         (lambda d: set_model_field(d, "new\nfield", 1), r"unknown model config field\(s\): 'new\\nfield'"),
+        (lambda d: (d / "config.json").write_text('{"format": "jaxllm", "version": 1, "model": [null]}'),
+         "model config must be a JSON object, got list"),  # found by a long fuzz run (AttributeError)
     ],
 )
 def test_broken_directories_fail_with_one_clear_line(cfg, params, tokenizer, tmp_path, damage, message):

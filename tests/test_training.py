@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxllm import TrainConfig, TrainingError, data, trainer, training
+from jaxllm.errors import ConfigError
 from jaxllm.checkpoint import flatten, load_checkpoint
 from conftest import REPO
 from reference import np_forward
@@ -267,3 +268,9 @@ def test_checkpoints_keep_the_last_n_and_the_best_by_val_loss(tmp_path):
     mngr.wait_until_finished()
     assert mngr.all_steps() == [2, 4, 5]
     mngr.close()
+
+
+@pytest.mark.parametrize("values", [[None], ["lr"], 3, "lr"])
+def test_a_train_config_that_is_not_a_json_object_is_refused_by_name(values):
+    with pytest.raises(ConfigError, match="train config must be a JSON object"):
+        TrainConfig.from_dict(values)
