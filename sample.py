@@ -173,7 +173,7 @@ def _parse_logit_bias(items: list[str]) -> dict[int, float]:
 
 def _constraint(args):
     """The constraint the flags ask for (None without one); bad patterns or schemas raise ConstraintError."""
-    from jaxllm import automata, constraints
+    from jaxllm.structured import automata, constraints
     from jaxllm.errors import ConstraintError
 
     if args.json:
