@@ -133,6 +133,299 @@ def write_plot(out_dir: str | os.PathLike) -> Path:
     return out_dir / PLOT_FILE
 
 
+# ---------------------------------------------------------------------------- the run's steps
+
+
+@dataclasses.dataclass
+class Run:
+    """What every step of a run shares: its configs, where it writes, and this host's place."""
+
+    cfg: ModelConfig
+    tcfg: TrainConfig
+    out_dir: Path  # absolute
+    seq_len: int  # tokens per training row
+    mesh: jax.sharding.Mesh
+    micro: int  # rows per micro-batch (batch_size / grad_accum), all hosts together
+    pid: int  # this host's index
+    hosts: int
+    say: Callable[[str], None]  # progress lines; silent on all but the lead host
+    started: float  # time.monotonic() when the run began
+
+    @property
+    def lead(self) -> bool:
+        return self.pid == 0
+
+    @property
+    def state_dir(self) -> Path:
+        return self.out_dir / STATE_DIR
+
+
+@dataclasses.dataclass
+class Corpus:
+    """The run's data, tokenized: the tokenizer, the train tokens and the validation split."""
+
+    tokenizer: Tokenizer
+    train_tokens: np.ndarray  # [N] uint16/uint32
+    val: data.Split
+    data_dir: Path
+
+
+@dataclasses.dataclass
+class Checkpoints:
+    """The Orbax manager, the state's abstract form (shapes, dtypes, shardings) that restores
+    need, and the bookkeeping of what has been saved."""
+
+    mngr: ocp.CheckpointManager
+    abstract: training.TrainState  # of jax.ShapeDtypeStruct with shardings
+    best_val: float = math.inf
+    best_step: int | None = None  # the step of the best val loss so far
+    last_saved: int | None = None
+
+
+@dataclasses.dataclass
+class Meter:
+    """Metrics between log points: kept on device until `flush`, and the throughput clock."""
+
+    tokens_per_step: int
+    clock_t: float  # time.monotonic() when the clock last started
+    clock_step: int  # the step it started at
+    pending: list[tuple[int, dict]] = dataclasses.field(default_factory=list)  # (step, device metrics)
+    losses: dict[int, float] = dataclasses.field(default_factory=dict)  # step -> train loss, once flushed
+
+
+def start_run(
+    cfg: ModelConfig, tcfg: TrainConfig, out_dir: str | os.PathLike, resume: bool, log: Callable[[str], None] | None
+) -> Run:
+    """Checks the request before any heavy work (sequence length, the batch over devices and
+    hosts, `resume` against what `out_dir` holds) and writes run.json; starts `jax.distributed`
+    when the environment describes a multi-host job."""
+    started = time.monotonic()
+    training.maybe_initialize_distributed()
+    pid, hosts = jax.process_index(), jax.process_count()
+    say = log or (lambda msg: tqdm.write(msg))
+    if pid != 0:
+        say = lambda msg: None  # noqa: E731
+    out_dir = Path(out_dir).absolute()
+    state_dir = out_dir / STATE_DIR
+
+    seq_len = tcfg.seq_len or cfg.max_seq_len
+    if seq_len > cfg.max_seq_len:
+        raise ConfigError(f"seq_len {seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    mesh = training.make_mesh(tcfg.fsdp)
+    micro = tcfg.batch_size // tcfg.grad_accum
+    if micro % mesh.size or micro % hosts:
+        raise ConfigError(
+            f"batch_size / grad_accum = {micro} rows must divide over {mesh.size} devices and {hosts} hosts"
+        )
+    has_state = state_dir.is_dir() and any(p.name.isdigit() for p in state_dir.iterdir())
+    if resume:
+        run_cfg, _ = read_run(out_dir)
+        if run_cfg != cfg:
+            raise ConfigError(f"--resume: the model config differs from the run in {out_dir}: {_config_diff(run_cfg, cfg)}")
+        if not has_state:
+            raise CheckpointError(f"--resume: no checkpoint in {state_dir}")
+    elif has_state:
+        raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out_dir")
+    if pid == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / RUN_FILE).write_text(json.dumps({"model": cfg.to_dict(), "train": tcfg.to_dict()}, indent=2) + "\n")
+    return Run(cfg, tcfg, out_dir, seq_len, mesh, micro, pid, hosts, say, started)
+
+
+def prepare_corpus(run: Run) -> Corpus:
+    """Tokenizes the corpus into shards (training a tokenizer unless one is given). The lead
+    host prepares them; the others then read what it wrote (OUT_DIR is shared)."""
+    cfg, tcfg = run.cfg, run.tcfg
+    data_dir = Path(tcfg.data_dir) if tcfg.data_dir else run.out_dir / "data"
+    given = Tokenizer.load(tcfg.tokenizer) if tcfg.tokenizer else None
+
+    def prepare():
+        return data.prepare(
+            tcfg.data,
+            data_dir,
+            tokenizer=given,
+            vocab_size=cfg.vocab_size,
+            val_fraction=tcfg.val_fraction,
+            limit_mb=tcfg.data_limit_mb,
+            log=run.say,
+        )
+
+    if run.lead:
+        tokenizer, splits = prepare()
+    if run.hosts > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxllm: data prepared")
+    if not run.lead:
+        tokenizer, splits = prepare()
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
+    train_tokens, val_split = splits["train"].tokens, splits["val"]
+    run.say(
+        f"data: {len(train_tokens):,} train / {len(val_split.tokens):,} val tokens "
+        f"({val_split.bytes_per_token:.2f} bytes/token); {run.mesh.size} device(s) {dict(run.mesh.shape)}, {run.hosts} host(s)"
+    )
+    return Corpus(tokenizer, train_tokens, val_split, data_dir)
+
+
+def init_or_restore(run: Run, corpus: Corpus, ckpts: Checkpoints, resume: bool) -> tuple[training.TrainState, int]:
+    """-> (state, its step): fresh from the seed, or the latest checkpoint (with its
+    bookkeeping) restored straight into the sharding it will train with."""
+    if resume:
+        start = ckpts.mngr.latest_step()
+        state, meta = _restore(ckpts.mngr, start, ckpts.abstract)
+        if meta.get("tokenizer") != corpus.tokenizer.fingerprint:
+            raise CheckpointError(f"--resume: the tokenizer in {corpus.data_dir} is not the one the checkpoint was trained with")
+        ckpts.best_val, ckpts.best_step, ckpts.last_saved = meta.get("best_val_loss", math.inf), meta.get("best_step"), start
+        run.say(f"resumed from step {start}")
+        return state, start
+    shardings = jax.tree_util.tree_map(lambda a: a.sharding, ckpts.abstract)
+    init = jax.jit(lambda k: training.init_state(run.cfg, run.tcfg, k), out_shardings=shardings)
+    return init(jax.random.key(run.tcfg.seed)), 0
+
+
+def evaluate(run: Run, corpus: Corpus, eval_fn: Callable, params: dict) -> dict:
+    """The mean validation loss over the fixed eval batches, with its perplexity and bits per
+    byte: {"val_loss", "val_ppl", "val_bpb"}."""
+    tcfg, sharding = run.tcfg, training.batch_sharding(run.mesh, accumulated=False)
+    total = jnp.zeros((), jnp.float32)
+    batches = data.eval_batches(corpus.val.tokens, run.seq_len, run.micro, tcfg.eval_batches, run.pid, run.hosts)
+    for b in batches:
+        total = total + eval_fn(params, training.global_batch(b, sharding))
+    loss = float(total) / (tcfg.eval_batches * run.micro * run.seq_len)
+    return {
+        "val_loss": loss,
+        "val_ppl": math.exp(min(loss, 700.0)),
+        "val_bpb": data.bits_per_byte(loss, corpus.val),
+    }
+
+
+def save(run: Run, corpus: Corpus, ckpts: Checkpoints, state: training.TrainState, step: int, val_loss: float) -> None:
+    """Checkpoints `state` at `step` (Orbax, with the metadata a resume checks) and rewrites the
+    model directory with its params; updates the best-so-far bookkeeping."""
+    if val_loss < ckpts.best_val:
+        ckpts.best_val, ckpts.best_step = val_loss, step
+    meta = {
+        "step": step,
+        "data_position": step,  # batches are a function of (seed, step)
+        "seed": run.tcfg.seed,
+        "tokenizer": corpus.tokenizer.fingerprint,
+        "val_loss": val_loss,
+        "best_val_loss": ckpts.best_val,
+        "best_step": ckpts.best_step,
+    }
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    ckpts.mngr.save(step, args=args, metrics={"val_loss": val_loss}, force=True)
+    params = host_params(state.params)
+    if run.lead:
+        write_model_dir(run.out_dir, params, run.cfg, corpus.tokenizer)
+    ckpts.last_saved = step
+
+
+def flush(run: Run, meter: Meter, ckpts: Checkpoints, step: int) -> dict:
+    """Pulls the pending metrics to the host (the loop's only wait on the device) and returns
+    the record for metrics.jsonl; stops the run on a NaN/inf loss, before anything is saved."""
+    fetched = jax.device_get(meter.pending)
+    meter.pending.clear()
+    for s, m in fetched:
+        if not math.isfinite(float(m["loss"])) or not math.isfinite(float(m["grad_norm"])):
+            where = f"step {ckpts.last_saved} in {run.state_dir}" if ckpts.last_saved is not None else "none saved yet"
+            raise TrainingError(
+                f"loss became {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {s}; "
+                f"stopped without saving. Last good checkpoint: {where}. Try a lower --lr or --grad_clip"
+            )
+        meter.losses[s] = float(m["loss"])
+    now = time.monotonic()
+    rate = (step - meter.clock_step) * meter.tokens_per_step / max(now - meter.clock_t, 1e-9)
+    meter.clock_t, meter.clock_step = now, step
+    last = fetched[-1][1]
+    return {
+        "step": step,
+        "loss": float(np.mean([float(m["loss"]) for _, m in fetched])),
+        "lr": float(last["lr"]),
+        "grad_norm": float(last["grad_norm"]),
+        "tokens_per_s": round(rate, 1),
+        "elapsed_s": round(now - run.started, 2),
+    }
+
+
+def train_steps(
+    run: Run,
+    corpus: Corpus,
+    ckpts: Checkpoints,
+    state: training.TrainState,
+    start: int,
+    stop_at: int | None,
+    progress: bool,
+) -> tuple[int, str, dict[int, float], dict[int, dict]]:
+    """The step loop from `start`: a step per batch, and at log points a flush, at eval and
+    save points an eval and a checkpoint, each record appended to metrics.jsonl.
+    -> (last step, stop reason, {step: train loss}, {step: eval metrics})."""
+    cfg, tcfg = run.cfg, run.tcfg
+    shardings = jax.tree_util.tree_map(lambda a: a.sharding, ckpts.abstract)
+    step_fn = training.compile_step(cfg, tcfg, run.mesh, shardings)
+    eval_fn = training.compile_eval(cfg, run.mesh, shardings.params)
+    batch_sh = training.batch_sharding(run.mesh)
+    metrics_path = run.out_dir / METRICS_FILE
+    if run.lead:
+        _trim_metrics(metrics_path, start)
+    evals: dict[int, dict] = {}
+    meter = Meter(tcfg.batch_size * run.seq_len, time.monotonic(), start)
+    bar = tqdm(total=tcfg.max_steps, initial=start, unit="step", disable=not (progress and run.lead), dynamic_ncols=True)
+    step, reason = start, "max_steps"
+    try:
+        while step < tcfg.max_steps:
+            local = data.train_batch(
+                corpus.train_tokens, tcfg.seed, step, run.seq_len, tcfg.batch_size, tcfg.grad_accum, run.pid, run.hosts
+            )
+            state, m = step_fn(state, training.global_batch(local, batch_sh))
+            step += 1
+            meter.pending.append((step, m))
+            bar.update(1)
+            at_log = step % tcfg.log_every == 0
+            if at_log and tcfg.max_minutes and _agree(time.monotonic() - run.started > tcfg.max_minutes * 60):
+                reason = "max_minutes"
+            if stop_at is not None and step >= stop_at:
+                reason = "stop_at"
+            last = step == tcfg.max_steps or reason != "max_steps"
+            do_save = last or (tcfg.save_every and step % tcfg.save_every == 0)
+            do_eval = do_save or (tcfg.eval_every and step % tcfg.eval_every == 0)
+            if not (at_log or do_eval or last):
+                continue
+            record = flush(run, meter, ckpts, step)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.3g}", refresh=False)
+            if do_eval:
+                record.update(evaluate(run, corpus, eval_fn, state.params))
+                evals[step] = {k: record[k] for k in ("val_loss", "val_ppl", "val_bpb")}
+                run.say(
+                    f"step {step}: loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}, "
+                    f"val bpb {record['val_bpb']:.4f}"
+                )
+                meter.clock_t = time.monotonic()  # eval time is not training throughput
+            if do_save:
+                save(run, corpus, ckpts, state, step, record["val_loss"])
+            if run.lead:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if last:
+                break
+    finally:
+        bar.close()
+        ckpts.mngr.wait_until_finished()
+    return step, reason, meter.losses, evals
+
+
+def keep_best(run: Run, corpus: Corpus, ckpts: Checkpoints, step: int) -> None:
+    """Leaves the model directory holding the best params by val loss, not the (overfit) last."""
+    if ckpts.best_step is None or ckpts.best_step == step:
+        return
+    best_state, _ = _restore(ckpts.mngr, ckpts.best_step, ckpts.abstract)
+    params = host_params(best_state.params)
+    if run.lead:
+        write_model_dir(run.out_dir, params, run.cfg, corpus.tokenizer)
+    run.say(f"the model directory holds step {ckpts.best_step} (best val loss {ckpts.best_val:.4f})")
+
+
 # ---------------------------------------------------------------------------- the run
 
 
@@ -152,213 +445,23 @@ def run(
     run would have seen. `stop_at` ends the run after that step (evaluated and saved) as if
     it had been interrupted, without changing the schedule.
     """
-    started = time.monotonic()
-    training.maybe_initialize_distributed()
-    pid, hosts = jax.process_index(), jax.process_count()
-    lead = pid == 0
-    say = log or (lambda msg: tqdm.write(msg))
-    if not lead:
-        say = lambda msg: None  # noqa: E731
-    out_dir = Path(out_dir).absolute()
-    state_dir = out_dir / STATE_DIR
-
-    # ---- validate the request before any heavy work
-    seq_len = tcfg.seq_len or cfg.max_seq_len
-    if seq_len > cfg.max_seq_len:
-        raise ConfigError(f"seq_len {seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
-    mesh = training.make_mesh(tcfg.fsdp)
-    micro = tcfg.batch_size // tcfg.grad_accum
-    if micro % mesh.size or micro % hosts:
-        raise ConfigError(
-            f"batch_size / grad_accum = {micro} rows must divide over {mesh.size} devices and {hosts} hosts"
-        )
-    has_state = state_dir.is_dir() and any(p.name.isdigit() for p in state_dir.iterdir())
-    if resume:
-        run_cfg, _ = read_run(out_dir)
-        if run_cfg != cfg:
-            raise ConfigError(f"--resume: the model config differs from the run in {out_dir}: {_config_diff(run_cfg, cfg)}")
-        if not has_state:
-            raise CheckpointError(f"--resume: no checkpoint in {state_dir}")
-    elif has_state:
-        raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out_dir")
-    if lead:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / RUN_FILE).write_text(json.dumps({"model": cfg.to_dict(), "train": tcfg.to_dict()}, indent=2) + "\n")
-
-    # ---- data (the lead host prepares; the others read what it wrote: OUT_DIR is shared)
-    data_dir = Path(tcfg.data_dir) if tcfg.data_dir else out_dir / "data"
-    given = Tokenizer.load(tcfg.tokenizer) if tcfg.tokenizer else None
-
-    def prepare():
-        return data.prepare(
-            tcfg.data,
-            data_dir,
-            tokenizer=given,
-            vocab_size=cfg.vocab_size,
-            val_fraction=tcfg.val_fraction,
-            limit_mb=tcfg.data_limit_mb,
-            log=say,
-        )
-
-    if lead:
-        tokenizer, splits = prepare()
-    if hosts > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("jaxllm: data prepared")
-    if not lead:
-        tokenizer, splits = prepare()
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
-    train_tokens, val_split = splits["train"].tokens, splits["val"]
-    say(
-        f"data: {len(train_tokens):,} train / {len(val_split.tokens):,} val tokens "
-        f"({val_split.bytes_per_token:.2f} bytes/token); {mesh.size} device(s) {dict(mesh.shape)}, {hosts} host(s)"
-    )
-
-    # ---- state: fresh, or restored with the sharding it will run with
-    key = jax.random.key(tcfg.seed)
-    shapes = jax.eval_shape(lambda k: training.init_state(cfg, tcfg, k), key)
-    shardings = training.state_shardings(shapes, mesh)
+    r = start_run(cfg, tcfg, out_dir, resume, log)
+    corpus = prepare_corpus(r)
+    shapes = jax.eval_shape(lambda k: training.init_state(cfg, tcfg, k), jax.random.key(tcfg.seed))
+    shardings = training.state_shardings(shapes, r.mesh)
     abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    mngr = _manager(state_dir, tcfg.keep)
+    ckpts = Checkpoints(_manager(r.state_dir, tcfg.keep), abstract)
     try:
-        best_val, best_step, last_saved = math.inf, None, None
-        if resume:
-            start = mngr.latest_step()
-            state, meta = _restore(mngr, start, abstract)
-            if meta.get("tokenizer") != tokenizer.fingerprint:
-                raise CheckpointError(f"--resume: the tokenizer in {data_dir} is not the one the checkpoint was trained with")
-            best_val, best_step, last_saved = meta.get("best_val_loss", math.inf), meta.get("best_step"), start
-            say(f"resumed from step {start}")
-        else:
-            start = 0
-            state = jax.jit(lambda k: training.init_state(cfg, tcfg, k), out_shardings=shardings)(key)
-        say(f"model: {training.count_params(state.params):,} params; training steps {start}..{tcfg.max_steps}")
-
-        step_fn = training.compile_step(cfg, tcfg, mesh, shardings)
-        eval_fn = training.compile_eval(cfg, mesh, shardings.params)
-        batch_sh, eval_sh = training.batch_sharding(mesh), training.batch_sharding(mesh, accumulated=False)
-        metrics_path = out_dir / METRICS_FILE
-        if lead:
-            _trim_metrics(metrics_path, start)
-
-        def evaluate(params) -> dict:
-            total = jnp.zeros((), jnp.float32)
-            batches = data.eval_batches(val_split.tokens, seq_len, micro, tcfg.eval_batches, pid, hosts)
-            for b in batches:
-                total = total + eval_fn(params, training.global_batch(b, eval_sh))
-            loss = float(total) / (tcfg.eval_batches * micro * seq_len)
-            return {
-                "val_loss": loss,
-                "val_ppl": math.exp(min(loss, 700.0)),
-                "val_bpb": data.bits_per_byte(loss, val_split),
-            }
-
-        def save(step: int, val_loss: float) -> None:
-            nonlocal best_val, best_step, last_saved
-            if val_loss < best_val:
-                best_val, best_step = val_loss, step
-            meta = {
-                "step": step,
-                "data_position": step,  # batches are a function of (seed, step)
-                "seed": tcfg.seed,
-                "tokenizer": tokenizer.fingerprint,
-                "val_loss": val_loss,
-                "best_val_loss": best_val,
-                "best_step": best_step,
-            }
-            args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-            mngr.save(step, args=args, metrics={"val_loss": val_loss}, force=True)
-            params = host_params(state.params)
-            if lead:
-                write_model_dir(out_dir, params, cfg, tokenizer)
-            last_saved = step
-
-        losses: dict[int, float] = {}
-        evals: dict[int, dict] = {}
-        pending: list[tuple[int, dict]] = []
-        tokens_per_step = tcfg.batch_size * seq_len
-        clock = {"t": time.monotonic(), "step": start}
-
-        def flush(step: int) -> dict:
-            """Pulls the pending metrics to the host; stops the run on a NaN/inf loss."""
-            fetched = jax.device_get(pending)
-            pending.clear()
-            for s, m in fetched:
-                if not math.isfinite(float(m["loss"])) or not math.isfinite(float(m["grad_norm"])):
-                    where = f"step {last_saved} in {state_dir}" if last_saved is not None else "none saved yet"
-                    raise TrainingError(
-                        f"loss became {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {s}; "
-                        f"stopped without saving. Last good checkpoint: {where}. Try a lower --lr or --grad_clip"
-                    )
-                losses[s] = float(m["loss"])
-            now = time.monotonic()
-            rate = (step - clock["step"]) * tokens_per_step / max(now - clock["t"], 1e-9)
-            clock.update(t=now, step=step)
-            last = fetched[-1][1]
-            return {
-                "step": step,
-                "loss": float(np.mean([float(m["loss"]) for _, m in fetched])),
-                "lr": float(last["lr"]),
-                "grad_norm": float(last["grad_norm"]),
-                "tokens_per_s": round(rate, 1),
-                "elapsed_s": round(now - started, 2),
-            }
-
-        bar = tqdm(total=tcfg.max_steps, initial=start, unit="step", disable=not (progress and lead), dynamic_ncols=True)
-        step, reason = start, "max_steps"
-        try:
-            while step < tcfg.max_steps:
-                local = data.train_batch(train_tokens, tcfg.seed, step, seq_len, tcfg.batch_size, tcfg.grad_accum, pid, hosts)
-                state, m = step_fn(state, training.global_batch(local, batch_sh))
-                step += 1
-                pending.append((step, m))
-                bar.update(1)
-                at_log = step % tcfg.log_every == 0
-                if at_log and tcfg.max_minutes and _agree(time.monotonic() - started > tcfg.max_minutes * 60):
-                    reason = "max_minutes"
-                if stop_at is not None and step >= stop_at:
-                    reason = "stop_at"
-                last = step == tcfg.max_steps or reason != "max_steps"
-                do_save = last or (tcfg.save_every and step % tcfg.save_every == 0)
-                do_eval = do_save or (tcfg.eval_every and step % tcfg.eval_every == 0)
-                if not (at_log or do_eval or last):
-                    continue
-                record = flush(step)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.3g}", refresh=False)
-                if do_eval:
-                    record.update(evaluate(state.params))
-                    evals[step] = {k: record[k] for k in ("val_loss", "val_ppl", "val_bpb")}
-                    say(
-                        f"step {step}: loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}, "
-                        f"val bpb {record['val_bpb']:.4f}"
-                    )
-                    clock["t"] = time.monotonic()  # eval time is not training throughput
-                if do_save:
-                    save(step, record["val_loss"])
-                if lead:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                if last:
-                    break
-        finally:
-            bar.close()
-            mngr.wait_until_finished()
-
-        if best_step is not None and best_step != step:
-            # The model directory ends with the best params by val loss, not the (overfit) last.
-            best_state, _ = _restore(mngr, best_step, abstract)
-            params = host_params(best_state.params)
-            if lead:
-                write_model_dir(out_dir, params, cfg, tokenizer)
-            say(f"the model directory holds step {best_step} (best val loss {best_val:.4f})")
+        state, start = init_or_restore(r, corpus, ckpts, resume)
+        r.say(f"model: {training.count_params(state.params):,} params; training steps {start}..{tcfg.max_steps}")
+        step, reason, losses, evals = train_steps(r, corpus, ckpts, state, start, stop_at, progress)
+        keep_best(r, corpus, ckpts, step)
     finally:
-        mngr.close()
-    if lead:
-        write_plot(out_dir)
-    say(f"done at step {step} ({reason}) in {time.monotonic() - started:.0f}s; sample with: python sample.py --checkpoint {out_dir}")
-    return RunResult(step, reason, losses, evals, best_step)
+        ckpts.mngr.close()
+    if r.lead:
+        write_plot(r.out_dir)
+    r.say(f"done at step {step} ({reason}) in {time.monotonic() - r.started:.0f}s; sample with: python sample.py --checkpoint {r.out_dir}")
+    return RunResult(step, reason, losses, evals, ckpts.best_step)
 
 
 def host_params(params: dict) -> dict:
