@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import TrainConfig, TrainingError, data, trainer, training
+from jaxllm import TrainConfig, TrainingError, data, train_loop, training
 from jaxllm.checkpoint import flatten, load_checkpoint
 from conftest import REPO
 from reference import np_forward
@@ -219,10 +219,10 @@ def final_params(out_dir, cfg):
 
 def test_resume_gives_the_losses_and_params_of_an_uninterrupted_run(run_cfg, tmp_path):
     cfg, t = run_cfg
-    whole = trainer.run(cfg, t, tmp_path / "whole", progress=False, log=lambda m: None)
-    half = trainer.run(cfg, t, tmp_path / "split", stop_at=4, progress=False, log=lambda m: None)
+    whole = train_loop.run(cfg, t, tmp_path / "whole", progress=False, log=lambda m: None)
+    half = train_loop.run(cfg, t, tmp_path / "split", stop_at=4, progress=False, log=lambda m: None)
     assert half.step == 4 and half.stop_reason == "stop_at"
-    rest = trainer.run(cfg, t, tmp_path / "split", resume=True, progress=False, log=lambda m: None)
+    rest = train_loop.run(cfg, t, tmp_path / "split", resume=True, progress=False, log=lambda m: None)
     assert sorted(rest.losses) == [5, 6, 7, 8]
     assert {**half.losses, **rest.losses} == whole.losses  # bit-identical on CPU
     a, b = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
@@ -248,18 +248,18 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(run_cfg, tm
     monkeypatch.setattr(data, "train_batch", poisoned_batch)
     monkeypatch.setattr(training, "token_losses", nan_on_poison)
     with pytest.raises(TrainingError, match=r"at step 6.*Last good checkpoint: step 4"):
-        trainer.run(cfg, t, tmp_path / "run", progress=False, log=lambda m: None)
+        train_loop.run(cfg, t, tmp_path / "run", progress=False, log=lambda m: None)
     assert sorted(p.name for p in (tmp_path / "run" / "state").iterdir() if p.name.isdigit()) == ["4"]
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]  # 5 was fine
     monkeypatch.undo()
     # the model directory and the state both hold step 4: resuming reproduces a clean run
-    rest = trainer.run(cfg, t, tmp_path / "run", resume=True, progress=False, log=lambda m: None)
-    clean = trainer.run(cfg, t, tmp_path / "clean", progress=False, log=lambda m: None)
+    rest = train_loop.run(cfg, t, tmp_path / "run", resume=True, progress=False, log=lambda m: None)
+    clean = train_loop.run(cfg, t, tmp_path / "clean", progress=False, log=lambda m: None)
     assert rest.losses == {s: v for s, v in clean.losses.items() if s > 4}
 
 
 def test_checkpoints_keep_the_last_n_and_the_best_by_val_loss(tmp_path):
-    mngr = trainer._manager(tmp_path / "state", keep=2)
+    mngr = train_loop._manager(tmp_path / "state", keep=2)
     import orbax.checkpoint as ocp
 
     for step, val in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 4.0), (5, 5.0)]:
