@@ -14,7 +14,7 @@ import pytest
 
 from jaxllm import generate, init_params, save_checkpoint
 from jaxllm.chat import build_prompt
-from jaxllm.compilation import warmup_lengths
+from jaxllm.warmup import warmup_lengths
 from conftest import REPO, tiny_config
 
 
