@@ -8,7 +8,7 @@
       config.json params.safetensors tokenizer.model
                                      the model directory: `sample.py --checkpoint OUT_DIR`
       metrics.jsonl                  one JSON object per logged step
-      loss.png                       the loss curves, written at the end
+      loss.png                       the loss curves, written at the end (with matplotlib)
 
 The loop never waits on the device between log points: metrics stay on device until a
 flush, which is also where a NaN/inf loss is caught. Orbax writes each checkpoint under a
@@ -36,7 +36,7 @@ from jaxllm import data, training
 from jaxllm.checkpoint import save_checkpoint
 from jaxllm.config import ModelConfig, TrainConfig
 from jaxllm.errors import CheckpointError, ConfigError, TrainingError
-from jaxllm.plot import loss_curve
+from jaxllm.plot import INSTALL_HINT, loss_curve
 from jaxllm.tokenizer import Tokenizer
 
 RUN_FILE, METRICS_FILE, PLOT_FILE, STATE_DIR = "run.json", "metrics.jsonl", "loss.png", "state"
@@ -121,16 +121,16 @@ def _trim_metrics(path: Path, after_step: int) -> list[dict]:
     return kept
 
 
-def write_plot(out_dir: str | os.PathLike) -> Path:
-    """loss.png from metrics.jsonl: train loss per logged step, val loss per eval."""
+def write_plot(out_dir: str | os.PathLike) -> Path | None:
+    """loss.png from metrics.jsonl: train loss per logged step, val loss per eval. -> its path,
+    or None (nothing written) without matplotlib."""
     out_dir = Path(out_dir)
     records = [json.loads(line) for line in (out_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
     series = {
         "train": ([r["step"] for r in records if "loss" in r], [r["loss"] for r in records if "loss" in r]),
         "val": ([r["step"] for r in records if "val_loss" in r], [r["val_loss"] for r in records if "val_loss" in r]),
     }
-    loss_curve(out_dir / PLOT_FILE, series)
-    return out_dir / PLOT_FILE
+    return out_dir / PLOT_FILE if loss_curve(out_dir / PLOT_FILE, series) else None
 
 
 # ---------------------------------------------------------------------------- the run's steps
@@ -458,8 +458,8 @@ def run(
         keep_best(r, corpus, ckpts, step)
     finally:
         ckpts.mngr.close()
-    if r.lead:
-        write_plot(r.out_dir)
+    if r.lead and write_plot(r.out_dir) is None:
+        r.say(f"no {PLOT_FILE}: the loss plot needs matplotlib ({INSTALL_HINT})")
     r.say(f"done at step {step} ({reason}) in {time.monotonic() - r.started:.0f}s; sample with: python sample.py --checkpoint {r.out_dir}")
     return RunResult(step, reason, losses, evals, ckpts.best_step)
 

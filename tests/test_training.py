@@ -267,3 +267,28 @@ def test_checkpoints_keep_the_last_n_and_the_best_by_val_loss(tmp_path):
     mngr.wait_until_finished()
     assert mngr.all_steps() == [2, 4, 5]
     mngr.close()
+
+
+# ---------------------------------------------------------------------------- the loss plot
+
+
+def without_matplotlib(monkeypatch):
+    """`import matplotlib` (or any of its modules) fails from here on, as if it were not installed."""
+    for name in [m for m in sys.modules if m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def test_without_matplotlib_a_run_succeeds_with_no_plot_and_one_line_saying_how_to_get_one(run_cfg, tmp_path, monkeypatch):
+    cfg, t = run_cfg
+    lines = []
+    without_matplotlib(monkeypatch)
+    result = train_loop.run(cfg, t, tmp_path / "run", stop_at=2, progress=False, log=lines.append)
+    assert result.step == 2 and result.stop_reason == "stop_at"
+    assert (tmp_path / "run" / "config.json").exists() and [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+    assert not (tmp_path / "run" / "loss.png").exists()
+    assert [line for line in lines if "jaxllm[plot]" in line] == ["no loss.png: the loss plot needs matplotlib (pip install 'jaxllm[plot]')"]
+    monkeypatch.undo()
+    # with matplotlib importable, the same metrics give a PNG
+    path = train_loop.write_plot(tmp_path / "run")
+    assert path == tmp_path / "run" / "loss.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
