@@ -1,5 +1,8 @@
 """A training run on the host: data, state, the step loop, evals, checkpoints, metrics.
 
+    run: start_run ─▶ prepare_corpus ─▶ init_or_restore ─▶ train_steps ─▶ keep_best ─▶ write_plot
+         train_steps: a step per batch; at log points flush, at eval/save points evaluate, save
+
     OUT_DIR/
       run.json                       the model and train configs the run was started with
       data/                          token shards (+ tokenizer.model when trained here)
