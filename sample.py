@@ -173,7 +173,7 @@ def _parse_logit_bias(items: list[str]) -> dict[int, float]:
 
 def _constraint(args):
     """The constraint the flags ask for (None without one); bad patterns or schemas raise ConstraintError."""
-    from jaxllm import automata, constraints
+    from jaxllm.structured import automata, constraints
     from jaxllm.errors import ConstraintError
 
     if args.json:
@@ -204,8 +204,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jaxllm  # after parsing: --help and flag errors stay instant
     from jaxllm import chat, devices
-    from jaxllm.compilation import CompileCounter, enable_persistent_cache, warmup
+    from jaxllm.compilation import CompileCounter, enable_persistent_cache
     from jaxllm.checkpoint import load_any
+    from jaxllm.warmup import warmup
 
     if not args.no_compile_cache:
         try:

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     sys.unraisablehook = quiet_closed_loop_reports
     import jaxllm  # after parsing: --help and flag errors stay instant
-    from jaxllm import trainer
+    from jaxllm import train_loop
     from jaxllm.compilation import enable_persistent_cache
     from jaxllm.config import apply_overrides, load_preset
 
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         if args.config:
             cfg, tcfg, description = load_preset(args.config)
         else:
-            (cfg, tcfg), description = trainer.read_run(args.out_dir), "resumed run"
+            (cfg, tcfg), description = train_loop.read_run(args.out_dir), "resumed run"
         cfg, tcfg = apply_overrides(cfg, tcfg, overrides)
         if not args.no_compile_cache:
             try:
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
             except jaxllm.CacheError as e:  # a cache others can write could hand XLA their code: go without
                 print(f"train.py: warning: {e}; running without the persistent compilation cache", file=sys.stderr)
         print(f"train.py: {args.config or args.out_dir}: {description}")
-        trainer.run(cfg, tcfg, args.out_dir, resume=args.resume, progress=not args.no_progress)
+        train_loop.run(cfg, tcfg, args.out_dir, resume=args.resume, progress=not args.no_progress)
     except jaxllm.TrainingError as e:
         print(f"train.py: error: {one_line(str(e))}", file=sys.stderr)
         return 1

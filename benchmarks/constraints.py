@@ -34,7 +34,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # this checkout's jaxllm, and decode.py beside this file
 import jaxllm  # noqa: E402
-from jaxllm import constraints as C  # noqa: E402
+from jaxllm.structured import constraints as C  # noqa: E402
 from decode import CONFIGS, MAX_SEQ_LEN  # noqa: E402
 
 SCHEMA = {  # a typical API response: nested object, enum, array, bounded strings

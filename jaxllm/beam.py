@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import constraints, devices
+from jaxllm import devices
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
@@ -43,6 +43,7 @@ from jaxllm.model import forward, hidden_states, unembed
 from jaxllm.results import decode_rows
 from jaxllm.sampling import History, SamplingParams, init_history, process_logits, record
 from jaxllm.stopping import StopParams, append_bytes, stop_string_hit
+from jaxllm.structured import constraints
 from jaxllm.tokenizer import Tokenizer
 
 EARLY_STOPPING = (True, False, "never")

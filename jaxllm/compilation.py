@@ -1,5 +1,6 @@
 """Compile-time bookkeeping: count XLA compilations and persistent-cache hits, enable the
-persistent cache, and compile generation's programs ahead of time (`warmup`)."""
+persistent cache, and compile programs ahead of time (`Compiled`; warmup.py uses these to
+compile all of generation's programs before the first real call)."""
 
 from __future__ import annotations
 
@@ -129,33 +130,3 @@ class Compiled:
 @functools.lru_cache(maxsize=None)
 def _background() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-compile")
-
-
-def warmup_lengths(max_seq_len: int, max_new_tokens: int) -> list[int]:
-    """One prompt length per prompt bucket that fits the context with `max_new_tokens` after it."""
-    from jaxllm.generate import bucket
-
-    longest = max_seq_len - max_new_tokens
-    lengths, b = [], bucket(1)
-    while longest >= 1 and (not lengths or b // 2 < longest):
-        lengths.append(min(b, longest))
-        b *= 2
-    return lengths
-
-
-def warmup(params, cfg, *, batch_size: int = 1, max_new_tokens: int = 64, **generate_kwargs) -> dict:
-    """Compiles (or loads from the persistent cache) `generate`'s programs for every prompt bucket
-    up to the context, so no later prompt length compiles. Pass the same options as the real calls
-    (`max_new_tokens`, stop strings, logprobs, ...: they set the programs' static shapes; sampling
-    values do not matter). Runs one dummy generation per bucket.
-    -> {"prompt_lengths": one per bucket, "programs", "cache_hits", "compile_s"}.
-    """
-    from jaxllm import devices
-    from jaxllm.generate import generate
-
-    lengths = warmup_lengths(cfg.max_seq_len, max_new_tokens)
-    with CompileCounter() as c:
-        params = devices.prepare(params, cfg)  # once for every bucket (and counted: it may compile)
-        for n in lengths:
-            generate(params, cfg, [[1] * n] * batch_size, max_new_tokens=max_new_tokens, **generate_kwargs)
-    return {"prompt_lengths": lengths, "programs": c.count, "cache_hits": c.cache_hits, "compile_s": c.seconds}

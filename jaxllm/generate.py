@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import constraints, devices
+from jaxllm import devices
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
@@ -43,6 +43,7 @@ from jaxllm.sampling import (
 from jaxllm.stopping import (
     CONSTRAINT, FINISH_REASONS, REPEAT_WINDOW, RUNNING, StopParams, check_stops, holdback,
 )
+from jaxllm.structured import constraints
 from jaxllm.tokenizer import Tokenizer
 
 MIN_PROMPT_BUCKET = 16

@@ -45,6 +45,7 @@ import numpy as np
 
 from jaxllm import cachedirs
 from jaxllm.errors import CacheError
+from jaxllm.qformat import dequantize_values, untile_values
 
 SOURCE = Path(__file__).parent / "kernels" / "qmatmul_cpu.cc"
 TARGET = "jaxllm_qmatmul"
@@ -246,9 +247,10 @@ def _qkernel(bits: int, group_size: int, tile: int):
 
 
 def _reference(x, values, scales, bits, group_size, tile):
-    from jaxllm.quantize import QuantizedWeight, dequantize
-
-    return x @ dequantize(QuantizedWeight(values, scales, bits, group_size, False, tile))
+    """XLA's formulation of the kernel's product (for mapped weights and the backward pass)."""
+    if tile:
+        values = untile_values(values, scales.shape[-1])
+    return x @ dequantize_values(bits, group_size, values, scales, jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))

@@ -68,6 +68,7 @@ import numpy as np
 
 from jaxllm import native
 from jaxllm.errors import ConfigError
+from jaxllm.qformat import dequantize_values, pack_int4, unpack_int4, untile_values
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)
@@ -122,23 +123,6 @@ def check_options(bits: int, group_size: int) -> None:
         raise ConfigError(f"int4 group_size must be one of {GROUP_SIZES}, got {group_size}")
 
 
-# ---------------------------------------------------------------------------- packing
-
-
-def pack_int4(q: jax.Array, group_size: int) -> jax.Array:
-    """int values in [-8, 7] [..., I, O] -> uint8 [..., I/2, O]: per group, low nibble = first half."""
-    *lead, i, o = q.shape
-    g = q.astype(jnp.uint8).reshape(*lead, i // group_size, 2, group_size // 2, o) & 0xF
-    return (g[..., 0, :, :] | (g[..., 1, :, :] << 4)).reshape(*lead, i // 2, o)
-
-
-def unpack_int4(packed: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array]:
-    """uint8 [..., I/2, O] -> (first halves, second halves) of each group, int8 [..., I/G, G/2, O] each."""
-    *lead, h, o = packed.shape
-    p = jax.lax.bitcast_convert_type(packed, jnp.int8).reshape(*lead, h * 2 // group_size, group_size // 2, o)
-    return jnp.left_shift(p, 4) >> 4, p >> 4  # arithmetic shifts sign-extend each nibble
-
-
 # ---------------------------------------------------------------------------- quantize / dequantize
 
 
@@ -171,19 +155,10 @@ def quantize(w: jax.Array, bits: int = 8, group_size: int = 64, *, transposed: b
     return QuantizedWeight(values, scales.astype(jnp.float32), bits, g, transposed, pad=pad)
 
 
-def _dequantize_io(bits: int, group_size: int, values: jax.Array, scales: jax.Array, dtype) -> jax.Array:
-    """values [..., I or I/2, O'], scales [..., I/G, O'] -> float [..., I, O'] in `dtype`."""
-    if bits == 8:
-        return (values.astype(jnp.float32) * scales).astype(dtype)
-    lo, hi = unpack_int4(values, group_size)  # [..., I/G, G/2, O']
-    w = jnp.concatenate([lo, hi], axis=-2).astype(jnp.float32) * scales[..., None, :]
-    return w.reshape(*values.shape[:-2], values.shape[-2] * 2, values.shape[-1]).astype(dtype)
-
-
 def dequantize(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
     """QuantizedWeight -> the float weight in its logical shape (`qw.shape`)."""
     qw = untile_weight(qw)
-    w = _dequantize_io(qw.bits, qw.group_size, qw.values, qw.scales, dtype)
+    w = dequantize_values(qw.bits, qw.group_size, qw.values, qw.scales, dtype)
     w = w[..., : w.shape[-2] - qw.pad, :]  # the zero rows that only pad I to a multiple of G
     return jnp.swapaxes(w, -1, -2) if qw.transposed else w
 
@@ -191,7 +166,7 @@ def dequantize(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
 def take_rows(qw: QuantizedWeight, ids: jax.Array, dtype) -> jax.Array:
     """Embedding lookup in a quantized [V, D] table: ids [...] int -> [..., D]; dequantizes only those rows."""
     flat = ids.reshape(-1)
-    cols = _dequantize_io(qw.bits, qw.group_size, qw.values[:, flat], qw.scales[:, flat], dtype)  # [D', n]
+    cols = dequantize_values(qw.bits, qw.group_size, qw.values[:, flat], qw.scales[:, flat], dtype)  # [D', n]
     cols = cols[: cols.shape[0] - qw.pad]  # [D, n]: without the rows that pad D to a multiple of G
     return cols.T.reshape(*ids.shape, cols.shape[0])
 
@@ -223,9 +198,7 @@ def untile_weight(qw: QuantizedWeight) -> QuantizedWeight:
     """The inverse of `tile_weight`: back to [rows, O]."""
     if not qw.tile:
         return qw
-    n, rows, t = qw.values.shape
-    v = qw.values.transpose(1, 0, 2).reshape(rows, n * t)[:, : qw.scales.shape[-1]]
-    return dataclasses.replace(qw, values=v, tile=0)
+    return dataclasses.replace(qw, values=untile_values(qw.values, qw.scales.shape[-1]), tile=0)
 
 
 # ---------------------------------------------------------------------------- the matmul
@@ -260,7 +233,7 @@ def matmul(x: jax.Array, qw: QuantizedWeight, dtype=jnp.float32, out_dtype=None)
         if qw.bits == 8:  # the per-channel scale factors out, so only a convert feeds the dot
             y = jnp.dot(xm, qw.values.astype(dtype), preferred_element_type=jnp.float32) * qw.scales[0]
             return y.astype(out_dtype).reshape(*lead, o)
-        w = _dequantize_io(qw.bits, qw.group_size, qw.values, qw.scales, dtype)
+        w = dequantize_values(qw.bits, qw.group_size, qw.values, qw.scales, dtype)
         return jnp.dot(xm, w, preferred_element_type=jnp.float32).astype(out_dtype).reshape(*lead, o)
 
     if qw.bits == 8:

@@ -12,8 +12,8 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from jaxllm import constraints
 from jaxllm.stopping import FINISH_REASONS, cut_at_stop
+from jaxllm.structured import constraints
 
 
 @dataclasses.dataclass

@@ -34,7 +34,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxllm import constraints, devices
+from jaxllm import devices
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
@@ -46,6 +46,7 @@ from jaxllm.model import forward, hidden_states, unembed
 from jaxllm.results import collect
 from jaxllm.sampling import NEG_INF, History, SamplingParams, draw, first_argmax, init_history, process_logits, record, row_keys, warp
 from jaxllm.stopping import CONSTRAINT, RUNNING
+from jaxllm.structured import constraints
 from jaxllm.tokenizer import Tokenizer
 
 

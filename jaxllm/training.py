@@ -1,4 +1,5 @@
-"""Training as pure functions: loss, optimizer, one jitted step, eval, and the device mesh.
+"""Training as pure functions: loss, optimizer, one jitted step, eval, and the device mesh
+(the host loop that drives them is `train_loop.py`).
 
 Legend: B batch (sequences), T tokens per window, V vocab, A micro-batches per step
 (gradient accumulation), b = B / A rows per micro-batch.

@@ -15,10 +15,11 @@ import jsonschema
 import numpy as np
 import pytest
 
-from jaxllm import automata, generate
-from jaxllm import constraints as C
+from jaxllm import generate
 from jaxllm.errors import ConstraintError
 from jaxllm.sampling import SamplingParams, choose_next, init_history
+from jaxllm.structured import automata
+from jaxllm.structured import constraints as C
 from fuzzing import time_bound
 
 

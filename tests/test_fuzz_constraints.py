@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 from hypothesis import event, given, strategies as st
 
-from jaxllm import automata, generate
-from jaxllm import constraints as C
+from jaxllm import generate
 from jaxllm.errors import ConstraintError
 from jaxllm.stopping import FINISH_REASONS
+from jaxllm.structured import automata
+from jaxllm.structured import constraints as C
 from fuzzing import check_api_error, fuzz_settings, one_in, partial_files, time_bound
 
 COMPILE_BOUND_S = 30  # host-side compile of one pattern or schema (a busy 2-core machine)

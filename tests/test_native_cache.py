@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import cachedirs, constraints, devices, native
+from jaxllm import cachedirs, devices, native
 from jaxllm.errors import CacheError
 from jaxllm.quantize import dequantize, matmul, quantize
+from jaxllm.structured import constraints
 
 PLANTED_SOURCE = """
 #include <stdio.h>

@@ -14,7 +14,7 @@ import pytest
 
 from jaxllm import generate, init_params, save_checkpoint
 from jaxllm.chat import build_prompt
-from jaxllm.compilation import warmup_lengths
+from jaxllm.warmup import warmup_lengths
 from conftest import REPO, tiny_config
 
 
@@ -167,7 +167,7 @@ def test_without_a_checkpoint_the_bundled_model_is_used():
 
 
 def test_constrained_output_flags_match_the_library_and_report_validity(checkpoint, cfg, params, tokenizer, tmp_path):
-    from jaxllm import constraints as C
+    from jaxllm.structured import constraints as C
 
     schema = {"type": "object", "properties": {"id": {"type": "integer"}, "tag": {"enum": ["a", "b"]}}, "required": ["id", "tag"]}
     (tmp_path / "s.json").write_text(json.dumps(schema))

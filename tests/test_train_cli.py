@@ -32,6 +32,23 @@ def one_line_error(proc, *words):
         assert w in proc.stderr, proc.stderr
 
 
+# matplotlib's first two default line colours: the train and the validation curve
+TRAIN_RGB, VAL_RGB = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)
+
+
+def assert_loss_plot(path):
+    """A PNG of a sane size that Pillow decodes, with both curves drawn in it."""
+    from PIL import Image
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(data) < 1_000_000, len(data)
+    with Image.open(path) as img:
+        assert img.format == "PNG" and 300 <= img.width <= 3000 and 200 <= img.height <= 2000, img.size
+        rgb = np.asarray(img.convert("RGB")).astype(int)
+    for color in (TRAIN_RGB, VAL_RGB):
+        assert (np.abs(rgb - color).max(axis=-1) <= 8).sum() > 50, color
+
+
 def metrics(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -57,8 +74,7 @@ def test_a_run_writes_metrics_plot_checkpoints_and_a_model_directory(trained):
     assert [r["step"] for r in records if "val_loss" in r] == [6, 12]
     assert all(r["val_bpb"] > 0 and abs(r["val_ppl"] - np.exp(r["val_loss"])) < 1e-6 * r["val_ppl"] for r in records if "val_loss" in r)
     assert records[-1]["loss"] < records[0]["loss"]
-    png = (trained / "loss.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    assert_loss_plot(trained / "loss.png")
     assert sorted(p.name for p in (trained / "state").iterdir()) == ["12", "6"]
     run_json = json.loads((trained / "run.json").read_text())
     assert run_json["train"]["max_steps"] == 12 and run_json["model"]["d_model"] == 32

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import TrainConfig, TrainingError, data, trainer, training
+from jaxllm import TrainConfig, TrainingError, data, train_loop, training
 from jaxllm.errors import ConfigError
 from jaxllm.checkpoint import flatten, load_checkpoint
 from conftest import REPO
@@ -220,10 +220,10 @@ def final_params(out_dir, cfg):
 
 def test_resume_gives_the_losses_and_params_of_an_uninterrupted_run(run_cfg, tmp_path):
     cfg, t = run_cfg
-    whole = trainer.run(cfg, t, tmp_path / "whole", progress=False, log=lambda m: None)
-    half = trainer.run(cfg, t, tmp_path / "split", stop_at=4, progress=False, log=lambda m: None)
+    whole = train_loop.run(cfg, t, tmp_path / "whole", progress=False, log=lambda m: None)
+    half = train_loop.run(cfg, t, tmp_path / "split", stop_at=4, progress=False, log=lambda m: None)
     assert half.step == 4 and half.stop_reason == "stop_at"
-    rest = trainer.run(cfg, t, tmp_path / "split", resume=True, progress=False, log=lambda m: None)
+    rest = train_loop.run(cfg, t, tmp_path / "split", resume=True, progress=False, log=lambda m: None)
     assert sorted(rest.losses) == [5, 6, 7, 8]
     assert {**half.losses, **rest.losses} == whole.losses  # bit-identical on CPU
     a, b = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
@@ -249,18 +249,18 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(run_cfg, tm
     monkeypatch.setattr(data, "train_batch", poisoned_batch)
     monkeypatch.setattr(training, "token_losses", nan_on_poison)
     with pytest.raises(TrainingError, match=r"at step 6.*Last good checkpoint: step 4"):
-        trainer.run(cfg, t, tmp_path / "run", progress=False, log=lambda m: None)
+        train_loop.run(cfg, t, tmp_path / "run", progress=False, log=lambda m: None)
     assert sorted(p.name for p in (tmp_path / "run" / "state").iterdir() if p.name.isdigit()) == ["4"]
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]  # 5 was fine
     monkeypatch.undo()
     # the model directory and the state both hold step 4: resuming reproduces a clean run
-    rest = trainer.run(cfg, t, tmp_path / "run", resume=True, progress=False, log=lambda m: None)
-    clean = trainer.run(cfg, t, tmp_path / "clean", progress=False, log=lambda m: None)
+    rest = train_loop.run(cfg, t, tmp_path / "run", resume=True, progress=False, log=lambda m: None)
+    clean = train_loop.run(cfg, t, tmp_path / "clean", progress=False, log=lambda m: None)
     assert rest.losses == {s: v for s, v in clean.losses.items() if s > 4}
 
 
 def test_checkpoints_keep_the_last_n_and_the_best_by_val_loss(tmp_path):
-    mngr = trainer._manager(tmp_path / "state", keep=2)
+    mngr = train_loop._manager(tmp_path / "state", keep=2)
     import orbax.checkpoint as ocp
 
     for step, val in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 4.0), (5, 5.0)]:
@@ -274,3 +274,28 @@ def test_checkpoints_keep_the_last_n_and_the_best_by_val_loss(tmp_path):
 def test_a_train_config_that_is_not_a_json_object_is_refused_by_name(values):
     with pytest.raises(ConfigError, match="train config must be a JSON object"):
         TrainConfig.from_dict(values)
+
+
+# ---------------------------------------------------------------------------- the loss plot
+
+
+def without_matplotlib(monkeypatch):
+    """`import matplotlib` (or any of its modules) fails from here on, as if it were not installed."""
+    for name in [m for m in sys.modules if m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def test_without_matplotlib_a_run_succeeds_with_no_plot_and_one_line_saying_how_to_get_one(run_cfg, tmp_path, monkeypatch):
+    cfg, t = run_cfg
+    lines = []
+    without_matplotlib(monkeypatch)
+    result = train_loop.run(cfg, t, tmp_path / "run", stop_at=2, progress=False, log=lines.append)
+    assert result.step == 2 and result.stop_reason == "stop_at"
+    assert (tmp_path / "run" / "config.json").exists() and [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+    assert not (tmp_path / "run" / "loss.png").exists()
+    assert [line for line in lines if "jaxllm[plot]" in line] == ["no loss.png: the loss plot needs matplotlib (pip install 'jaxllm[plot]')"]
+    monkeypatch.undo()
+    # with matplotlib importable, the same metrics give a PNG
+    path = train_loop.write_plot(tmp_path / "run")
+    assert path == tmp_path / "run" / "loss.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

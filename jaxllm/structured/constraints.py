@@ -37,10 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import automata, cachedirs
-from jaxllm.automata import DEAD, STACK
+from jaxllm import cachedirs
 from jaxllm.errors import CacheError, ConstraintError
 from jaxllm.sampling import pow2_bucket
+from jaxllm.structured import automata
+from jaxllm.structured.automata import DEAD, STACK
 
 FORMAT_VERSION = 1  # of the cached .npz files (changes to the code that builds them are detected)
 

@@ -18,8 +18,8 @@ import re
 
 import numpy as np
 
-from jaxllm import regexp
 from jaxllm.errors import ConstraintError
+from jaxllm.structured import regexp
 
 DEAD = -1  # no transition
 STACK = -2  # in `token_table` with `stack_bytes`: the decode loop's JSON stack decides
