@@ -38,9 +38,15 @@ def test_the_scan_finds_the_citations_it_is_meant_to_check():
     assert CITATION.findall("see shared/SAMPLING.md and docs/X.md") == ["shared/SAMPLING.md", "docs/X.md"]
 
 
+def history(path: Path) -> bool:
+    """Dated benchmark records name files as they were that day (a module may have moved since)."""
+    return path.parent == REPO / "benchmarks" / "results"
+
+
 def test_every_cited_file_is_in_the_repository():
     missing = sorted(
         f"{path.relative_to(REPO)} cites {cited}"
-        for path in scanned_files() for cited in citations(path) if not (REPO / cited).is_file()
+        for path in scanned_files() for cited in citations(path)
+        if not (REPO / cited).is_file() and not (history(path) and not cited.startswith("shared/"))
     )
     assert missing == []
