@@ -30,13 +30,11 @@ from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
 from jaxllm.kvcache import CacheSpec, KVCache, init_cache
 from jaxllm.model import forward, prefill, prefill_length, unembed
-from jaxllm.results import GenerationResult, collect, final_text, retry_invalid
+from jaxllm.results import GenerationResult, TextStream, collect, retry_invalid
 from jaxllm.sampling import (
     NEG_INF, History, SamplingParams, choose_next, init_history, last_tokens, pow2_bucket, record,
 )
-from jaxllm.stopping import (
-    CONSTRAINT, FINISH_REASONS, REPEAT_WINDOW, RUNNING, StopParams, check_stops, holdback,
-)
+from jaxllm.stopping import CONSTRAINT, REPEAT_WINDOW, RUNNING, StopParams, check_stops
 from jaxllm.tokenizer import Tokenizer
 
 MIN_PROMPT_BUCKET = 16
@@ -482,26 +480,10 @@ def _generate(
         sampling=sampling, sampling_kwargs=_split_kwargs(tokenizer, dict(sampling_kwargs)), chunk=chunk, spec=spec,
         constraint=constraint, enforce=enforce,
     )
-    B = len(req.prompts)
     timing: dict = {}
-    if stream and tokenizer is None:
-        raise GenerationError("streaming needs a tokenizer")
-    streams = [tokenizer.stream_decoder(after=prompt) for prompt in req.prompts] if stream else []
-    so_far, shown, seen = [""] * B, [0] * B, [0] * B
+    text = TextStream(tokenizer, req.prompts, req.stop_strings, include_stop) if stream else None
     for state in _run(params, cfg, req, chunk=chunk, num_alternatives=logprobs or 0, stop_fn=stop_fn, timing=timing, spec=spec):
-        if not stream:
-            continue
-        out, lengths, finish = jax.device_get((state.tokens, state.length, state.finish))
-        for r in range(B):
-            so_far[r] += streams[r].push(out[r, seen[r] : lengths[r]].tolist())
-            seen[r] = int(lengths[r])
-            if finish[r] != RUNNING:
-                so_far[r] += streams[r].flush()
-                ready = final_text(so_far[r], FINISH_REASONS[finish[r]], req.stop_strings, include_stop)
-            else:
-                ready = so_far[r][: len(so_far[r]) - holdback(so_far[r], req.stop_strings)]
-            if len(ready) > shown[r]:
-                yield r, ready[shown[r] :]
-                shown[r] = len(ready)
+        if stream:
+            yield from text.pieces(state)
     result = collect(state, req, tokenizer, logprobs, include_stop, timing)
     yield (-1, result) if stream else result

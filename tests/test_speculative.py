@@ -60,7 +60,7 @@ def test_sampled_tokens_follow_the_targets_processed_distribution():
         seq = prompt + prefix
         logits = forward(target, cfg, jnp.asarray([seq]), jnp.arange(len(seq))[None])[0][:, -1]
         history = init_history(jnp.asarray([seq]), jnp.ones((1, len(seq)), bool), 4, 4)
-        law[tuple(prefix)] = np.asarray(distribution(logits, SamplingParams.make(1, 4, **settings, seed=0), history, jnp.zeros((0,), jnp.int32)))[0]
+        law[tuple(prefix)] = np.asarray(distribution(logits, SamplingParams.make(1, 4, **settings, seed=0), history, jnp.zeros((0,), jnp.int32))[0])[0]
     exact = {t: law[()][t[0]] * law[t[:1]][t[1]] * law[t[:2]][t[2]] for t in itertools.product(range(4), repeat=3)}
 
     counts = dict.fromkeys(exact, 0)
