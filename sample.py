@@ -133,10 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(str(e))
     if args.sinks and args.sinks >= args.window:
         p.error(f"argument --sinks: needs a --window larger than it (got --sinks {args.sinks}, --window {args.window})")
-    if (args.window or args.prefill_chunk != 512 or args.kv_cache) and (args.draft_checkpoint or args.num_beams > 1):
-        p.error("argument --window: --window, --prefill_chunk and --kv_cache work with sampling, not --num_beams or --draft_checkpoint")
-    if args.draft_checkpoint and (args.num_beams > 1 or args.stream or args.num_return_sequences > 1 or args.logprobs is not None):
-        p.error("argument --draft_checkpoint: speculative decoding does not combine with --num_beams, --stream, --n or --logprobs")
+    if args.draft_checkpoint and args.num_beams > 1:
+        p.error("argument --draft_checkpoint: speculative decoding does not combine with --num_beams")
     if args.num_beams > 1:
         if args.num_return_sequences > args.num_beams:
             p.error(f"argument --num_return_sequences: must be <= --num_beams ({args.num_beams}) with beam search")
@@ -272,23 +270,27 @@ def main(argv=None) -> int:
                 print(f"sample.py: warmup: {len(done['prompt_lengths'])} prompt buckets (prompt lengths "
                       f"{done['prompt_lengths']}), {done['programs']} programs ({done['cache_hits']} from the "
                       f"persistent cache) in {done['compile_s']:.2f}s", file=sys.stderr)
+        draft = _draft(args, tokenizer) if args.draft_checkpoint else None
         if args.stream:
             print(prompts[0], end="", flush=True)
-            for row, piece in jaxllm.generate_stream(params, cfg, inputs, **kwargs, **long_context):
+            if draft:
+                from jaxllm.speculative import speculative_generate_stream
+
+                pieces = speculative_generate_stream(params, cfg, *draft, inputs, num_speculative_tokens=args.num_speculative_tokens,
+                                                     **{k: v for k, v in kwargs.items() if k != "enforce"}, **long_context)
+            else:
+                pieces = jaxllm.generate_stream(params, cfg, inputs, **kwargs, **long_context)
+            for row, piece in pieces:
                 if row >= 0:
                     print(piece, end="", flush=True)
             print()
             _report(counter, args)
             return 0
-        if args.draft_checkpoint:
+        if draft:
             from jaxllm.speculative import speculative_generate
 
-            dparams, dcfg, dtok, _ = load_any(Path(args.draft_checkpoint))
-            if dtok is not None and dtok.fingerprint != tokenizer.fingerprint:
-                raise jaxllm.CheckpointError(f"argument --draft_checkpoint: {args.draft_checkpoint} has a different tokenizer")
-            spec_kwargs = {k: v for k, v in kwargs.items() if k not in ("num_return_sequences", "logprobs", "enforce")}
-            result = speculative_generate(params, cfg, devices.prepare(dparams, dcfg), dcfg, inputs,
-                                          num_speculative_tokens=args.num_speculative_tokens, **spec_kwargs)
+            result = speculative_generate(params, cfg, *draft, inputs, num_speculative_tokens=args.num_speculative_tokens,
+                                          **{k: v for k, v in kwargs.items() if k != "enforce"}, **long_context)
             print(f"sample.py: speculative decoding accepted {result.timing['acceptance_rate']:.0%} of drafted tokens, "
                   f"{result.timing['tokens_per_block']:.2f} tokens per target forward", file=sys.stderr)
         elif args.num_beams > 1:
@@ -299,7 +301,8 @@ def main(argv=None) -> int:
                                                   "repetition_penalty", "no_repeat_ngram_size", "bad_words",
                                                   "logit_bias", "allowed_token_ids", "constraint")}
             result = beam_generate(params, cfg, inputs, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                                   early_stopping={"true": True, "false": False}.get(args.early_stopping, "never"), **beam_kwargs)
+                                   early_stopping={"true": True, "false": False}.get(args.early_stopping, "never"),
+                                   **beam_kwargs, **long_context)
         else:
             result = jaxllm.generate(params, cfg, inputs, **kwargs, **long_context)
     except jaxllm.JaxllmError as e:
@@ -308,6 +311,23 @@ def main(argv=None) -> int:
     _print(result, prompts, args)
     _report(counter, args, result.timing)
     return 0
+
+
+def _draft(args, tokenizer):
+    """--draft_checkpoint -> (params, cfg), with --quantize and --attention_impl applied as to the target."""
+    import jaxllm
+    from jaxllm import devices
+    from jaxllm.checkpoint import load_any
+
+    path = Path(args.draft_checkpoint)
+    params, cfg, draft_tokenizer, _ = load_any(path)
+    if draft_tokenizer is not None and draft_tokenizer.fingerprint != tokenizer.fingerprint:
+        raise jaxllm.CheckpointError(f"argument --draft_checkpoint: {args.draft_checkpoint} has a different tokenizer")
+    if args.quantize:
+        params = _quantize(params, args, path)
+    if args.attention_impl:
+        cfg = cfg.replace(attention_impl=args.attention_impl)
+    return devices.prepare(params, cfg), cfg
 
 
 def _quantize(params, args, checkpoint: Path):

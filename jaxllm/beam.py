@@ -31,18 +31,17 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxllm import devices
+from jaxllm import devices, kvcache
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
-from jaxllm.generate import GenerationResult, _prepare, _split_kwargs, bucket, left_pad
-from jaxllm.kvcache import KVCache, init_cache
-from jaxllm.model import forward, hidden_states, unembed
+from jaxllm.generate import GenerationResult, _prepare, _split_kwargs, bucket, init_state, left_pad, take_rows
+from jaxllm.kvcache import CacheSpec
+from jaxllm.model import forward
 from jaxllm.results import decode_rows
-from jaxllm.sampling import History, SamplingParams, init_history, process_logits, record
-from jaxllm.stopping import StopParams, append_bytes, stop_string_hit
+from jaxllm.sampling import History, SamplingParams, process_logits, record
+from jaxllm.stopping import FINISH_REASONS, RUNNING, StopParams, check_stops
 from jaxllm.structured import constraints
 from jaxllm.tokenizer import Tokenizer
 
@@ -52,7 +51,7 @@ NEG = -1.0e9  # HF's "impossible" score: finite, so sums and comparisons stay we
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["scores", "bank_tokens", "bank_len", "bank_scores", "bank_full", "open", "gen_len"],
+    data_fields=["scores", "bank_tokens", "bank_len", "bank_scores", "bank_full", "bank_finish", "open", "gen_len"],
     meta_fields=[],
 )
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +63,7 @@ class Beams:
     bank_len: jax.Array  # [B, K] their lengths
     bank_scores: jax.Array  # [B, K] their length-normalized scores (NEG = empty slot)
     bank_full: jax.Array  # [B, K] slot holds a finished hypothesis
+    bank_finish: jax.Array  # [B, K] i32 its finish code (stopping.FINISH_REASONS)
     open: jax.Array  # [B] the bank may still improve (HF's "early stop heuristic unsatisfied")
     gen_len: jax.Array  # [] tokens generated so far (shared)
 
@@ -84,13 +84,14 @@ def _select(
     cand_scores, flat = jax.lax.top_k(acc, M)
     parent, token = flat // V, flat % V
 
-    hits = jnp.isin(token, stops.eos_ids) | (g + 1 >= max_new)
-    cand_windows, cand_filled = windows[parent], filled[parent]
-    if stops.has_stop_strings:
-        new_len = stops.token_len[token]
-        cand_windows = append_bytes(cand_windows, token, stops)
-        cand_filled = jnp.minimum(cand_filled + new_len, cand_windows.shape[1])
-        hits = hits | stop_string_hit(cand_windows, cand_filled, new_len, stops)
+    # each candidate's finish code, by the rule every decoder uses (stopping.check_stops); beam
+    # search takes no repeat_count (refused at its boundary), so the repetition check sees nothing
+    example = dataclasses.replace(stops, max_new_tokens=max_new, repeat_count=jnp.zeros((), jnp.int32))
+    nothing = (jnp.zeros((M, 1), jnp.int32), jnp.zeros((M, 1), bool))
+    code, cand_windows, cand_filled = check_stops(
+        token, jnp.ones((M,), bool), g, nothing, windows[parent], filled[parent], example, jnp.zeros((M,), bool)
+    )
+    hits = code != RUNNING
 
     # the next running beams: the best K continuations that did not finish
     running = jax.lax.top_k(cand_scores + hits * NEG, K)[1]
@@ -108,6 +109,7 @@ def _select(
     bank_tokens = jnp.concatenate([beams.bank_tokens, cand_tokens])[best]
     bank_len = jnp.concatenate([beams.bank_len, jnp.full((M,), g + 1, jnp.int32)])[best]
     bank_full = jnp.concatenate([beams.bank_full, ~blocked])[best]
+    bank_finish = jnp.concatenate([beams.bank_finish, code])[best]
     bank_scores = merged_scores[best]
 
     # can the bank still improve? (HF's heuristic: the best running beam at its best length)
@@ -118,7 +120,7 @@ def _select(
     best_possible = new_scores[0] / best_len.astype(jnp.float32) ** length_penalty
     worst = jnp.where(bank_full, jnp.min(bank_scores), NEG)
     still_open = beams.open & jnp.any(best_possible > worst)
-    new = Beams(new_scores, bank_tokens, bank_len, bank_scores, bank_full, still_open, g + 1)
+    new = Beams(new_scores, bank_tokens, bank_len, bank_scores, bank_full, bank_finish, still_open, g + 1)
     return parent[running], token[running], new, cand_windows[running], cand_filled[running], jnp.all(hits)
 
 
@@ -169,6 +171,7 @@ def beam_search(
         bank_len=jnp.zeros((B, K), jnp.int32),
         bank_scores=jnp.full((B, K), NEG),
         bank_full=jnp.zeros((B, K), bool),
+        bank_finish=jnp.zeros((B, K), jnp.int32),
         open=jnp.ones((B,), bool),
         gen_len=jnp.zeros((), jnp.int32),
     )
@@ -177,7 +180,7 @@ def beam_search(
         first_logits, aux, history, beams, jnp.zeros((R, W), jnp.uint8), jnp.zeros((R,), jnp.int32), jnp.zeros((B,), bool),
         constraint,
     )
-    per_example = Beams(0, 0, 0, 0, 0, 0, None)  # gen_len is shared
+    per_example = Beams(0, 0, 0, 0, 0, 0, 0, None)  # gen_len is shared
     select = jax.vmap(
         functools.partial(_select, early_stopping=early_stopping),
         in_axes=(0, per_example, 0, 0, 0, None, 0, None),
@@ -222,18 +225,13 @@ def beam_search(
 
 def _beam_program(
     params, prompt, prompt_pos, sp, stops, length_penalty, automaton=None, constraint=None,
-    *, cfg, num_beams, buffer_len, early_stopping,
+    *, cfg, num_beams, buffer_len, early_stopping, spec,
 ):
-    """Prefill the B prompts once, repeat for the K beams, search. -> final Beams."""
-    K = num_beams
-    B, P = prompt.shape
-    cache = init_cache(cfg, B, P + buffer_len)
-    h, cache = hidden_states(params, cfg, prompt, prompt_pos, cache)
-    repeat = lambda x, axis: jnp.repeat(x, K, axis=axis)
-    cache = KVCache(k=repeat(cache.k, 1), v=repeat(cache.v, 1), pos=repeat(cache.pos, 0), cursor=cache.cursor)
-    first_logits = repeat(unembed(params, cfg, h[:, -1]), 0)
-    next_pos = repeat(jnp.max(prompt_pos, axis=1) + 1, 0)
-    history = init_history(repeat(prompt, 0), repeat(prompt_pos >= 0, 0), buffer_len, cfg.vocab_size)
+    """Prefill the B prompts once (`generate.init_state`: the cache `spec` asks for), repeat each
+    example's row for its K beams, search. -> final Beams."""
+    B = prompt.shape[0]
+    state = init_state(params, cfg, prompt, prompt_pos, stops, buffer_len=buffer_len, spec=spec)
+    state = take_rows(state, jnp.repeat(jnp.arange(B), num_beams))
 
     def step(tokens, aux):
         cache, pos = aux
@@ -241,15 +239,12 @@ def _beam_program(
         return logits[:, 0], (cache, pos + 1)
 
     def reorder(aux, rows):
-        # One gather per layer: each layer's rows are contiguous, where a gather along axis 1
-        # of the stacked [L, R, K, S, E] cache moved strided pieces (2.5x slower on CPU).
         cache, pos = aux
-        follow = lambda buf: jnp.stack([buf[layer][rows] for layer in range(buf.shape[0])])
-        return KVCache(k=follow(cache.k), v=follow(cache.v), pos=cache.pos[rows], cursor=cache.cursor), pos[rows]
+        return kvcache.take_rows(cache, rows), pos[rows]
 
-    return beam_search(step, reorder, first_logits, (cache, next_pos), history, sp, stops, num_beams=K,
-                       length_penalty=length_penalty, early_stopping=early_stopping, automaton=automaton,
-                       constraint=constraint)
+    return beam_search(step, reorder, state.logits, (state.cache, state.next_pos), state.history, sp, stops,
+                       num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                       automaton=automaton, constraint=constraint)
 
 
 _beam_compiled = Compiled(_beam_program)
@@ -259,7 +254,8 @@ def beam_generate(
     params, cfg: ModelConfig, prompts, *, tokenizer: Tokenizer | None = None, num_beams: int = 4,
     length_penalty: float = 1.0, early_stopping: bool | str = False, num_return_sequences: int = 1,
     max_new_tokens: int = 64, stop=(), include_stop_str_in_output: bool = False, eos_token_id=None,
-    add_bos: bool = True, constraint=None, **processors,
+    add_bos: bool = True, constraint=None, window: int = 0, sinks: int = 0, prefill_chunk: int = 512,
+    kv_cache_dtype: str | None = None, **processors,
 ) -> GenerationResult:
     """Beam search over a batch of prompts; the n best finished hypotheses of each, best first.
 
@@ -267,6 +263,8 @@ def beam_generate(
     allowed_token_ids, bad_words / bad_words_ids — applied to each beam's own history.
     The result's `scores` are the length-normalized scores (sum log-prob / len ** length_penalty).
     `constraint` (one, or one per prompt) is followed by every beam, as in `generate`.
+    `window`, `sinks`, `prefill_chunk` and `kv_cache_dtype` lay out the cache as in `generate`
+    (each beam carries its own rows of it).
     """
     if not isinstance(num_beams, int) or num_beams < 1:
         raise GenerationError(f"num_beams must be >= 1, got {num_beams}")
@@ -280,31 +278,29 @@ def beam_generate(
     unknown = sorted(set(processors) - allowed)
     if unknown:
         raise GenerationError(f"beam search does not take {', '.join(unknown)} (it is deterministic; sampling controls do not apply)")
+    spec = CacheSpec(window=window, sinks=sinks, prefill_chunk=prefill_chunk, dtype=kv_cache_dtype or "").check(cfg)
     req = _prepare(
         cfg, prompts, tokenizer, max_new_tokens=max_new_tokens, n=num_beams, stop=stop, eos_token_id=eos_token_id,
         repeat_count=0, add_bos=add_bos, parse_special=False, sampling=None,
         sampling_kwargs=_split_kwargs(tokenizer, dict(processors, temperature=0.0, seed=0)), chunk=16,
-        constraint=constraint,
+        spec=spec, constraint=constraint,
     )
     unique = req.prompts[::num_beams]
     tokens, positions = left_pad(unique, bucket(max(map(len, unique))), req.pad_id)
     t0 = time.perf_counter()
     beams, compile_s = _beam_compiled(
-        dict(cfg=cfg, num_beams=num_beams, buffer_len=req.buffer_len, early_stopping=early_stopping),
+        dict(cfg=cfg, num_beams=num_beams, buffer_len=req.buffer_len, early_stopping=early_stopping, spec=spec),
         params=devices.prepare(params, cfg), prompt=jnp.asarray(tokens), prompt_pos=jnp.asarray(positions),
         sp=req.sampling, stops=req.stops, length_penalty=jnp.asarray(length_penalty, jnp.float32),
         automaton=req.automaton, constraint=req.row_states,
     )
-    out, lengths, scores = jax.device_get((beams.bank_tokens, beams.bank_len, beams.bank_scores))
+    out, lengths, scores, finish = jax.device_get((beams.bank_tokens, beams.bank_len, beams.bank_scores, beams.bank_finish))
     elapsed = time.perf_counter() - t0 - compile_s
-    eos = set(np.asarray(req.stops.eos_ids).tolist())
     token_ids, reasons, best, rows_prompt = [], [], [], []
     for b in range(len(unique)):
         for k in range(num_return_sequences):
-            ids = out[b, k, : lengths[b, k]].tolist()
-            text = tokenizer.decode(ids, after=unique[b]) if tokenizer is not None else ""
-            token_ids.append(ids)
-            reasons.append("eos" if ids and ids[-1] in eos else "stop" if any(s in text for s in req.stop_strings) else "length")
+            token_ids.append(out[b, k, : lengths[b, k]].tolist())
+            reasons.append(FINISH_REASONS[finish[b, k]])  # decided on device, when the hypothesis was banked
             best.append(float(scores[b, k]))
             rows_prompt.append(unique[b])
     texts = valid = errors = None

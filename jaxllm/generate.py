@@ -30,19 +30,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import devices
+from jaxllm import devices, kvcache
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
 from jaxllm.kvcache import CacheSpec, KVCache, init_cache
 from jaxllm.model import forward, prefill, prefill_length, unembed
-from jaxllm.results import GenerationResult, collect, final_text, retry_invalid
+from jaxllm.results import GenerationResult, TextStream, collect, retry_invalid
 from jaxllm.sampling import (
     NEG_INF, History, SamplingParams, choose_next, init_history, last_tokens, pow2_bucket, record,
 )
-from jaxllm.stopping import (
-    CONSTRAINT, FINISH_REASONS, REPEAT_WINDOW, RUNNING, StopParams, check_stops, holdback,
-)
+from jaxllm.stopping import CONSTRAINT, REPEAT_WINDOW, RUNNING, StopParams, check_stops
 from jaxllm.structured import constraints
 from jaxllm.tokenizer import Tokenizer
 
@@ -113,21 +111,26 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
 def init_state(
     params, cfg: ModelConfig, prompt: jax.Array, prompt_pos: jax.Array, stops: StopParams,
     *, buffer_len: int, num_alternatives: int = 0, spec: CacheSpec = CacheSpec(),
-    constraint: constraints.RowState | None = None,
+    constraint: constraints.RowState | None = None, lookahead: int = 0,
 ) -> DecodeState:
     """Prefill: the left-padded prompt block [B, P] into a fresh cache of P + N slots, or a ring
-    (`spec`: window, sinks), `spec.prefill_chunk` columns at a time (model.prefill).
+    (`spec`: window, sinks, KV dtype), `spec.prefill_chunk` columns at a time (model.prefill).
 
-    `constraint`: the rows' initial automaton states (see `constraints.build`), if constrained.
+    The one start-up path of every decoder (sampling, beams, speculative): the cache, history
+    and stop state are made here. `constraint`: the rows' initial automaton states (see
+    `constraints.build`), if constrained. `lookahead`: columns a decoder may write past the last
+    token it keeps and take back (speculative drafts): that many more cache slots (a ring keeps
+    its window) and history columns.
     """
     B, P = prompt.shape
-    slots, ring = spec.num_slots(cfg, prefill_length(P, spec.prefill_chunk) + buffer_len)
-    cache = init_cache(cfg, B, slots, spec.dtype or None, ring=ring, sinks=spec.sinks)
+    slots, ring = spec.num_slots(cfg, prefill_length(P, spec.prefill_chunk) + buffer_len + lookahead)
+    slots += lookahead if ring else 0
+    cache = init_cache(cfg, B, slots, spec.dtype or None, ring=ring, sinks=spec.sinks, lookahead=lookahead)
     h, cache = prefill(params, cfg, prompt, prompt_pos, cache, spec.prefill_chunk)
     A = num_alternatives
     return DecodeState(
         logits=unembed(params, cfg, h),  # left padding: every row's last token is in column P-1
-        history=init_history(prompt, prompt_pos >= 0, buffer_len, cfg.vocab_size),
+        history=init_history(prompt, prompt_pos >= 0, buffer_len + lookahead, cfg.vocab_size),
         finish=jnp.zeros((B,), jnp.int32),
         next_pos=jnp.max(prompt_pos, axis=1) + 1,
         window=jnp.zeros((B, stops.window), jnp.uint8),
@@ -137,6 +140,18 @@ def init_state(
         top_logprobs=jnp.zeros((B, buffer_len, A), jnp.float32),
         cache=cache,
         constraint=constraint,
+    )
+
+
+def take_rows(state: DecodeState, rows: jax.Array) -> DecodeState:
+    """The state whose row r is a copy of row `rows[r]` (rows: [R] int): every per-row array
+    follows, the cache included (`kvcache.take_rows`); beams use it to repeat and reorder rows."""
+    history = state.history
+    per_row = lambda tree: jax.tree_util.tree_map(lambda x: x[rows], tree)
+    return dataclasses.replace(
+        per_row(dataclasses.replace(state, cache=None, history=None)),
+        history=dataclasses.replace(per_row(dataclasses.replace(history, step=None)), step=history.step),
+        cache=kvcache.take_rows(state.cache, rows),
     )
 
 
@@ -472,26 +487,10 @@ def _generate(
         sampling=sampling, sampling_kwargs=_split_kwargs(tokenizer, dict(sampling_kwargs)), chunk=chunk, spec=spec,
         constraint=constraint, enforce=enforce,
     )
-    B = len(req.prompts)
     timing: dict = {}
-    if stream and tokenizer is None:
-        raise GenerationError("streaming needs a tokenizer")
-    streams = [tokenizer.stream_decoder(after=prompt) for prompt in req.prompts] if stream else []
-    so_far, shown, seen = [""] * B, [0] * B, [0] * B
+    text = TextStream(tokenizer, req.prompts, req.stop_strings, include_stop) if stream else None
     for state in _run(params, cfg, req, chunk=chunk, num_alternatives=logprobs or 0, stop_fn=stop_fn, timing=timing, spec=spec):
-        if not stream:
-            continue
-        out, lengths, finish = jax.device_get((state.tokens, state.length, state.finish))
-        for r in range(B):
-            so_far[r] += streams[r].push(out[r, seen[r] : lengths[r]].tolist())
-            seen[r] = int(lengths[r])
-            if finish[r] != RUNNING:
-                so_far[r] += streams[r].flush()
-                ready = final_text(so_far[r], FINISH_REASONS[finish[r]], req.stop_strings, include_stop)
-            else:
-                ready = so_far[r][: len(so_far[r]) - holdback(so_far[r], req.stop_strings)]
-            if len(ready) > shown[r]:
-                yield r, ready[shown[r] :]
-                shown[r] = len(ready)
+        if stream:
+            yield from text.pieces(state)
     result = collect(state, req, tokenizer, logprobs, include_stop, timing)
     yield (-1, result) if stream else result

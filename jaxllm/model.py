@@ -217,8 +217,8 @@ def _ring_attention(q, k, v, q_pos, k_pos, cache: KVCache, cfg: ModelConfig) -> 
     (the earliest real query's p - (S - 1), or 0), so every rotation angle stays below S + T
     however long generation runs.
     """
-    N, S = cache.sinks, cache.num_slots
-    window = min(cache.ring_slots, cfg.sliding_window or cache.ring_slots)
+    N, S = cache.sinks, cache.window_slots  # a lookahead's slots beyond the window stay out of sight
+    window = min(S - N, cfg.sliding_window or S - N)
     slopes = _slopes(cfg)
     if not N:  # a plain sliding window: original positions, keys stored rotated
         return attend(q, k, v, q_pos, k_pos, window=window, slopes=slopes, impl=cfg.attention_impl)
@@ -281,9 +281,9 @@ def hidden_states(
         keys, vals = kvcache.read(kb, i, dt), kvcache.read(vb, i, dt)
         if not cache.ring:
             attn = attend(q, keys, vals, positions, cache.pos, **opts)
-        elif concat:
-            keys = jnp.concatenate([keys[:, :, :N], k_old[:, :, N:], k], axis=2)
-            vals = jnp.concatenate([vals[:, :, :N], v_old[:, :, N:], v], axis=2)
+        elif concat:  # the block's own keys as the cache holds them (int8-rounded), as a decode step sees them
+            keys = jnp.concatenate([keys[:, :, :N], k_old[:, :, N:], kvcache.as_stored(kb, k, dt)], axis=2)
+            vals = jnp.concatenate([vals[:, :, :N], v_old[:, :, N:], kvcache.as_stored(vb, v, dt)], axis=2)
             k_pos = jnp.concatenate([cache.pos[:, :N], old.pos[:, N:], positions], axis=1)
             attn = _ring_attention(q, keys, vals, positions, k_pos, cache, cfg)
         else:

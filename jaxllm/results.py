@@ -12,7 +12,8 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from jaxllm.stopping import FINISH_REASONS, cut_at_stop
+from jaxllm.errors import GenerationError
+from jaxllm.stopping import FINISH_REASONS, RUNNING, cut_at_stop, holdback
 from jaxllm.structured import constraints
 
 
@@ -46,6 +47,37 @@ def decode_rows(tokenizer, prompts, token_ids, reasons, stop: Sequence[str], inc
         final_text(tokenizer.decode(ids, after=prompt if after_prompt else ()), why, stop, include)
         for prompt, ids, why in zip(prompts, token_ids, reasons)
     ]
+
+
+class TextStream:
+    """Each row's new text as successive decode states arrive (any decoder's `DecodeState`).
+
+    `pieces(state)` yields (row, text) pairs; a row's pieces concatenate to its final text
+    (`decode_rows`): a UTF-8 character is never split, and text that could still begin a stop
+    string is held back until the row ends or the text moves past it.
+    """
+
+    def __init__(self, tokenizer, prompts, stop: Sequence[str], include: bool):
+        if tokenizer is None:
+            raise GenerationError("streaming needs a tokenizer")
+        self.decoders = [tokenizer.stream_decoder(after=prompt) for prompt in prompts]
+        self.stop, self.include = list(stop), include
+        B = len(prompts)
+        self.text, self.shown, self.seen = [""] * B, [0] * B, [0] * B
+
+    def pieces(self, state):
+        out, lengths, finish = jax.device_get((state.tokens, state.length, state.finish))
+        for r, decoder in enumerate(self.decoders):
+            self.text[r] += decoder.push(out[r, self.seen[r] : lengths[r]].tolist())
+            self.seen[r] = int(lengths[r])
+            if finish[r] != RUNNING:
+                self.text[r] += decoder.flush()
+                ready = final_text(self.text[r], FINISH_REASONS[finish[r]], self.stop, self.include)
+            else:
+                ready = self.text[r][: len(self.text[r]) - holdback(self.text[r], self.stop)]
+            if len(ready) > self.shown[r]:
+                yield r, ready[self.shown[r] :]
+                self.shown[r] = len(ready)
 
 
 def collect(state, req, tokenizer, logprobs, include_stop, timing) -> GenerationResult:

@@ -199,3 +199,64 @@ def test_equals_transformers_beam_search(early, lp, n, tmp_path):
     assert lp > 1 or any(EOS_ID in w for w in want)  # the search did have to handle finished hypotheses
     assert ours.token_ids == want
     np.testing.assert_allclose(ours.scores, hf.sequences_scores.numpy(), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- the cache options
+
+
+def np_beam_search(logits_fn, prompt, K, steps):
+    """Plain beam search, float64, no EOS: the K best continuations of `steps` tokens by summed
+    log-prob, best first. `logits_fn(ids) -> [V]` is the next token's logits after ids."""
+    beams = [((), 0.0)]
+    for _ in range(steps):
+        candidates = []
+        for seq, score in beams:
+            z = np.asarray(logits_fn(list(prompt) + list(seq)), np.float64)
+            logp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+            candidates += [(seq + (t,), score + logp[t]) for t in range(len(z))]
+        beams = sorted(candidates, key=lambda c: -c[1])[:K]
+    return beams
+
+
+def kept(ids, W, S):
+    """The tokens an attention-sinks cache of W slots (S sinks) holds once `ids` are fed."""
+    return ids if len(ids) <= W else ids[:S] + ids[len(ids) - (W - S) :]
+
+
+def one_layer(vocab_size):
+    from conftest import tiny_config
+    from jaxllm import init_params
+
+    cfg = tiny_config(vocab_size, n_layers=1)
+    return jax.tree_util.tree_map(lambda x: x * 5 if x.ndim > 1 else x, init_params(cfg, jax.random.key(3))), cfg
+
+
+# Each case: the cache options, and the model a cache-free forward over the whole sequence must be
+# to give the same logits: a window is a sliding-window model, an int8 cache rounds every key and
+# value to int8 steps, and with sinks (one layer, so a key depends on its token alone) the logits
+# are a forward over the tokens the cache keeps, at positions 0, 1, ... (StreamingLLM).
+CACHE_CASES = {
+    "window": (dict(window=8), lambda cfg, ids: dict(cfg=cfg.replace(sliding_window=8), tokens=ids)),
+    "int8": (dict(kv_cache_dtype="int8"), lambda cfg, ids: dict(cfg=cfg, tokens=ids, int8_kv=True)),
+    "sinks": (dict(window=8, sinks=2), lambda cfg, ids: dict(cfg=cfg, tokens=kept(ids, 8, 2))),
+}
+
+
+@pytest.mark.parametrize("case", CACHE_CASES)
+def test_beams_over_a_ring_sinks_or_int8_cache_equal_brute_force_over_full_forwards(case, cfg, params):
+    from reference import np_forward
+
+    options, reference = CACHE_CASES[case]
+    if case == "sinks":
+        params, cfg = one_layer(cfg.vocab_size)
+    K, steps, prompts = 3, 10, [PROMPTS[0][:3] + [43, 44], PROMPTS[1]]  # 5 and 10 tokens: both pass the 8-slot ring
+    ours = beam_generate(params, cfg, prompts, num_beams=K, num_return_sequences=K, max_new_tokens=steps,
+                         eos_token_id=[], length_penalty=0.0, **options)
+    assert ours.finish_reasons == ["length"] * (K * len(prompts))
+    for i, prompt in enumerate(prompts):
+        want = np_beam_search(lambda ids: np_forward(params, **reference(cfg, ids))[-1], prompt, K, steps)
+        assert ours.token_ids[K * i : K * (i + 1)] == [list(seq) for seq, _ in want]
+        np.testing.assert_allclose(ours.scores[K * i : K * (i + 1)], [s for _, s in want], rtol=1e-3)
+    if case != "int8":  # the ring matters: the same search over the plain model finds other beams
+        plain = np_beam_search(lambda ids: np_forward(params, cfg, ids)[-1], prompts[1], K, steps)
+        assert [list(seq) for seq, _ in plain] != ours.token_ids[K : 2 * K]

@@ -82,24 +82,55 @@ def test_beam_search_flags(checkpoint, cfg, params, tokenizer):
     from jaxllm.beam import beam_generate
 
     proc = run("--checkpoint", checkpoint, "--prompt", "def f(x):", "--num_beams", 3, "--num_return_sequences", 2,
-               "--length_penalty", 0.5, "--early_stopping", "never", "--max_new_tokens", 8, "--format", "jsonl")
+               "--length_penalty", 0.5, "--early_stopping", "never", "--max_new_tokens", 8, "--format", "jsonl",
+               "--window", 8, "--kv_cache", "int8")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     want = beam_generate(params, cfg, ["def f(x):"], tokenizer=tokenizer, num_beams=3, num_return_sequences=2,
-                         length_penalty=0.5, early_stopping="never", max_new_tokens=8)
+                         length_penalty=0.5, early_stopping="never", max_new_tokens=8, window=8, kv_cache_dtype="int8")
     assert [r["token_ids"] for r in rows] == want.token_ids
     assert [r["score"] for r in rows] == pytest.approx(want.scores) and rows[0]["score"] >= rows[1]["score"]
 
 
-def test_speculative_flags(checkpoint, cfg, params, tokenizer, tmp_path):
-    draft_cfg = cfg.replace(n_layers=1)
+@pytest.fixture(scope="module")
+def draft_checkpoint(cfg, params, tokenizer, tmp_path_factory):
     draft = jax.tree_util.tree_map(lambda x: x[:1], params["layers"])
-    save_checkpoint(tmp_path / "draft", {**params, "layers": draft}, draft_cfg, tokenizer)
-    proc = run("--checkpoint", checkpoint, "--draft_checkpoint", tmp_path / "draft", "--num_speculative_tokens", 3,
-               "--prompt", "def f(x):", "--max_new_tokens", 10, "--temperature", 0)
+    return save_checkpoint(tmp_path_factory.mktemp("cli") / "draft", {**params, "layers": draft}, cfg.replace(n_layers=1), tokenizer)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_speculative_flags(checkpoint, draft_checkpoint, cfg, params, tokenizer, stream):
+    proc = run("--checkpoint", checkpoint, "--draft_checkpoint", draft_checkpoint, "--num_speculative_tokens", 3,
+               "--prompt", "def f(x):", "--max_new_tokens", 10, "--temperature", 0, *(["--stream"] if stream else []))
     assert proc.returncode == 0, proc.stderr
     want = generate(params, cfg, ["def f(x):"], tokenizer=tokenizer, max_new_tokens=10, temperature=0.0).texts[0]
-    assert proc.stdout == "def f(x):" + want + "\n" and "accepted" in proc.stderr
+    assert proc.stdout == "def f(x):" + want + "\n" and ("accepted" in proc.stderr) != stream
+
+
+def test_speculative_takes_n_logprobs_and_the_cache_flags(checkpoint, draft_checkpoint, cfg, params, tokenizer):
+    proc = run("--checkpoint", checkpoint, "--draft_checkpoint", draft_checkpoint, "--num_speculative_tokens", 3,
+               "--prompt", "def f(x):", "--max_new_tokens", 10, "--temperature", 0, "--n", 2, "--logprobs", 1,
+               "--window", 8, "--sinks", 2, "--kv_cache", "int8", "--format", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    want = generate(params, cfg, ["def f(x):"], tokenizer=tokenizer, max_new_tokens=10, temperature=0.0,
+                    num_return_sequences=2, logprobs=1, window=8, sinks=2, kv_cache_dtype="int8")
+    assert [r["token_ids"] for r in rows] == want.token_ids
+    assert [r["logprobs"] for r in rows] == [pytest.approx(lp, abs=1e-4) for lp in want.logprobs]
+
+
+def test_the_draft_gets_quantize_and_attention_impl_too(draft_checkpoint, tokenizer):
+    sys.path.insert(0, str(REPO))
+    import sample
+    from jaxllm.quantize import QuantizedWeight
+
+    for quantize, impl in ((None, None), ("int8", "xla")):
+        flags = ["--quantize", quantize] * bool(quantize) + ["--attention_impl", impl] * bool(impl)
+        dparams, dcfg = sample._draft(sample.parse_args(["--draft_checkpoint", str(draft_checkpoint), *flags]), tokenizer)
+        quantized = [leaf for leaf in jax.tree_util.tree_leaves(dparams, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+                     if isinstance(leaf, QuantizedWeight)]
+        assert bool(quantized) == bool(quantize) and all(w.bits == 8 for w in quantized)
+        assert dcfg.attention_impl == (impl or "auto")
 
 
 @pytest.mark.parametrize(
@@ -132,7 +163,6 @@ def test_speculative_flags(checkpoint, cfg, params, tokenizer, tmp_path):
         (["--window", "-4"], "--window"),
         (["--prefill_chunk", "-1"], "--prefill_chunk"),
         (["--attention_impl", "flash3"], "--attention_impl"),
-        (["--window", "16", "--num_beams", "2"], "--window"),
         (["--kv_cache", "int4"], "--kv_cache"),
         (["--quantize", "int9"], "--quantize"),
         (["--quantize", "int4", "--group_size", "48"], "--group_size"),
