@@ -38,9 +38,9 @@ from jaxllm import constraints, devices
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
-from jaxllm.generate import (
-    DecodeState, GenerationResult, _prepare, _split_kwargs, bucket, emit, left_pad,
-)
+from jaxllm.generate import DecodeState, GenerationResult, bucket, emit, left_pad
+from jaxllm.request import SPECULATIVE, Draft, prepare
+from jaxllm.request import make as make_request
 from jaxllm.kvcache import KVCache, init_cache
 from jaxllm.model import forward, hidden_states, unembed
 from jaxllm.results import collect
@@ -212,26 +212,23 @@ _speculate_compiled = Compiled(_speculate)
 
 
 def speculative_generate(
-    params, cfg: ModelConfig, draft_params, draft_cfg: ModelConfig, prompts, *, tokenizer: Tokenizer | None = None,
-    num_speculative_tokens: int = 4, max_new_tokens: int = 64, stop=(), include_stop_str_in_output: bool = False,
-    eos_token_id=None, repeat_count: int = 0, add_bos: bool = True, constraint=None, **sampling_kwargs,
+    params, cfg: ModelConfig, draft_params, draft_cfg: ModelConfig, request, *, tokenizer: Tokenizer | None = None,
+    **options,
 ) -> GenerationResult:
     """Like `generate`, with a draft model proposing `num_speculative_tokens` tokens per target forward.
 
-    The draft must share the target's vocabulary. `result.timing` adds `acceptance_rate` (drafted
-    tokens the rule accepted) and `tokens_per_block` (tokens kept per target forward).
+    `request`: a `request.Request`, or its prompts with the other fields as keyword `options`, as in
+    `generate`; the draft is `draft_params, draft_cfg` (it must share the target's vocabulary).
+    `result.timing` adds `acceptance_rate` (drafted tokens the rule accepted) and
+    `tokens_per_block` (tokens kept per target forward).
     `constraint` works as in `generate`: draft and target see the same masks.
     """
-    gamma = num_speculative_tokens
-    if not isinstance(gamma, int) or not 1 <= gamma <= 16:
-        raise GenerationError(f"num_speculative_tokens must be in [1, 16], got {gamma}")
+    request = make_request(request, dict(options, draft=Draft(draft_params, draft_cfg)))
+    gamma = request.num_speculative_tokens or 4
+    max_new_tokens = request.max_new_tokens
     if draft_cfg.vocab_size != cfg.vocab_size:
         raise GenerationError(f"the draft's vocab_size ({draft_cfg.vocab_size}) differs from the target's ({cfg.vocab_size})")
-    req = _prepare(
-        cfg, prompts, tokenizer, max_new_tokens=max_new_tokens, n=1, stop=stop, eos_token_id=eos_token_id,
-        repeat_count=repeat_count, add_bos=add_bos, parse_special=False, sampling=None,
-        sampling_kwargs=_split_kwargs(tokenizer, dict(sampling_kwargs)), chunk=16, constraint=constraint,
-    )
+    req = prepare(request, cfg, tokenizer, SPECULATIVE)
     longest = max(map(len, req.prompts)) + max_new_tokens
     if longest + gamma + 1 > draft_cfg.max_seq_len:
         raise GenerationError(f"the draft's context ({draft_cfg.max_seq_len}) is too short for {longest} tokens plus {gamma + 1} drafted")
@@ -246,7 +243,7 @@ def speculative_generate(
     blocks, proposed, accepted = (int(x) for x in jax.device_get((state.block, state.proposed, state.accepted)))
     elapsed = time.perf_counter() - t0 - compile_s
     timing = {"compile_s": compile_s, "decode_s": elapsed}
-    result = collect(state.out, req, tokenizer, None, include_stop_str_in_output, timing)
+    result = collect(state.out, req, tokenizer, timing)
     generated = sum(map(len, result.token_ids))
     timing.update(
         acceptance_rate=accepted / proposed if proposed else 1.0,
