@@ -95,7 +95,7 @@ def test_speculative_flags(checkpoint, cfg, params, tokenizer, tmp_path):
     draft_cfg = cfg.replace(n_layers=1)
     draft = jax.tree_util.tree_map(lambda x: x[:1], params["layers"])
     save_checkpoint(tmp_path / "draft", {**params, "layers": draft}, draft_cfg, tokenizer)
-    proc = run("--checkpoint", checkpoint, "--draft_checkpoint", tmp_path / "draft", "--num_speculative_tokens", 3,
+    proc = run("--checkpoint", checkpoint, "--draft", tmp_path / "draft", "--num_speculative_tokens", 3,
                "--prompt", "def f(x):", "--max_new_tokens", 10, "--temperature", 0)
     assert proc.returncode == 0, proc.stderr
     want = generate(params, cfg, ["def f(x):"], tokenizer=tokenizer, max_new_tokens=10, temperature=0.0).texts[0]
@@ -125,7 +125,8 @@ def test_speculative_flags(checkpoint, cfg, params, tokenizer, tmp_path):
         (["--num_beams", "0"], "--num_beams"),
         (["--early_stopping", "maybe"], "--early_stopping"),
         (["--num_speculative_tokens", "0"], "--num_speculative_tokens"),
-        (["--draft_checkpoint", "d", "--num_beams", "2"], "--draft_checkpoint"),
+        (["--draft", "d", "--num_beams", "2"], "--draft"),
+        (["--draft_checkpoint", "d"], "renamed --draft"),
         (["--bogus"], "--bogus"),
         (["--window", "8", "--sinks", "8"], "--sinks"),
         (["--sinks", "4"], "--sinks"),
@@ -133,7 +134,8 @@ def test_speculative_flags(checkpoint, cfg, params, tokenizer, tmp_path):
         (["--prefill_chunk", "-1"], "--prefill_chunk"),
         (["--attention_impl", "flash3"], "--attention_impl"),
         (["--window", "16", "--num_beams", "2"], "--window"),
-        (["--kv_cache", "int4"], "--kv_cache"),
+        (["--kv_cache_dtype", "int4"], "--kv_cache_dtype"),
+        (["--kv_cache", "int8"], "renamed --kv_cache_dtype"),
         (["--quantize", "int9"], "--quantize"),
         (["--quantize", "int4", "--group_size", "48"], "--group_size"),
         (["--warmup", "--num_beams", "2"], "--warmup"),
@@ -188,7 +190,7 @@ def test_constrained_output_flags_match_the_library_and_report_validity(checkpoi
     (["--regex", "a(b"], "--regex"),
     (["--json", "--regex", "x"], "choose one constraint"),
     (["--json_schema", "/no/such/schema.json"], "--json_schema"),
-    (["--retries", "2"], "need a constraint"),
+    (["--retries", "2"], "needs a constraint"),
     (["--json", "--max_json_depth", "0"], "--max_json_depth"),
 ])
 def test_bad_constraint_flags_exit_2_with_one_line(checkpoint, flags, needle):
