@@ -10,7 +10,7 @@ import pytest
 
 from jaxllm import GenerationError, generate, save_checkpoint
 from jaxllm.beam import beam_generate
-from jaxllm.request import Request, RequestError
+from jaxllm.request import Request, RequestError, with_model_defaults
 from conftest import REPO
 from fuzzing import run_cli
 
@@ -54,6 +54,8 @@ def test_generate_refuses_options_of_another_decoder_and_old_names(params, cfg):
         generate(params, cfg, [[1, 2]], length_penalty=0.5)
     with pytest.raises(RequestError, match="temperature does not work with num_beams > 1"):
         beam_generate(params, cfg, [[1, 2]], num_beams=1, temperature=0.5)  # beam search, whatever its K
+    with pytest.raises(RequestError, match="include_stop_str_in_output applies only with stop"):
+        generate(params, cfg, [[1, 2]], include_stop_str_in_output=True)
     with pytest.raises(TypeError, match="repeat_count .now stop_on_repetition"):
         generate(params, cfg, [[1, 2]], repeat_count=3)
     with pytest.raises(TypeError, match="enforce .now verify_only"):
@@ -68,6 +70,16 @@ def test_ranges_are_checked_when_the_request_is_made():
                           (dict(temperature=[0.5, -1.0]), "temperature"), (dict(temperature=[0.5]), "temperature")]:
         with pytest.raises(GenerationError, match=name):
             Request(["a", "b"], **options)
+
+
+def test_a_models_own_defaults_fill_only_options_its_mode_takes():
+    """generation_config.json's temperature must not make a beam search request invalid."""
+    defaults = {"temperature": 0.6, "top_p": 0.9, "max_new_tokens": 20, "repetition_penalty": 1.1}
+    beam, taken = with_model_defaults({"num_beams": 2, "max_new_tokens": 8}, defaults)
+    assert beam == {"num_beams": 2, "max_new_tokens": 8, "repetition_penalty": 1.1} and taken == ["repetition_penalty"]
+    Request("x", **beam)  # valid
+    sampled, _ = with_model_defaults({"top_p": 0.5}, defaults)
+    assert sampled == {"top_p": 0.5, "temperature": 0.6, "max_new_tokens": 20, "repetition_penalty": 1.1}
 
 
 def test_per_prompt_values_follow_their_prompts_in_a_subset():
