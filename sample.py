@@ -209,8 +209,7 @@ def main(argv=None) -> int:
     except JaxllmError as e:
         print(f"sample.py: error: {one_line(str(e))}", file=sys.stderr)
         return 2
-    if not request.stream:
-        print_result(result, request, tokenizer, args.format)
+    print_result(result, request, tokenizer, args.format)
     _report(counter, args, result.timing)
     return 0
 
@@ -325,9 +324,8 @@ def print_result(result, request: requests.Request, tokenizer, fmt: str) -> None
                 record["top_logprobs"] = [{str(k): v for k, v in d.items()} for d in result.top_logprobs[i]]
             print(json.dumps(record, ensure_ascii=False))
             continue
-        if i:
-            print("\n" + "-" * 40)
-        print(prompt + text)
+        if not request.stream:  # streamed, the text is out already (what follows it is not)
+            print(("\n" + "-" * 40 + "\n" if i else "") + prompt + text)
         if result.logprobs is not None:
             print(logprob_table(ids, result.logprobs[i], result.top_logprobs[i] if result.top_logprobs else None, tokenizer))
         if result.valid is not None and not result.valid[i]:

@@ -123,3 +123,5 @@ def test_logprobs_are_printed_in_text_output(checkpoint, capsys):
     assert len(steps) == len(row["token_ids"])
     for line, lp, alternatives in zip(steps, row["logprobs"], row["top_logprobs"]):
         assert f" {lp:.4f}" in line and all(f" {v:.4f}" in line for v in alternatives.values())
+    rc, streamed, err = run_cli(sample.main, argv + ["--stream"], capsys)
+    assert rc == 0 and streamed == out, err  # streamed, the table follows the text too
