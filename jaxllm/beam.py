@@ -268,8 +268,7 @@ def beam_generate(params, cfg: ModelConfig, request, *, tokenizer: Tokenizer | N
     request = make_request(request, options)
     req = prepare(request, cfg, tokenizer, BEAM)
     num_beams, num_return_sequences = request.num_beams, request.num_return_sequences
-    length_penalty = 1.0 if request.length_penalty is None else request.length_penalty
-    early_stopping = bool(request.early_stopping) if request.early_stopping != "never" else "never"
+    length_penalty, early_stopping = request.value("length_penalty"), request.value("early_stopping")
     include_stop_str_in_output = request.include_stop_str_in_output
     unique = req.prompts[::num_beams]
     tokens, positions = left_pad(unique, bucket(max(map(len, unique))), req.pad_id)

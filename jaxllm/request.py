@@ -42,7 +42,9 @@ ANY, NOT_BEAM = frozenset(MODES), frozenset((SAMPLE, SPECULATIVE))
 # Options that decoders do not take yet (beam search with a ring or int8 cache, speculative
 # decoding with streams, n > 1 or logprobs) apply to "sample" only; README's table says so.
 SAMPLING_ONLY = frozenset((SAMPLE,))
-EARLY_STOPPING = (True, False, "never")
+# What a mode's own option means when not given. Their fields default to None, so that giving one
+# in a mode that does not take it is refused even when the value given is this one.
+WHEN_UNSET = {"length_penalty": 1.0, "early_stopping": False, "num_speculative_tokens": 4}
 MAX_LOGPROBS = 20
 RENAMED = {  # old name -> the name that replaced it (both sides now use one name)
     "repeat_count": "stop_on_repetition", "enforce": "verify_only (enforce=False is verify_only=True)",
@@ -156,15 +158,15 @@ class Request:
     # --- decoding mode
     num_beams: int = option(1, "beam search with this many beams (1: sample / greedy)", check=_int(1), allowed=">= 1",
                             modes=frozenset((SAMPLE, BEAM)))
-    length_penalty: float | None = option(None, "beam score = sum log-prob / length ** length_penalty (None: 1.0)",
+    length_penalty: float | None = option(None, f"beam score = sum log-prob / length ** length_penalty (None: {WHEN_UNSET['length_penalty']})",
                                           check=lambda v: isinstance(v, (int, float)) and math.isfinite(v),
                                           allowed="a finite number", modes=frozenset((BEAM,)))
-    early_stopping: bool | str | None = option(None, "when beam search stops: True, False or 'never' (None: False)",
-                                               check=lambda v: any(v is e or v == e for e in EARLY_STOPPING),
+    early_stopping: bool | str | None = option(None, f"when beam search stops: True, False or 'never' (None: {WHEN_UNSET['early_stopping']})",
+                                               check=lambda v: v is True or v is False or v == "never",
                                                allowed="True, False or 'never'", modes=frozenset((BEAM,)))
     draft: Any = option(None, "speculative decoding: the draft model (a Draft; sample.py: its checkpoint)",
                         modes=frozenset((SPECULATIVE,)))
-    num_speculative_tokens: int | None = option(None, "tokens the draft proposes per target forward (None: 4)",
+    num_speculative_tokens: int | None = option(None, f"tokens the draft proposes per target forward (None: {WHEN_UNSET['num_speculative_tokens']})",
                                                 check=_int(1, 16), allowed="in [1, 16]", modes=frozenset((SPECULATIVE,)))
     # --- the cache
     window: int = option(0, "keep only the last W tokens in a ring cache (0: the model's own)", check=_int(0),
@@ -202,6 +204,11 @@ class Request:
     def mode(self) -> str:
         """The decoding mode the options ask for: "speculative" with a draft, "beam" with num_beams > 1."""
         return SPECULATIVE if self.draft is not None else BEAM if self.num_beams > 1 else SAMPLE
+
+    def value(self, name: str):
+        """Field `name`, or what it means when not given (WHEN_UNSET)."""
+        value = getattr(self, name)
+        return WHEN_UNSET[name] if value is None and name in WHEN_UNSET else value
 
     def replace(self, **changes) -> "Request":
         return dataclasses.replace(self, **changes)

@@ -224,7 +224,7 @@ def speculative_generate(
     `constraint` works as in `generate`: draft and target see the same masks.
     """
     request = make_request(request, dict(options, draft=Draft(draft_params, draft_cfg)))
-    gamma = request.num_speculative_tokens or 4
+    gamma = request.value("num_speculative_tokens")
     max_new_tokens = request.max_new_tokens
     if draft_cfg.vocab_size != cfg.vocab_size:
         raise GenerationError(f"the draft's vocab_size ({draft_cfg.vocab_size}) differs from the target's ({cfg.vocab_size})")
