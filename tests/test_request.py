@@ -10,6 +10,7 @@ import pytest
 
 from jaxllm import GenerationError, generate, save_checkpoint
 from jaxllm.beam import beam_generate
+from jaxllm.chat import build_prompt
 from jaxllm.request import Request, RequestError, with_model_defaults
 from conftest import REPO
 from fuzzing import run_cli
@@ -97,6 +98,16 @@ def test_per_prompt_values_reach_their_rows(params, cfg):
     second = generate(params, cfg, prompts[1:], max_new_tokens=6, temperature=1.0, seed=3, eos_token_id=[],
                       num_return_sequences=2).token_ids
     assert mixed == [first, first, *second]
+
+
+def test_a_chat_is_a_prompt_and_system_a_request_option(params, cfg, tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    ids = build_prompt(tokenizer, "hi", system="Be brief.")
+    eos = [tokenizer.eos_id, tokenizer.special_tokens["<|end|>"]]  # the jaxllm template's end of turn
+    want = generate(params, cfg, [ids], tokenizer=tokenizer, max_new_tokens=8, temperature=0.0, eos_token_id=eos).token_ids
+    by_messages = generate(params, cfg, messages, tokenizer=tokenizer, max_new_tokens=8, temperature=0.0).token_ids
+    by_options = generate(params, cfg, "hi", tokenizer=tokenizer, system="Be brief.", max_new_tokens=8, temperature=0.0).token_ids
+    assert by_messages == by_options == want
 
 
 def test_sample_py_defaults_are_the_apis(checkpoint, cfg, params, tokenizer, capsys):
