@@ -136,3 +136,16 @@ def test_logprobs_are_printed_in_text_output(checkpoint, capsys):
         assert f" {lp:.4f}" in line and all(f" {v:.4f}" in line for v in alternatives.values())
     rc, streamed, err = run_cli(sample.main, argv + ["--stream"], capsys)
     assert rc == 0 and streamed == out, err  # streamed, the table follows the text too
+
+
+@pytest.mark.parametrize("flags, both", [
+    (["--group_size", "32"], ("--group_size", "--quantize int4")),
+    (["--quantize", "int8", "--group_size", "32"], ("--group_size", "--quantize int8")),
+    (["--warmup", "--num_beams", "2"], ("--warmup", "--num_beams")),
+    (["--stream", "--n", "2"], ("--stream", "--num_return_sequences")),
+    (["--kv_cache", "int8"], ("--kv_cache", "--kv_cache_dtype")),
+    (["--draft_checkpoint", "d"], ("--draft_checkpoint", "--draft")),
+])
+def test_sample_py_refuses_flags_that_do_not_combine_naming_both(checkpoint, capsys, flags, both):
+    rc, out, err = run_cli(sample.main, ["--checkpoint", str(checkpoint), "--prompt", "x", *flags], capsys)
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1 and all(name in err for name in both), err
