@@ -264,8 +264,7 @@ def with_model_defaults(options: Mapping[str, Any], defaults: Mapping[str, Any])
     """Options given, completed by a model's own defaults (generation_config.json) for the options
     not given that apply to the decoding mode the given ones ask for. -> (options, names taken)"""
     mode = SPECULATIVE if options.get("draft") is not None else BEAM if options.get("num_beams", 1) > 1 else SAMPLE
-    applies = {f.name for f in fields() if mode in f.metadata["modes"]}
-    taken = [k for k in defaults if k not in options and k in applies]
+    taken = [f.name for f in fields() if f.name in defaults and f.name not in options and mode in f.metadata["modes"]]
     return {**options, **{k: defaults[k] for k in taken}}, taken
 
 
