@@ -1,4 +1,4 @@
-"""Sample from a jaxllm checkpoint.
+"""Sample from a jaxllm checkpoint: parse the flags → a `jaxllm.request.Request` → run it → print.
 
     python sample.py --prompt "def fibonacci(n):" --max_new_tokens 64 --temperature 0.8 --seed 0
     python sample.py --checkpoint out/run1 --prompt "a" --prompt "b" --top_p 0.9 --format jsonl
@@ -6,20 +6,25 @@
     python sample.py --prompt "A user record:" --json_schema user.json --format jsonl
     python sample.py --quantize int4 --group_size 64 --warmup --verbose --prompt "import os"
 
-Flags are named as in docs/GENERATION.md (hyphenated aliases work too). Without
---checkpoint, the model bundled with the package is used. Bad input exits with code 2 and
-one line naming the problem.
+The generation flags are the fields of `Request`, with the same names and defaults (hyphenated
+aliases work too); the few flags that are not (where the model comes from, how it is loaded,
+how output is printed) are listed in `parse_args`. Without --checkpoint, the model bundled with
+the package is used. Bad input exits with code 2 and one line naming the problem (both sides
+of a conflict: "--length_penalty applies only with --num_beams > 1").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
+from jaxllm import request as requests
+from jaxllm.errors import GenerationError, JaxllmError
+
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "jaxllm" / "assets" / "default"
+ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")  # jaxllm.config.ATTENTION_IMPLS
 
 
 def one_line(message: str) -> str:
@@ -27,9 +32,22 @@ def one_line(message: str) -> str:
     return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
+def flag_name(field: str) -> str:
+    """How an error names a request field: as its flag, where it has one."""
+    known = {f.name: f.metadata["flag"] for f in requests.fields()}
+    return f"--{field}" if known.get(field, True) else field
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, instead of usage + message
         self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+class Renamed(argparse.Action):
+    """An old flag: refused with the new name (not a silent alias, so scripts learn the one name)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"argument {option_string}: renamed --{self.const}")
 
 
 def _flag(p, name, **kw):
@@ -37,297 +55,232 @@ def _flag(p, name, **kw):
     p.add_argument(*names, dest=name, **kw)
 
 
-# Built-in defaults of the flags a Hugging Face generation_config.json may set instead.
-DEFAULTS = dict(max_new_tokens=64, temperature=0.8, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0)
-# flag -> (test, what is allowed); checked once, at the boundary
-RANGES = {
-    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
-    "min_new_tokens": (lambda v: v >= 0, ">= 0"),
-    "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"),
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "repetition_penalty": (lambda v: v > 0, "> 0 (1 = off)"),
-    "presence_penalty": (math.isfinite, "a finite number"),
-    "frequency_penalty": (math.isfinite, "a finite number"),
-    "no_repeat_ngram_size": (lambda v: 0 <= v <= 16, "in [0, 16]"),
-    "seed": (lambda v: v is None or v >= 0, ">= 0"),
-    "num_return_sequences": (lambda v: v >= 1, ">= 1"),
-    "logprobs": (lambda v: v is None or 0 <= v <= 20, "in [0, 20]"),
-    "stop_on_repetition": (lambda v: v == 0 or v >= 2, "0 (off) or >= 2"),
-    "num_beams": (lambda v: v >= 1, ">= 1"),
-    "num_speculative_tokens": (lambda v: 1 <= v <= 16, "in [1, 16]"),
-    "length_penalty": (math.isfinite, "a finite number"),
-    "retries": (lambda v: 0 <= v <= 100, "in [0, 100]"),
-    "max_json_depth": (lambda v: 1 <= v <= 30, "in [1, 30]"),
-    "window": (lambda v: v >= 0, ">= 0 (0 = the model's own)"),
-    "sinks": (lambda v: v >= 0, ">= 0"),
-    "prefill_chunk": (lambda v: v >= 0, ">= 0 (0 = the whole prompt at once)"),
-    "group_size": (lambda v: v in (32, 64, 128), "32, 64 or 128"),
+def _ids(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def _logit_bias(item: str) -> dict[int, float]:
+    try:
+        pairs = json.loads(item).items() if item.lstrip().startswith("{") else [item.replace(":", "=").split("=", 1)]
+        return {int(tok): float(b) for tok, b in pairs}
+    except (ValueError, TypeError, AttributeError):
+        raise argparse.ArgumentTypeError(f"expected ID=BIAS or a JSON object, got {item!r}") from None
+
+
+_ids.__name__, _logit_bias.__name__ = "comma-separated ids", "ID=BIAS"  # argparse names a type in its errors
+
+# How a field's flag reads its value, where the default's type does not say (None defaults, files, lists).
+READ = {
+    "num_return_sequences": dict(type=int),
+    "logit_bias": dict(type=_logit_bias, action="append"),
+    "allowed_token_ids": dict(type=_ids),
+    "seed": dict(type=int),
+    "eos_token_id": dict(type=int, action="append"),
+    "logprobs": dict(type=int, nargs="?", const=0),
+    "json_schema": dict(metavar="FILE"),
+    "max_json_depth": dict(type=int),
+    "length_penalty": dict(type=float),
+    "early_stopping": dict(choices=["true", "false", "never"]),
+    "draft": dict(metavar="DIR"),
+    "regex": dict(),
+    "system": dict(),
+    "num_speculative_tokens": dict(type=int),
+    "kv_cache_dtype": dict(choices=["int8"]),
+    "chat": dict(nargs="?", const="auto", choices=["auto", "jaxllm", "llama2", "plain"]),
+    "few_shot": dict(metavar="FILE.jsonl"),
 }
-ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")  # jaxllm.config.ATTENTION_IMPLS, without importing jax
+CLI_ONLY = ("checkpoint", "prompt", "prompt_file", "format", "quantize", "group_size", "attention_impl", "warmup",
+            "verbose", "no_compile_cache")
+
+
+def parser() -> Parser:
+    """The flags: one per request field (same name, same default) and the few that are not request fields."""
+    p = Parser(prog="sample.py", description="Generate text from a jaxllm checkpoint.", argument_default=argparse.SUPPRESS)
+    for f in requests.fields():
+        if not f.metadata["flag"]:
+            continue
+        read = READ[f.name] if f.name in READ else (
+            dict(action="store_true") if isinstance(f.default, bool) else dict(action="append") if f.default == ()
+            else dict(type=type(f.default))
+        )
+        shown = "" if f.default in (None, ()) or isinstance(f.default, bool) else f" (default: {f.default})"
+        _flag(p, f.name, help=f.metadata["help"] + shown, **read)
+    p.add_argument("--n", dest="num_return_sequences", type=int, help="--num_return_sequences")
+    for old, new in (("kv_cache", "kv_cache_dtype"), ("draft_checkpoint", "draft")):
+        _flag(p, old, action=Renamed, const=new, nargs="?", help=argparse.SUPPRESS)
+    # not request fields: the model, how it is loaded, and how output is printed
+    _flag(p, "checkpoint", help="a jaxllm checkpoint or a Hugging Face Llama-family directory (default: the bundled model)")
+    _flag(p, "prompt", action="append", help="prompt text; repeat for a batch")
+    _flag(p, "prompt_file", action="append", help="a file whose whole text is one prompt; repeatable")
+    _flag(p, "format", choices=["text", "jsonl"], help="text (default) or one JSON record per output")
+    _flag(p, "quantize", choices=["int8", "int4"], help="weight-only quantization after loading (target and draft)")
+    _flag(p, "group_size", type=int, help="--quantize int4: input features per scale (32, 64 or 128; default 64)")
+    _flag(p, "attention_impl", choices=ATTENTION_IMPLS, help="attention backend of target and draft (default: the model's)")
+    _flag(p, "warmup", action="store_true", help="compile every prompt-length bucket up to the context first")
+    _flag(p, "no_compile_cache", action="store_true", help="do not keep compiled programs on disk")
+    _flag(p, "verbose", action="store_true", help="report on stderr the params' layout and which matmul runs for which weights, which attention backend runs and why, then compilations, persistent-cache hits and compile time")
+    return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(prog="sample.py", description="Generate text from a jaxllm checkpoint.")
-    _flag(p, "checkpoint", default=None, help="a jaxllm checkpoint or a Hugging Face Llama-family directory (default: the bundled model)")
-    _flag(p, "prompt", action="append", default=[], help="prompt text; repeat for a batch")
-    _flag(p, "prompt_file", action="append", default=[], help="a file whose whole text is one prompt; repeatable")
-    _flag(p, "max_new_tokens", type=int, default=None, help="tokens to generate (>= 1)")
-    _flag(p, "min_new_tokens", type=int, default=0, help="EOS is masked until this many tokens")
-    _flag(p, "temperature", type=float, default=None, help="0 = greedy")
-    _flag(p, "top_k", type=int, default=None, help="keep the k most likely tokens (<= 0: off)")
-    _flag(p, "top_p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    _flag(p, "min_p", type=float, default=None, help="keep tokens with p >= min_p * p_max")
-    _flag(p, "repetition_penalty", type=float, default=None, help="> 0; 1 is off")
-    _flag(p, "presence_penalty", type=float, default=0.0)
-    _flag(p, "frequency_penalty", type=float, default=0.0)
-    _flag(p, "no_repeat_ngram_size", type=int, default=None, help="never repeat an n-gram of this size")
-    _flag(p, "bad_words", action="append", default=[], help="a string never to generate; repeatable")
-    _flag(p, "logit_bias", action="append", default=[], help="ID=BIAS, repeatable, or a JSON object")
-    _flag(p, "allowed_token_ids", default=None, help="comma-separated ids: only these may be generated")
-    _flag(p, "stop", action="append", default=[], help="stop string; repeatable")
-    _flag(p, "include_stop_str_in_output", action="store_true")
-    _flag(p, "eos_token_id", type=int, action="append", default=None, help="EOS id(s) (default: the tokenizer's)")
-    _flag(p, "stop_on_repetition", type=int, default=0, help="end a row repeating one n-gram this many times")
-    _flag(p, "seed", type=int, default=None, help="PRNG seed (default: random)")
-    p.add_argument("--num_return_sequences", "--num-return-sequences", "--n", dest="num_return_sequences", type=int, default=1)
-    _flag(p, "logprobs", type=int, nargs="?", const=0, default=None, help="report log-probabilities (and N alternatives)")
-    _flag(p, "draft_checkpoint", default=None, help="speculative decoding: a smaller model sharing the tokenizer")
-    _flag(p, "num_speculative_tokens", type=int, default=4, help="tokens the draft proposes per target forward")
-    _flag(p, "num_beams", type=int, default=1, help="beam search with K beams (1: sample / greedy)")
-    _flag(p, "length_penalty", type=float, default=1.0, help="beam score = sum log-prob / length ** length_penalty")
-    _flag(p, "early_stopping", choices=["true", "false", "never"], default="false", help="when beam search stops")
-    _flag(p, "json", action="store_true", help="output a JSON object (enforced while decoding)")
-    _flag(p, "json_schema", default=None, help="a JSON Schema file the output must satisfy")
-    _flag(p, "regex", default=None, help="a regex the whole output must match")
-    _flag(p, "choice", action="append", default=[], help="the output is exactly one of these strings; repeatable")
-    _flag(p, "max_json_depth", type=int, default=16, help="--json: deepest nesting allowed")
-    _flag(p, "verify_only", action="store_true", help="do not enforce the constraint; only check the outputs")
-    _flag(p, "retries", type=int, default=0, help="sample rows whose output is not valid again, up to N times")
-    _flag(p, "window", type=int, default=0, help="keep only the last W tokens in a ring cache; generation may run past the context")
-    _flag(p, "sinks", type=int, default=0, help="of the window, keep the first S tokens for good (attention sinks; S < W)")
-    _flag(p, "prefill_chunk", type=int, default=512, help="feed the prompt this many tokens at a time (0 = all at once)")
-    _flag(p, "kv_cache", choices=["int8"], default=None, help="int8: quantized KV cache (a scale per token and head)")
-    _flag(p, "attention_impl", choices=ATTENTION_IMPLS, default=None, help="attention backend (default: the model's, usually auto)")
-    _flag(p, "stream", action="store_true", help="print text as it is generated")
-    _flag(p, "system", default=None, help="system prompt (implies --chat)")
-    _flag(p, "few_shot", default=None, help="JSONL file of examples, e.g. {\"input\": ..., \"output\": ...} (implies --chat)")
-    _flag(p, "chat", nargs="?", const="auto", default=None, choices=["auto", "jaxllm", "llama2", "plain"], help="wrap prompts in a chat template")
-    _flag(p, "format", choices=["text", "jsonl"], default="text")
-    _flag(p, "no_compile_cache", action="store_true", help="do not keep compiled programs on disk")
-    _flag(p, "quantize", choices=["int8", "int4"], default=None, help="weight-only quantization after loading")
-    _flag(p, "group_size", type=int, default=64, help="int4: input features per scale (32, 64 or 128)")
-    _flag(p, "warmup", action="store_true", help="compile every prompt-length bucket up to the context first")
-    _flag(p, "verbose", action="store_true", help="report on stderr the params' layout and which matmul runs for which weights, which attention backend runs and why, then compilations, persistent-cache hits and compile time")
+    """Flags -> a namespace holding only the request fields given (so a default stays the request's)."""
+    p = parser()
     args = p.parse_args(argv)
-    for name, (ok, allowed) in RANGES.items():
-        value = getattr(args, name)
-        if value is None and name in DEFAULTS:
-            continue
-        if not ok(value) or (isinstance(value, float) and math.isnan(value)):
-            p.error(f"argument --{name}: must be {allowed}, got {value}")
-    try:
-        args.logit_bias = _parse_logit_bias(args.logit_bias)
-        args.allowed_token_ids = [int(x) for x in args.allowed_token_ids.split(",")] if args.allowed_token_ids else None
-    except ValueError as e:
-        p.error(str(e))
-    if args.sinks and args.sinks >= args.window:
-        p.error(f"argument --sinks: needs a --window larger than it (got --sinks {args.sinks}, --window {args.window})")
-    if args.draft_checkpoint and args.num_beams > 1:
-        p.error("argument --draft_checkpoint: speculative decoding does not combine with --num_beams")
-    if args.num_beams > 1:
-        if args.num_return_sequences > args.num_beams:
-            p.error(f"argument --num_return_sequences: must be <= --num_beams ({args.num_beams}) with beam search")
-        for name in ("temperature", "top_k", "top_p", "min_p", "logprobs"):
-            if getattr(args, name) is not None:
-                p.error(f"argument --{name}: does not apply to beam search (--num_beams {args.num_beams})")
-        if args.stream or args.presence_penalty or args.frequency_penalty or args.stop_on_repetition:
-            p.error("argument --num_beams: beam search does not stream or take presence/frequency/repetition-stop settings")
-    chosen = [f for f in ("json", "json_schema", "regex", "choice") if getattr(args, f)]
-    if len(chosen) > 1:
-        p.error(f"arguments --{chosen[0]} and --{chosen[1]}: choose one constraint")
-    if (args.verify_only or args.retries) and not chosen:
-        p.error("arguments --verify_only / --retries: need a constraint (--json, --json_schema, --regex or --choice)")
-    if (args.retries or args.verify_only) and (args.stream or args.num_beams > 1 or args.draft_checkpoint):
-        p.error("arguments --verify_only / --retries: do not combine with --stream, --num_beams or --draft_checkpoint")
-    if args.warmup and (args.num_beams > 1 or args.draft_checkpoint):
-        p.error("argument --warmup: compiles the sampling path only; it does not combine with --num_beams or --draft_checkpoint")
-    if args.stream and (len(args.prompt) + len(args.prompt_file) > 1 or args.num_return_sequences > 1 or args.format != "text"):
-        p.error("argument --stream: works with one prompt, --num_return_sequences 1 and --format text")
+    for name, default in (("format", "text"), ("prompt", []), ("prompt_file", []), ("warmup", False), ("verbose", False),
+                          ("no_compile_cache", False), ("checkpoint", None), ("quantize", None), ("attention_impl", None)):
+        setattr(args, name, getattr(args, name, default))
+    # the rules of the flags that are not request fields (the request's own rules are in request.check_mode)
+    if hasattr(args, "group_size"):
+        if args.quantize != "int4":
+            p.error("argument --group_size: applies only with --quantize int4" + (f" (got --quantize {args.quantize})" if args.quantize else ""))
+        if args.group_size not in (32, 64, 128):
+            p.error(f"argument --group_size: must be 32, 64 or 128, got {args.group_size}")
+    if getattr(args, "stream", False) and (len(args.prompt) + len(args.prompt_file) > 1 or args.format != "text"
+                                           or getattr(args, "num_return_sequences", 1) > 1):
+        p.error("argument --stream: prints one output as text: one prompt, --num_return_sequences 1, --format text")
     return args
 
 
-def _parse_logit_bias(items: list[str]) -> dict[int, float]:
-    bias: dict[int, float] = {}
-    for item in items:
-        try:
-            pairs = json.loads(item).items() if item.lstrip().startswith("{") else [item.replace(":", "=").split("=", 1)]
-            for tok, b in pairs:
-                bias[int(tok)] = float(b)
-        except (ValueError, TypeError, AttributeError):
-            raise ValueError(f"argument --logit_bias: expected ID=BIAS or a JSON object, got {item!r}") from None
-    return bias
+def read_request(args, model_defaults: dict | None = None, draft=None) -> requests.Request:
+    """The request the flags ask for (files read), completed by the model's own defaults for the
+    flags not given; `draft` replaces --draft's path once that model is loaded."""
+    from jaxllm import chat
+
+    prompts = list(args.prompt)
+    for f in args.prompt_file:
+        prompts.append(_read(f, "prompt_file"))
+    given = {f.name: getattr(args, f.name) for f in requests.fields() if hasattr(args, f.name)}
+    if "logit_bias" in given:
+        given["logit_bias"] = {k: v for d in given["logit_bias"] for k, v in d.items()}
+    if "early_stopping" in given:
+        given["early_stopping"] = {"true": True, "false": False}.get(given["early_stopping"], "never")
+    if "json_schema" in given:
+        given["json_schema"] = _read(given["json_schema"], "json_schema")
+    if "few_shot" in given:
+        given["few_shot"] = chat.load_few_shot(given["few_shot"])
+    if draft is not None:
+        given["draft"] = draft
+    options, taken = requests.with_model_defaults(given, model_defaults or {})
+    if taken:
+        shown = ", ".join(f"{k}={options[k]}" for k in taken)
+        print(f"sample.py: defaults from {_checkpoint(args) / 'generation_config.json'}: {shown}", file=sys.stderr)
+    return requests.Request(prompts or [""], **options)
 
 
-def _constraint(args):
-    """The constraint the flags ask for (None without one); bad patterns or schemas raise ConstraintError."""
-    from jaxllm.structured import automata, constraints
-    from jaxllm.errors import ConstraintError
+def _read(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GenerationError(f"argument --{flag}: cannot read {path} ({getattr(e, 'strerror', None) or e})") from None
 
-    if args.json:
-        return constraints.Json(max_depth=args.max_json_depth)
-    if args.regex is not None:
-        try:
-            automata.regex_dfa(args.regex)  # fail here, with the flag's name, not inside generation
-        except ConstraintError as e:
-            raise ConstraintError(f"argument --regex: {e}") from None
-        return constraints.Regex(args.regex)
-    if args.choice:
-        return constraints.Choice(args.choice)
-    if args.json_schema is not None:
-        try:
-            text = Path(args.json_schema).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConstraintError(f"argument --json_schema: cannot read {args.json_schema} ({getattr(e, 'strerror', None) or e})") from None
-        try:
-            schema = constraints.JsonSchema(text)
-            automata.schema_regex(schema.schema)
-        except ConstraintError as e:
-            raise ConstraintError(f"argument --json_schema: {args.json_schema}: {e}") from None
-        return schema
-    return None
+
+def _checkpoint(args) -> Path:
+    return Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import jaxllm  # after parsing: --help and flag errors stay instant
-    from jaxllm import chat, devices
+    import jaxllm
     from jaxllm.compilation import CompileCounter, enable_persistent_cache
-    from jaxllm.checkpoint import load_any
-    from jaxllm.warmup import warmup
 
-    if not args.no_compile_cache:
-        try:
-            enable_persistent_cache()
-        except jaxllm.CacheError as e:  # a cache others can write could hand XLA their code: go without
-            print(f"sample.py: warning: {e}; running without the persistent compilation cache", file=sys.stderr)
-    counter = CompileCounter().__enter__()  # --verbose reports what this process compiled
     try:
-        prompts = list(args.prompt)
-        for f in args.prompt_file:
+        request = read_request(args)  # a conflict between flags is refused before any model is loaded
+        if args.warmup and request.mode != requests.SAMPLE:
+            mode = "--num_beams > 1" if request.mode == requests.BEAM else "--draft"
+            raise GenerationError(f"--warmup compiles the sampling path only: it does not work with {mode}")
+        if not args.no_compile_cache:
             try:
-                prompts.append(Path(f).read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError) as e:
-                raise jaxllm.GenerationError(f"argument --prompt_file: cannot read {f} ({getattr(e, 'strerror', None) or e})") from None
-        prompts = prompts or [""]
-        constraint = _constraint(args)
-        checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
-        if args.checkpoint is None and not checkpoint.exists():
-            raise jaxllm.CheckpointError(f"no --checkpoint given and the bundled model is missing ({checkpoint})")
-        params, cfg, tokenizer, model_defaults = load_any(checkpoint)
-        if args.quantize:
-            params = _quantize(params, args, checkpoint)
-        params = devices.prepare(params, cfg)  # once, not per call (and the stacked copy is freed)
-        if args.verbose:
-            print(f"sample.py: {devices.describe(params, cfg)}", file=sys.stderr)
-        _apply_defaults(args, model_defaults, checkpoint)
-        if args.attention_impl:
-            cfg = cfg.replace(attention_impl=args.attention_impl)
-        if args.verbose:
-            from jaxllm.attention import describe
-
-            print(f"sample.py: {describe(cfg.attention_impl, cfg.compute_dtype, cfg.dim_per_head, sinks=args.sinks > 0)}",
-                  file=sys.stderr)
-        if tokenizer is None:
-            raise jaxllm.CheckpointError(f"{checkpoint} has no tokenizer.model, so text prompts cannot be encoded")
-
-        eos = args.eos_token_id if args.eos_token_id is not None else ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
-        stop = list(args.stop)
-        inputs = prompts
-        if args.chat or args.system or args.few_shot:
-            template = args.chat or "auto"
-            few_shot = chat.load_few_shot(args.few_shot) if args.few_shot else []
-            inputs = [chat.build_prompt(tokenizer, p, system=args.system, few_shot=few_shot, template=template) for p in prompts]
-            end_ids, end_strings = chat.end_of_turn(tokenizer, template)
-            eos, stop = eos + [i for i in end_ids if i not in eos], stop + end_strings
-
-        kwargs = dict(
-            tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_return_sequences,
-            stop=stop, include_stop_str_in_output=args.include_stop_str_in_output, eos_token_id=eos,
-            repeat_count=args.stop_on_repetition, logprobs=args.logprobs, min_new_tokens=args.min_new_tokens,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-            repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-            frequency_penalty=args.frequency_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-            bad_words=args.bad_words, logit_bias=args.logit_bias, allowed_token_ids=args.allowed_token_ids, seed=args.seed,
-            constraint=constraint, enforce=not args.verify_only,
-        )
-        if args.retries:
-            kwargs["retries"] = args.retries
-        long_context = dict(window=args.window, sinks=args.sinks, prefill_chunk=args.prefill_chunk, kv_cache_dtype=args.kv_cache)
-        if args.warmup:
-            done = warmup(params, cfg, batch_size=len(inputs), **{k: v for k, v in kwargs.items() if k != "retries"}, **long_context)
-            if args.verbose:
-                print(f"sample.py: warmup: {len(done['prompt_lengths'])} prompt buckets (prompt lengths "
-                      f"{done['prompt_lengths']}), {done['programs']} programs ({done['cache_hits']} from the "
-                      f"persistent cache) in {done['compile_s']:.2f}s", file=sys.stderr)
-        draft = _draft(args, tokenizer) if args.draft_checkpoint else None
-        if args.stream:
-            print(prompts[0], end="", flush=True)
-            if draft:
-                from jaxllm.speculative import speculative_generate_stream
-
-                pieces = speculative_generate_stream(params, cfg, *draft, inputs, num_speculative_tokens=args.num_speculative_tokens,
-                                                     **{k: v for k, v in kwargs.items() if k != "enforce"}, **long_context)
-            else:
-                pieces = jaxllm.generate_stream(params, cfg, inputs, **kwargs, **long_context)
-            for row, piece in pieces:
-                if row >= 0:
-                    print(piece, end="", flush=True)
-            print()
-            _report(counter, args)
-            return 0
-        if draft:
-            from jaxllm.speculative import speculative_generate
-
-            result = speculative_generate(params, cfg, *draft, inputs, num_speculative_tokens=args.num_speculative_tokens,
-                                          **{k: v for k, v in kwargs.items() if k != "enforce"}, **long_context)
-            print(f"sample.py: speculative decoding accepted {result.timing['acceptance_rate']:.0%} of drafted tokens, "
-                  f"{result.timing['tokens_per_block']:.2f} tokens per target forward", file=sys.stderr)
-        elif args.num_beams > 1:
-            from jaxllm.beam import beam_generate
-
-            beam_kwargs = {k: kwargs[k] for k in ("tokenizer", "max_new_tokens", "num_return_sequences", "stop",
-                                                  "include_stop_str_in_output", "eos_token_id", "min_new_tokens",
-                                                  "repetition_penalty", "no_repeat_ngram_size", "bad_words",
-                                                  "logit_bias", "allowed_token_ids", "constraint")}
-            result = beam_generate(params, cfg, inputs, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                                   early_stopping={"true": True, "false": False}.get(args.early_stopping, "never"),
-                                   **beam_kwargs, **long_context)
-        else:
-            result = jaxllm.generate(params, cfg, inputs, **kwargs, **long_context)
-    except jaxllm.JaxllmError as e:
+                enable_persistent_cache()
+            except jaxllm.CacheError as e:  # a cache others can write could hand XLA their code: go without
+                print(f"sample.py: warning: {e}; running without the persistent compilation cache", file=sys.stderr)
+        counter = CompileCounter().__enter__()  # --verbose reports what this process compiled
+        params, cfg, tokenizer, model_defaults = load_model(_checkpoint(args), args, "checkpoint")
+        draft = None
+        if request.draft is not None:
+            dparams, dcfg, dtok, _ = load_model(Path(request.draft), args, "draft")
+            if dtok is not None and dtok.fingerprint != tokenizer.fingerprint:
+                raise jaxllm.CheckpointError(f"argument --draft: {request.draft} has a different tokenizer")
+            draft = requests.Draft(dparams, dcfg)
+        request = read_request(args, model_defaults, draft)
+        result = run(params, cfg, tokenizer, request, args)
+    except requests.RequestError as e:
+        print(f"sample.py: error: {one_line(e.render(flag_name))}", file=sys.stderr)
+        return 2
+    except JaxllmError as e:
         print(f"sample.py: error: {one_line(str(e))}", file=sys.stderr)
         return 2
-    _print(result, prompts, args)
+    print_result(result, request, tokenizer, args.format)
     _report(counter, args, result.timing)
     return 0
 
 
-def _draft(args, tokenizer):
-    """--draft_checkpoint -> (params, cfg), with --quantize and --attention_impl applied as to the target."""
+def load_model(path: Path, args, flag: str):
+    """A checkpoint -> (params, cfg, tokenizer, generation defaults), quantized and with the
+    attention backend the flags ask for, laid out for decoding (target and draft alike)."""
     import jaxllm
     from jaxllm import devices
     from jaxllm.checkpoint import load_any
 
-    path = Path(args.draft_checkpoint)
-    params, cfg, draft_tokenizer, _ = load_any(path)
-    if draft_tokenizer is not None and draft_tokenizer.fingerprint != tokenizer.fingerprint:
-        raise jaxllm.CheckpointError(f"argument --draft_checkpoint: {args.draft_checkpoint} has a different tokenizer")
+    if flag == "checkpoint" and args.checkpoint is None and not path.exists():
+        raise jaxllm.CheckpointError(f"no --checkpoint given and the bundled model is missing ({path})")
+    params, cfg, tokenizer, model_defaults = load_any(path)
     if args.quantize:
         params = _quantize(params, args, path)
+    params = devices.prepare(params, cfg)  # once, not per call (and the stacked copy is freed)
     if args.attention_impl:
         cfg = cfg.replace(attention_impl=args.attention_impl)
-    return devices.prepare(params, cfg), cfg
+    if args.verbose:
+        from jaxllm.attention import describe
+
+        print(f"sample.py: {devices.describe(params, cfg)}", file=sys.stderr)
+        print(f"sample.py: {describe(cfg.attention_impl, cfg.compute_dtype, cfg.dim_per_head, sinks=getattr(args, 'sinks', 0) > 0)}",
+              file=sys.stderr)
+    if flag == "checkpoint" and tokenizer is None:
+        raise jaxllm.CheckpointError(f"{path} has no tokenizer.model, so text prompts cannot be encoded")
+    return params, cfg, tokenizer, model_defaults
+
+
+def run(params, cfg, tokenizer, request: requests.Request, args):
+    """Runs the request with the decoder its mode names; --stream prints as it goes. -> GenerationResult"""
+    import jaxllm
+
+    if args.warmup:
+        from jaxllm.warmup import warmup
+
+        same = {k: v for k, v in request.options().items() if k not in ("max_new_tokens", "retries", "stream")}
+        done = warmup(params, cfg, batch_size=len(request.prompts), max_new_tokens=request.max_new_tokens,
+                      tokenizer=tokenizer, **same)
+        if args.verbose:
+            print(f"sample.py: warmup: {len(done['prompt_lengths'])} prompt buckets (prompt lengths "
+                  f"{done['prompt_lengths']}), {done['programs']} programs ({done['cache_hits']} from the "
+                  f"persistent cache) in {done['compile_s']:.2f}s", file=sys.stderr)
+    if request.stream:
+        if request.mode == requests.SPECULATIVE:
+            from jaxllm.speculative import speculative_generate_stream
+
+            pieces = speculative_generate_stream(params, cfg, request.draft.params, request.draft.cfg, request, tokenizer=tokenizer)
+        else:
+            pieces = jaxllm.generate_stream(params, cfg, request, tokenizer=tokenizer)
+        print(request.prompts[0], end="", flush=True)
+        for row, piece in pieces:
+            if row >= 0:
+                print(piece, end="", flush=True)
+            else:
+                result = piece
+        print()
+        return result
+    if request.mode == requests.SPECULATIVE:
+        from jaxllm.speculative import speculative_generate
+
+        result = speculative_generate(params, cfg, request.draft.params, request.draft.cfg, request, tokenizer=tokenizer)
+        print(f"sample.py: speculative decoding accepted {result.timing['acceptance_rate']:.0%} of drafted tokens, "
+              f"{result.timing['tokens_per_block']:.2f} tokens per target forward", file=sys.stderr)
+        return result
+    if request.mode == requests.BEAM:
+        from jaxllm.beam import beam_generate
+
+        return beam_generate(params, cfg, request, tokenizer=tokenizer)
+    return jaxllm.generate(params, cfg, request, tokenizer=tokenizer)
 
 
 def _quantize(params, args, checkpoint: Path):
@@ -337,10 +290,11 @@ def _quantize(params, args, checkpoint: Path):
     from jaxllm.quantize import quantization_of, quantize_params
 
     bits = {"int8": 8, "int4": 4}[args.quantize]
+    group_size = getattr(args, "group_size", 64)
     stored = quantization_of(params)
-    if stored is not None and (stored["bits"], stored["group_size"]) != (bits, args.group_size if bits == 4 else 0):
+    if stored is not None and (stored["bits"], stored["group_size"]) != (bits, group_size if bits == 4 else 0):
         raise jaxllm.CheckpointError(f"argument --quantize: {checkpoint} is already quantized as {stored}")
-    return jax.jit(quantize_params, static_argnums=(1, 2))(params, bits, args.group_size)  # one program, not one per op
+    return jax.jit(quantize_params, static_argnums=(1, 2))(params, bits, group_size)  # one program, not one per op
 
 
 def _report(counter, args, timing=None) -> None:
@@ -352,33 +306,18 @@ def _report(counter, args, timing=None) -> None:
               f"from the persistent cache ({counter.new} new XLA compilations), {counter.seconds:.2f}s{extra}", file=sys.stderr)
 
 
-def _apply_defaults(args, model_defaults: dict, checkpoint: Path) -> None:
-    """Unset flags take generation_config.json's values, else the built-in ones; says which came from where."""
-    taken = []
-    for name, builtin in DEFAULTS.items():
-        if getattr(args, name) is None:
-            value = model_defaults.get(name, builtin)
-            setattr(args, name, value)
-            if name in model_defaults:
-                taken.append(f"{name}={value}")
-    if args.eos_token_id is None and "eos_token_id" in model_defaults:
-        args.eos_token_id = model_defaults["eos_token_id"]
-        taken.append(f"eos_token_id={args.eos_token_id}")
-    if taken:
-        print(f"sample.py: defaults from {checkpoint / 'generation_config.json'}: {', '.join(taken)}", file=sys.stderr)
-
-
-def _print(result, prompts: list[str], args) -> None:
+def print_result(result, request: requests.Request, tokenizer, fmt: str) -> None:
+    n = request.num_return_sequences
     for i, (ids, text, why) in enumerate(zip(result.token_ids, result.texts, result.finish_reasons)):
-        prompt = prompts[result.prompt_index[i]]
-        if args.format == "jsonl":
+        prompt = request.prompts[result.prompt_index[i]]
+        if fmt == "jsonl":
             record = {
                 "prompt": prompt, "text": text, "token_ids": ids, "finish_reason": why,
                 "num_prompt_tokens": result.num_prompt_tokens[i], "num_generated_tokens": len(ids),
                 "timing": {k: round(v, 6) for k, v in result.timing.items()},
             }
-            if args.num_return_sequences > 1:
-                record["index"] = i % args.num_return_sequences
+            if n > 1:
+                record["index"] = i % n
             if result.scores is not None:
                 record["score"] = result.scores[i]
             if result.valid is not None:
@@ -390,12 +329,26 @@ def _print(result, prompts: list[str], args) -> None:
             if result.top_logprobs is not None:
                 record["top_logprobs"] = [{str(k): v for k, v in d.items()} for d in result.top_logprobs[i]]
             print(json.dumps(record, ensure_ascii=False))
-        else:
-            if i:
-                print("\n" + "-" * 40)
-            print(prompt + text)
-            if result.valid is not None and not result.valid[i]:
-                print(f"sample.py: output {i} is not valid: {result.errors[i]}", file=sys.stderr)
+            continue
+        if not request.stream:  # streamed, the text is out already (what follows it is not)
+            print(("\n" + "-" * 40 + "\n" if i else "") + prompt + text)
+        if result.logprobs is not None:
+            print(logprob_table(ids, result.logprobs[i], result.top_logprobs[i] if result.top_logprobs else None, tokenizer))
+        if result.valid is not None and not result.valid[i]:
+            print(f"sample.py: output {i} is not valid: {result.errors[i]}", file=sys.stderr)
+
+
+def logprob_table(ids, logprobs, alternatives, tokenizer) -> str:
+    """--logprobs in text output: a header, then one line per token: its text (quoted, so spaces and
+    line breaks show), its log-probability, and the alternatives asked for."""
+    piece = lambda t: json.dumps(tokenizer.decode([t]), ensure_ascii=False)
+    lines = [f"[logprobs] {len(ids)} tokens, sum {sum(logprobs):.4f}"]
+    for step, (t, lp) in enumerate(zip(ids, logprobs)):
+        line = f"{step:4d}  {piece(t):<16} {lp:9.4f}"
+        if alternatives:
+            line += "   " + ", ".join(f"{piece(a)} {v:.4f}" for a, v in alternatives[step].items())
+        lines.append(line)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

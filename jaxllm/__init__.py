@@ -18,6 +18,7 @@ from jaxllm.hf import export_hf, load_hf
 from jaxllm.kvcache import KVCache, init_cache
 from jaxllm.model import forward, init_params
 from jaxllm.quantize import QuantizedWeight, quantize_params
+from jaxllm.request import Request, RequestError
 from jaxllm.sampling import SamplingParams
 from jaxllm.stopping import StopParams
 from jaxllm.tokenizer import Tokenizer
@@ -35,6 +36,8 @@ __all__ = [
     "KVCache",
     "ModelConfig",
     "QuantizedWeight",
+    "Request",
+    "RequestError",
     "SamplingParams",
     "StopParams",
     "Tokenizer",

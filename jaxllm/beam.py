@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from typing import Any, Callable
 
@@ -35,10 +34,10 @@ import jax.numpy as jnp
 from jaxllm import devices, kvcache
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
-from jaxllm.errors import GenerationError
-from jaxllm.generate import GenerationResult, _prepare, _split_kwargs, bucket, init_state, left_pad, take_rows
-from jaxllm.kvcache import CacheSpec
+from jaxllm.generate import GenerationResult, bucket, init_state, left_pad, take_rows
 from jaxllm.model import forward
+from jaxllm.request import BEAM, prepare
+from jaxllm.request import make as make_request
 from jaxllm.results import decode_rows
 from jaxllm.sampling import History, SamplingParams, process_logits, record
 from jaxllm.stopping import FINISH_REASONS, RUNNING, StopParams, check_stops
@@ -250,41 +249,25 @@ def _beam_program(
 _beam_compiled = Compiled(_beam_program)
 
 
-def beam_generate(
-    params, cfg: ModelConfig, prompts, *, tokenizer: Tokenizer | None = None, num_beams: int = 4,
-    length_penalty: float = 1.0, early_stopping: bool | str = False, num_return_sequences: int = 1,
-    max_new_tokens: int = 64, stop=(), include_stop_str_in_output: bool = False, eos_token_id=None,
-    add_bos: bool = True, constraint=None, window: int = 0, sinks: int = 0, prefill_chunk: int = 512,
-    kv_cache_dtype: str | None = None, **processors,
-) -> GenerationResult:
+def beam_generate(params, cfg: ModelConfig, request, *, tokenizer: Tokenizer | None = None, **options) -> GenerationResult:
     """Beam search over a batch of prompts; the n best finished hypotheses of each, best first.
 
-    `processors`: repetition_penalty, no_repeat_ngram_size, min_new_tokens, logit_bias,
-    allowed_token_ids, bad_words / bad_words_ids — applied to each beam's own history.
+    `request`: a `request.Request`, or its prompts with the other fields as keyword `options`, as in
+    `generate` (`num_beams`, `length_penalty`, `early_stopping`, `num_return_sequences` <= num_beams;
+    the processors repetition_penalty, no_repeat_ngram_size, min_new_tokens, logit_bias,
+    allowed_token_ids, bad_words / bad_words_ids apply to each beam's own history; sampling
+    controls are refused: the search is deterministic).
     The result's `scores` are the length-normalized scores (sum log-prob / len ** length_penalty).
     `constraint` (one, or one per prompt) is followed by every beam, as in `generate`.
     `window`, `sinks`, `prefill_chunk` and `kv_cache_dtype` lay out the cache as in `generate`
     (each beam carries its own rows of it).
     """
-    if not isinstance(num_beams, int) or num_beams < 1:
-        raise GenerationError(f"num_beams must be >= 1, got {num_beams}")
-    if not 1 <= num_return_sequences <= num_beams:
-        raise GenerationError(f"num_return_sequences must be in [1, num_beams={num_beams}], got {num_return_sequences}")
-    if early_stopping not in EARLY_STOPPING:
-        raise GenerationError(f"early_stopping must be true, false or never, got {early_stopping!r}")
-    if not math.isfinite(length_penalty):
-        raise GenerationError(f"length_penalty must be finite, got {length_penalty}")
-    allowed = {"repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "logit_bias", "allowed_token_ids", "bad_words", "bad_words_ids"}
-    unknown = sorted(set(processors) - allowed)
-    if unknown:
-        raise GenerationError(f"beam search does not take {', '.join(unknown)} (it is deterministic; sampling controls do not apply)")
-    spec = CacheSpec(window=window, sinks=sinks, prefill_chunk=prefill_chunk, dtype=kv_cache_dtype or "").check(cfg)
-    req = _prepare(
-        cfg, prompts, tokenizer, max_new_tokens=max_new_tokens, n=num_beams, stop=stop, eos_token_id=eos_token_id,
-        repeat_count=0, add_bos=add_bos, parse_special=False, sampling=None,
-        sampling_kwargs=_split_kwargs(tokenizer, dict(processors, temperature=0.0, seed=0)), chunk=16,
-        spec=spec, constraint=constraint,
-    )
+    request = make_request(request, options)
+    req = prepare(request, cfg, tokenizer, BEAM)
+    num_beams, num_return_sequences = request.num_beams, request.num_return_sequences
+    length_penalty, early_stopping = request.value("length_penalty"), request.value("early_stopping")
+    include_stop_str_in_output = request.include_stop_str_in_output
+    spec = req.spec
     unique = req.prompts[::num_beams]
     tokens, positions = left_pad(unique, bucket(max(map(len, unique))), req.pad_id)
     t0 = time.perf_counter()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import time
 from typing import Callable, Iterator, Sequence
 
@@ -33,9 +32,10 @@ import numpy as np
 from jaxllm import devices, kvcache
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
-from jaxllm.errors import GenerationError
 from jaxllm.kvcache import CacheSpec, KVCache, init_cache
 from jaxllm.model import forward, prefill, prefill_length, unembed
+from jaxllm.request import SAMPLE, Prepared, Request, RequestError, prepare
+from jaxllm.request import make as make_request
 from jaxllm.results import GenerationResult, TextStream, collect, retry_invalid
 from jaxllm.sampling import (
     NEG_INF, History, SamplingParams, choose_next, init_history, last_tokens, pow2_bucket, record,
@@ -265,96 +265,22 @@ _chunk_program = Compiled(decode_chunk, donate_argnames=("state",))
 # ---------------------------------------------------------------------------- host driver
 
 
-@dataclasses.dataclass
-class _Request:
-    prompts: list[list[int]]  # one per output row (prompts repeated n times)
-    prompt_index: list[int]
-    sampling: SamplingParams
-    stops: StopParams
-    stop_strings: list[str]
-    buffer_len: int
-    pad_id: int
-    constraints: list  # per row: a Constraint or None
-    automaton: constraints.Automaton | None = None  # None: no row is constrained (or enforce=False)
-    row_states: constraints.RowState | None = None
-
-
-def _prepare(
-    cfg: ModelConfig, prompts, tokenizer, *, max_new_tokens, n, stop, eos_token_id, repeat_count, add_bos,
-    parse_special, sampling, sampling_kwargs, chunk, spec: CacheSpec | None = None, constraint=None, enforce=True,
-) -> _Request:
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
-        prompts = [prompts]
-    if not prompts:
-        raise GenerationError("no prompts given")
-    if isinstance(prompts[0], str):
-        if tokenizer is None:
-            raise GenerationError("text prompts need a tokenizer (or pass token ids)")
-        prompts = [tokenizer.encode(p, add_bos=add_bos, parse_special=parse_special) for p in prompts]
-    prompts = [list(map(int, p)) for p in prompts]
-    if not isinstance(n, int) or n < 1:
-        raise GenerationError(f"num_return_sequences must be >= 1, got {n}")
-    if not isinstance(max_new_tokens, (int, np.integer)) or not 1 <= max_new_tokens < 2**31:  # positions are int32
-        raise GenerationError(f"max_new_tokens must be >= 1 and < 2**31, got {max_new_tokens}")
-    for i, p in enumerate(prompts):
-        if not p:
-            raise GenerationError(f"prompt {i} is empty (no tokens to condition on)")
-        if len(p) + max_new_tokens > cfg.max_seq_len and not (spec and spec.ring_size(cfg)):  # a ring never fills
-            raise GenerationError(
-                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
-                f"{len(p) + max_new_tokens} positions, more than the model's context of {cfg.max_seq_len}"
-            )
-        if min(p) < 0 or max(p) >= cfg.vocab_size:
-            raise GenerationError(f"prompt {i} has token ids outside the vocabulary (size {cfg.vocab_size})")
-
-    rows = [p for p in prompts for _ in range(n)]
-    index = [i for i in range(len(prompts)) for _ in range(n)]
-    B = len(rows)
-    if sampling is None:
-        per_prompt = {k: v for k, v in sampling_kwargs.items() if isinstance(v, (list, tuple)) and k != "bad_words_ids" and k != "allowed_token_ids"}
-        for k, v in per_prompt.items():  # per-prompt lists expand to per-row lists
-            if len(v) != len(prompts):
-                raise GenerationError(f"{k} has {len(v)} values for {len(prompts)} prompts")
-            sampling_kwargs[k] = [v[i] for i in index]
-        sampling = SamplingParams.make(B, cfg.vocab_size, sample_index=[r % n for r in range(B)], **sampling_kwargs)
-    elif sampling.batch != B:
-        raise GenerationError(f"sampling has {sampling.batch} rows, but there are {B} outputs")
-
-    if eos_token_id is None:
-        eos_token_id = [tokenizer.eos_id] if tokenizer is not None and tokenizer.eos_id is not None else []
-    eos = [int(e) for e in np.atleast_1d(np.asarray(eos_token_id, object))]  # Python ints: a huge id is refused, not overflowed
-    if any(not 0 <= e < cfg.vocab_size for e in eos):
-        raise GenerationError(f"eos_token_id {eos} is outside the vocabulary (size {cfg.vocab_size})")
-    stop = list(stop or [])
-    stops = StopParams.make(
-        B, max_new_tokens, eos, stop, tokenizer.token_bytes() if (stop and tokenizer is not None) else None, repeat_count
-    )
-    pad_id = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
-    per_prompt = list(constraint) if isinstance(constraint, (list, tuple)) else [constraint] * len(prompts)
-    if len(per_prompt) != len(prompts):
-        raise GenerationError(f"constraint has {len(per_prompt)} entries for {len(prompts)} prompts")
-    rows_constraint = [per_prompt[i] for i in index]
-    req = _Request(rows, index, sampling, stops, stop, bucket(max_new_tokens, minimum=chunk), pad_id, rows_constraint)
-    if enforce and any(c is not None for c in rows_constraint):
-        req.automaton, req.row_states = constraints.build(rows_constraint, tokenizer, cfg.vocab_size)
-    return req
-
-
-def _run(params, cfg, req: _Request, *, chunk, num_alternatives, stop_fn, timing, spec) -> Iterator[DecodeState]:
+def _run(params, cfg, prep: Prepared, timing: dict) -> Iterator[DecodeState]:
     """Prefill, then one jitted chunk at a time until every row is done; yields after each chunk."""
+    r = prep.request
     params = devices.prepare(params, cfg)  # once per params object (cached), not once per call
-    tokens, positions = left_pad(req.prompts, bucket(max(map(len, req.prompts))), req.pad_id)
-    init = dict(cfg=cfg, buffer_len=req.buffer_len, num_alternatives=num_alternatives, spec=spec)
-    inputs = dict(params=params, prompt=jax.device_put(tokens), prompt_pos=jax.device_put(positions), stops=req.stops,
-                  constraint=req.row_states)
-    step = dict(cfg=cfg, chunk=chunk, pad_id=req.pad_id, stop_fn=stop_fn)
+    tokens, positions = left_pad(prep.prompts, bucket(max(map(len, prep.prompts))), prep.pad_id)
+    init = dict(cfg=cfg, buffer_len=prep.buffer_len, num_alternatives=r.logprobs or 0, spec=prep.spec)
+    inputs = dict(params=params, prompt=jax.device_put(tokens), prompt_pos=jax.device_put(positions), stops=prep.stops,
+                  constraint=prep.row_states)
+    step = dict(cfg=cfg, chunk=r.chunk, pad_id=prep.pad_id, stop_fn=r.stop_fn)
     t0 = time.perf_counter()
     # The chunk program compiles in the background, from the prefill's output shapes, while the
     # prefill program compiles and runs: XLA compiles each on one thread (a cold start saves the
     # shorter compile). Both are no-ops for programs compiled before.
     shapes, lower_s = _init_program.out_info(init, **inputs)
     lower_s += _chunk_program.compile_ahead(
-        step, params=params, state=shapes, sp=req.sampling, stops=req.stops, automaton=req.automaton
+        step, params=params, state=shapes, sp=prep.sampling, stops=prep.stops, automaton=prep.automaton
     )
     state, compile_s = _init_program(init, **inputs)
     state.logits.block_until_ready()
@@ -364,7 +290,7 @@ def _run(params, cfg, req: _Request, *, chunk, num_alternatives, stop_fn, timing
     while True:  # one host check per chunk: stop as soon as every row is done
         t = time.perf_counter()
         state, compile_s = _chunk_program(
-            step, params=params, state=state, sp=req.sampling, stops=req.stops, automaton=req.automaton
+            step, params=params, state=state, sp=prep.sampling, stops=prep.stops, automaton=prep.automaton
         )
         done = bool(np.all(jax.device_get(state.finish) != RUNNING))  # blocks until the chunk is computed
         timing["compile_s"] += compile_s
@@ -375,122 +301,42 @@ def _run(params, cfg, req: _Request, *, chunk, num_alternatives, stop_fn, timing
             return
 
 
-_SAMPLING_KEYS = (
-    "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
-    "no_repeat_ngram_size", "min_new_tokens", "logit_bias", "allowed_token_ids", "bad_words_ids", "seed",
-)
+def generate(params, cfg: ModelConfig, request: Request | object, *, tokenizer: Tokenizer | None = None,
+             **options) -> GenerationResult:
+    """Generates continuations: `request` is a `Request`, or its prompts with the other fields as
+    keyword `options` (`generate(params, cfg, ["a", "b"], tokenizer=tok, temperature=0.7)`).
 
-
-def _split_kwargs(tokenizer, kwargs) -> dict:
-    unknown = sorted(set(kwargs) - set(_SAMPLING_KEYS) - {"bad_words"})
-    if unknown:
-        raise TypeError(f"generate() got unexpected keyword argument(s): {', '.join(unknown)}")
-    words = kwargs.pop("bad_words", None)
-    if words:  # strings -> token sequences (as the tokenizer splits them, with and without a leading space)
-        if tokenizer is None:
-            raise GenerationError("bad_words strings need a tokenizer (or pass bad_words_ids)")
-        seqs = {tuple(tokenizer.encode(v)) for w in words for v in (w, " " + w)}
-        kwargs["bad_words_ids"] = list(kwargs.get("bad_words_ids", ())) + [list(s) for s in seqs if s]
-    return kwargs
-
-
-def generate(
-    params,
-    cfg: ModelConfig,
-    prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
-    *,
-    tokenizer: Tokenizer | None = None,
-    max_new_tokens: int = 64,
-    num_return_sequences: int = 1,
-    stop: Sequence[str] = (),
-    include_stop_str_in_output: bool = False,
-    eos_token_id: int | Sequence[int] | None = None,
-    repeat_count: int = 0,
-    stop_fn: StopFn | None = None,
-    logprobs: int | None = None,
-    sampling: SamplingParams | None = None,
-    add_bos: bool = True,
-    parse_special: bool = False,
-    chunk: int = 16,
-    window: int = 0,
-    sinks: int = 0,
-    prefill_chunk: int = 512,
-    kv_cache_dtype: str | None = None,
-    constraint: "constraints.Constraint | Sequence[constraints.Constraint | None] | None" = None,
-    enforce: bool = True,
-    retries: int = 0,
-    **sampling_kwargs,
-) -> GenerationResult:
-    """Generates continuations for a batch of prompts (strings need `tokenizer`; or lists of ids).
-
-    Sampling controls (docs/GENERATION.md) are keyword arguments (temperature, top_k, top_p,
-    min_p, repetition_penalty, presence_penalty, frequency_penalty, no_repeat_ngram_size,
-    min_new_tokens, logit_bias, allowed_token_ids, bad_words / bad_words_ids, seed): a scalar
-    for all prompts or a list with one value per prompt. Or pass a ready `sampling`.
-    EOS defaults to the tokenizer's; `eos_token_id=[]` never stops early. `stop` strings end a
-    row even across token boundaries; the text is cut before them unless
-    `include_stop_str_in_output`. `repeat_count` R > 0 ends a row whose last tokens repeat one
-    n-gram R times; `stop_fn(history) -> bool[B]` is a user predicate (a static, pure JAX function).
-    `logprobs=A` returns each token's log-probability and A alternatives.
-    `window=W` keeps only the last W tokens in a ring cache (generation may then run past the
-    model's context), of which `sinks=S` are the first S tokens (attention sinks); a model with
-    a `sliding_window` uses a ring of that size by itself. Prompts are fed `prefill_chunk`
-    tokens at a time (0: all at once). `kv_cache_dtype="int8"` stores the cache in int8 with a
-    scale per token and head (about half the memory of bfloat16, a quarter of float32).
-    `constraint` (a `constraints.Regex`, `Json`, `JsonSchema` or `Choice`, or one per prompt,
-    None for free rows) is enforced inside the loop; every output is then verified (`valid`,
-    `errors`). `enforce=False` only verifies; `retries=R` re-samples invalid rows up to R times.
-    Raises `GenerationError` for input that cannot work (empty prompt, too long for the context).
+    Text prompts, chat, stop strings and bad words need `tokenizer`; token-id prompts do not.
+    Every option is a field of `request.Request` (documented there, with its default and
+    range); per-prompt options take one value or a list with one value per prompt. Options that
+    belong to another decoder (`num_beams`, `draft`) are refused: see `beam.beam_generate`,
+    `speculative.speculative_generate`. With `retries=R`, rows whose output breaks their
+    constraint are sampled again (new seeds) up to R times.
+    Raises `GenerationError` for input that cannot work (empty prompt, too long for the context, an
+    option out of range or out of place: `request.RequestError` names the fields).
     """
-    options = {k: v for k, v in locals().items() if k not in ("params", "cfg", "prompts", "tokenizer", "sampling_kwargs")}
-    *_, result = _generate(params, cfg, prompts, tokenizer, sampling_kwargs, stream=False, **options)
-
-    def run(prompts, sampling_kwargs, **again):
-        *_, redo = _generate(params, cfg, prompts, tokenizer, sampling_kwargs, stream=False, **dict(again, retries=0))
-        return redo
-
-    for attempt in range(1, retries + 1):  # verify-and-retry: sample the invalid rows again, with new seeds
-        result = retry_invalid(run, prompts, sampling_kwargs, options, result, attempt)
+    req = make_request(request, options)
+    if req.stream:
+        raise RequestError("{stream} needs generate_stream (generate returns only the finished result)")
+    prep, timing = prepare(req, cfg, tokenizer, SAMPLE), {}
+    *_, state = _run(params, cfg, prep, timing)
+    result = collect(state, prep, tokenizer, timing)
+    for attempt in range(1, req.retries + 1):  # verify-and-retry: sample the invalid rows again, with new seeds
+        result = retry_invalid(lambda again: generate(params, cfg, again, tokenizer=tokenizer), req, result, attempt)
     return result
 
 
-def generate_stream(params, cfg: ModelConfig, prompts, *, tokenizer: Tokenizer, **kwargs) -> Iterator[tuple[int, object]]:
+def generate_stream(params, cfg: ModelConfig, request: Request | object, *, tokenizer: Tokenizer,
+                    **options) -> Iterator[tuple[int, object]]:
     """Like `generate` (same arguments), but yields `(row, text)` pieces as each chunk of steps finishes.
 
     Pieces never split a UTF-8 character nor reveal the start of a stop string; each row's
     pieces concatenate to that row's `generate(...).texts[row]`. The last item yielded is
     `(-1, result)` with the complete `GenerationResult`.
     """
-    bound = inspect.signature(generate).bind(params, cfg, prompts, tokenizer=tokenizer, **kwargs)
-    bound.apply_defaults()
-    options = dict(bound.arguments)
-    for k in ("params", "cfg", "prompts", "tokenizer"):
-        options.pop(k)
-    sampling_kwargs = options.pop("sampling_kwargs")
-    yield from _generate(params, cfg, prompts, tokenizer, sampling_kwargs, stream=True, **options)
-
-
-def _generate(
-    params, cfg, prompts, tokenizer, sampling_kwargs, *, stream: bool, max_new_tokens, num_return_sequences, stop,
-    include_stop_str_in_output, eos_token_id, repeat_count, stop_fn, logprobs, sampling, add_bos, parse_special, chunk,
-    window, sinks, prefill_chunk, kv_cache_dtype, constraint=None, enforce=True, retries=0,
-):
-    if logprobs is not None and not 0 <= logprobs <= 20:
-        raise GenerationError(f"logprobs must be in [0, 20], got {logprobs}")
-    if not isinstance(retries, int) or retries < 0 or (retries and (stream or sampling is not None)):
-        raise GenerationError(f"retries must be an int >= 0 (and without streaming or a ready `sampling`), got {retries}")
-    include_stop = include_stop_str_in_output
-    spec = CacheSpec(window=window, sinks=sinks, prefill_chunk=prefill_chunk, dtype=kv_cache_dtype or "").check(cfg)
-    req = _prepare(
-        cfg, prompts, tokenizer, max_new_tokens=max_new_tokens, n=num_return_sequences, stop=stop,
-        eos_token_id=eos_token_id, repeat_count=repeat_count, add_bos=add_bos, parse_special=parse_special,
-        sampling=sampling, sampling_kwargs=_split_kwargs(tokenizer, dict(sampling_kwargs)), chunk=chunk, spec=spec,
-        constraint=constraint, enforce=enforce,
-    )
-    timing: dict = {}
-    text = TextStream(tokenizer, req.prompts, req.stop_strings, include_stop) if stream else None
-    for state in _run(params, cfg, req, chunk=chunk, num_alternatives=logprobs or 0, stop_fn=stop_fn, timing=timing, spec=spec):
-        if stream:
-            yield from text.pieces(state)
-    result = collect(state, req, tokenizer, logprobs, include_stop, timing)
-    yield (-1, result) if stream else result
+    req = make_request(request, options)
+    prep, timing = prepare(req, cfg, tokenizer, SAMPLE), {}
+    text = TextStream(tokenizer, prep.prompts, prep.stop_strings, req.include_stop_str_in_output)
+    for state in _run(params, cfg, prep, timing):
+        yield from text.pieces(state)
+    yield -1, collect(state, prep, tokenizer, timing)

@@ -80,8 +80,9 @@ class TextStream:
                 self.shown[r] = len(ready)
 
 
-def collect(state, req, tokenizer, logprobs, include_stop, timing) -> GenerationResult:
-    """The host's view of a finished `generate.DecodeState` for request `req` (`generate._Request`)."""
+def collect(state, req, tokenizer, timing: dict) -> GenerationResult:
+    """The host's view of a finished `generate.DecodeState` for the prepared request `req` (`request.Prepared`)."""
+    logprobs, include_stop = req.request.logprobs, req.request.include_stop_str_in_output
     out, lengths, finish, lp, top_ids, top_lp = jax.device_get(
         (state.tokens, state.length, state.finish, state.logprobs, state.top_ids, state.top_logprobs)
     )
@@ -116,28 +117,22 @@ def collect(state, req, tokenizer, logprobs, include_stop, timing) -> Generation
 
 
 def retry_invalid(
-    run: Callable[..., GenerationResult], prompts, sampling_kwargs: dict, options: dict, result: GenerationResult,
-    attempt: int,
+    run: Callable[..., GenerationResult], request, result: GenerationResult, attempt: int,
 ) -> GenerationResult:
-    """Generates the rows of `result` whose output is not valid again (one sample each, seeds moved
-    on) with `run(prompts, sampling_kwargs, **options)`, and puts them in place. -> result"""
+    """Generates the rows of `result` whose output is not valid again with `run(request)` (one sample
+    each, seeds moved on), and puts them in place. -> result
+
+    `request`: the `request.Request` that made `result`; the new one continues the invalid rows'
+    prompts with their own per-prompt values (`Request.subset`).
+    """
     bad = [r for r, ok in enumerate(result.valid or []) if ok is False]
     if not bad:
         return result
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
-        prompts = [prompts]
-    which = [result.prompt_index[r] for r in bad]
-    sampling_kwargs = dict(sampling_kwargs)
-    for k, v in sampling_kwargs.items():  # per-prompt values follow their prompts
-        if isinstance(v, (list, tuple)) and k not in ("bad_words", "bad_words_ids", "allowed_token_ids"):
-            sampling_kwargs[k] = [v[i] for i in which]
-    seed = sampling_kwargs.get("seed")
-    if seed is not None:
-        seeds = seed if isinstance(seed, list) else [seed] * len(bad)
-        sampling_kwargs["seed"] = [(s + 1_000_003 * attempt + r) % 2**32 for s, r in zip(seeds, bad)]
-    c = options["constraint"]
-    again = dict(options, num_return_sequences=1, constraint=[c[i] for i in which] if isinstance(c, (list, tuple)) else c)
-    redo = run([prompts[i] for i in which], sampling_kwargs, **again)
+    again = request.subset([result.prompt_index[r] for r in bad]).replace(num_return_sequences=1, retries=0)
+    if again.seed is not None:  # each row its own new seed, so a retry does not repeat the failed sample
+        seeds = again.seed if isinstance(again.seed, list) else [again.seed] * len(bad)
+        again = again.replace(seed=[(s + 1_000_003 * attempt + r) % 2**32 for s, r in zip(seeds, bad)])
+    redo = run(again)
     for j, r in enumerate(bad):
         for field in ("token_ids", "finish_reasons", "texts", "logprobs", "top_logprobs", "valid", "errors"):
             if getattr(result, field) is not None:

@@ -33,6 +33,22 @@ NEG_INF = -jnp.inf
 MAX_NGRAM = 16  # no_repeat_ngram_size is checked for n <= MAX_NGRAM (static loop bound)
 CANDIDATES = 256  # top-k/top-p work on the best C logits; a full sort only when they do not suffice
 
+# control -> (test on its values, what is allowed): the one statement of each control's range, used
+# by `SamplingParams.make` and by `request.Request` (so the API and sample.py refuse alike)
+RANGES = {
+    "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"),
+    "top_k": (lambda v: np.abs(v) < 2**31, "an integer (<= 0: off)"),
+    "top_p": (lambda v: (v > 0) & (v <= 1), "in (0, 1]"),
+    "min_p": (lambda v: (v >= 0) & (v <= 1), "in [0, 1]"),
+    "repetition_penalty": (lambda v: v > 0, "> 0 (1 = off)"),
+    "presence_penalty": (np.isfinite, "a finite number"),
+    "frequency_penalty": (np.isfinite, "a finite number"),
+    "no_repeat_ngram_size": (lambda v: (v >= 0) & (v <= MAX_NGRAM), f"in [0, {MAX_NGRAM}]"),
+    "min_new_tokens": (lambda v: (v >= 0) & (v < 2**31), ">= 0"),
+    "seed": (lambda v: (v >= 0) & (v < 2**63), ">= 0 and < 2**63"),
+}
+INTEGER_CONTROLS = ("top_k", "no_repeat_ngram_size", "min_new_tokens", "seed")
+
 
 @functools.partial(
     jax.tree_util.register_dataclass,
@@ -95,22 +111,18 @@ class SamplingParams:
         """
         f32, i32 = np.float32, np.int32
         t = _per_row("temperature", temperature, batch, f32)
-        _check("temperature", t, np.all(t >= 0), ">= 0 (0 = greedy)")
         k = _per_row("top_k", top_k, batch, i32)
         p = _per_row("top_p", top_p, batch, f32)
-        _check("top_p", p, np.all((p > 0) & (p <= 1)), "in (0, 1]")
         mp = _per_row("min_p", min_p, batch, f32)
-        _check("min_p", mp, np.all((mp >= 0) & (mp <= 1)), "in [0, 1]")
         rp = _per_row("repetition_penalty", repetition_penalty, batch, f32)
-        _check("repetition_penalty", rp, np.all(rp > 0), "> 0 (1 = off)")
         pp = _per_row("presence_penalty", presence_penalty, batch, f32)
         fp = _per_row("frequency_penalty", frequency_penalty, batch, f32)
-        for name, v in (("presence_penalty", pp), ("frequency_penalty", fp)):
-            _check(name, v, np.all(np.isfinite(v)), "finite")
         ng = _per_row("no_repeat_ngram_size", no_repeat_ngram_size, batch, i32)
-        _check("no_repeat_ngram_size", ng, np.all((ng >= 0) & (ng <= MAX_NGRAM)), f"in [0, {MAX_NGRAM}]")
         mn = _per_row("min_new_tokens", min_new_tokens, batch, i32)
-        _check("min_new_tokens", mn, np.all(mn >= 0), ">= 0")
+        for name, values in (("temperature", t), ("top_k", k), ("top_p", p), ("min_p", mp), ("repetition_penalty", rp),
+                             ("presence_penalty", pp), ("frequency_penalty", fp), ("no_repeat_ngram_size", ng),
+                             ("min_new_tokens", mn)):
+            _check(name, values)
 
         bias = np.zeros((batch, vocab_size), f32)
         if logit_bias:
@@ -151,7 +163,7 @@ class SamplingParams:
         if seed is None:
             seed = secrets.randbelow(2**32)
         seeds = _per_row("seed", seed, batch, np.int64)
-        _check("seed", seeds, np.all(seeds >= 0), ">= 0")
+        _check("seed", seeds)
         index = np.zeros(batch, i32) if sample_index is None else np.asarray(sample_index, i32)
         keys = jax.vmap(lambda s, i: jax.random.key_data(jax.random.fold_in(jax.random.key(s), i)))(
             jnp.asarray(seeds % 2**32, jnp.uint32), jnp.asarray(index)
@@ -184,10 +196,20 @@ def _per_row(name: str, value, batch: int, dtype) -> np.ndarray:
     return arr
 
 
-def _check(name: str, values: np.ndarray, ok, allowed: str) -> None:
-    if not ok or (values.dtype.kind == "f" and not np.all(np.isfinite(values))):
+def _check(name: str, values: np.ndarray) -> None:
+    test, allowed = RANGES[name]
+    if not np.all(test(values)) or (values.dtype.kind == "f" and not np.all(np.isfinite(values))):
         bad = values.tolist()
         raise GenerationError(f"{name} must be {allowed}, got {bad[0] if len(set(bad)) == 1 else bad}")
+
+
+def in_range(name: str, value) -> bool:
+    """Is one value of sampling control `name` allowed (a number of the right kind, in RANGES)?"""
+    integer = name in INTEGER_CONTROLS
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer) if integer else (int, float, np.integer, np.floating)):
+        return False
+    v = np.float64(value)
+    return bool(np.isfinite(v) and RANGES[name][0](v))
 
 
 def _check_ids(name: str, ids: Sequence[int], vocab_size: int) -> None:

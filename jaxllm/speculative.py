@@ -48,9 +48,11 @@ from jaxllm import devices, kvcache
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
-from jaxllm.generate import DecodeState, GenerationResult, _prepare, _split_kwargs, bucket, emit, init_state, left_pad
-from jaxllm.kvcache import CacheSpec, KVCache
+from jaxllm.generate import DecodeState, GenerationResult, bucket, emit, init_state, left_pad
+from jaxllm.kvcache import KVCache
 from jaxllm.model import forward
+from jaxllm.request import SPECULATIVE, Draft, RequestError, prepare
+from jaxllm.request import make as make_request
 from jaxllm.results import TextStream, collect
 from jaxllm.sampling import NEG_INF, History, SamplingParams, draw, first_argmax, process_logits, record, row_keys, warp
 from jaxllm.stopping import CONSTRAINT, RUNNING
@@ -256,31 +258,18 @@ def _run(params, cfg, draft_params, draft_cfg, req, *, gamma, chunk, logprobs, s
             return
 
 
-def _generate(
-    params, cfg, draft_params, draft_cfg, prompts, sampling_kwargs, *, stream, tokenizer, num_speculative_tokens,
-    max_new_tokens, num_return_sequences, stop, include_stop_str_in_output, eos_token_id, repeat_count, logprobs,
-    add_bos, constraint, window, sinks, prefill_chunk, kv_cache_dtype, chunk,
-):
-    gamma = num_speculative_tokens
-    if not isinstance(gamma, int) or not 1 <= gamma <= 16:
-        raise GenerationError(f"num_speculative_tokens must be in [1, 16], got {gamma}")
-    if logprobs is not None and not 0 <= logprobs <= 20:
-        raise GenerationError(f"logprobs must be in [0, 20], got {logprobs}")
-    spec = CacheSpec(window=window, sinks=sinks, prefill_chunk=prefill_chunk, dtype=kv_cache_dtype or "").check(cfg)
-    req = _prepare(
-        cfg, prompts, tokenizer, max_new_tokens=max_new_tokens, n=num_return_sequences, stop=stop,
-        eos_token_id=eos_token_id, repeat_count=repeat_count, add_bos=add_bos, parse_special=False, sampling=None,
-        sampling_kwargs=_split_kwargs(tokenizer, dict(sampling_kwargs)), chunk=chunk, spec=spec, constraint=constraint,
-    )
-    _check(cfg, draft_cfg, gamma, spec, req, max_new_tokens)
-    text = TextStream(tokenizer, req.prompts, req.stop_strings, include_stop_str_in_output) if stream else None
+def _generate(params, cfg, draft_params, draft_cfg, request, tokenizer, *, stream: bool):
+    gamma = request.value("num_speculative_tokens")
+    req = prepare(request, cfg, tokenizer, SPECULATIVE)
+    _check(cfg, draft_cfg, gamma, req.spec, req, request.max_new_tokens)
+    text = TextStream(tokenizer, req.prompts, req.stop_strings, request.include_stop_str_in_output) if stream else None
     timing: dict = {}
-    for state in _run(params, cfg, draft_params, draft_cfg, req, gamma=gamma, chunk=chunk, logprobs=logprobs, spec=spec,
-                      timing=timing):
+    for state in _run(params, cfg, draft_params, draft_cfg, req, gamma=gamma, chunk=request.chunk,
+                      logprobs=request.logprobs, spec=req.spec, timing=timing):
         if stream:
             yield from text.pieces(state.out)
     blocks, proposed, accepted = (int(x) for x in jax.device_get((state.block, state.proposed, state.accepted)))
-    result = collect(state.out, req, tokenizer, logprobs, include_stop_str_in_output, timing)
+    result = collect(state.out, req, tokenizer, timing)
     generated = sum(map(len, result.token_ids))
     timing.update(
         acceptance_rate=accepted / proposed if proposed else 1.0,
@@ -290,45 +279,32 @@ def _generate(
 
 
 def speculative_generate(
-    params, cfg: ModelConfig, draft_params, draft_cfg: ModelConfig, prompts, *, tokenizer: Tokenizer | None = None,
-    num_speculative_tokens: int = 4, max_new_tokens: int = 64, num_return_sequences: int = 1, stop=(),
-    include_stop_str_in_output: bool = False, eos_token_id=None, repeat_count: int = 0, logprobs: int | None = None,
-    add_bos: bool = True, constraint=None, window: int = 0, sinks: int = 0, prefill_chunk: int = 512,
-    kv_cache_dtype: str | None = None, chunk: int = 16, **sampling_kwargs,
+    params, cfg: ModelConfig, draft_params, draft_cfg: ModelConfig, request, *, tokenizer: Tokenizer | None = None,
+    **options,
 ) -> GenerationResult:
     """Like `generate`, with a draft model proposing `num_speculative_tokens` tokens per target forward.
 
-    The draft must share the target's vocabulary. Greedy rows: the target's own output, token for
-    token. Sampled rows: each token follows the target's processed distribution (not the target
-    alone's draws), and a row's output depends only on its prompt, settings and seed, not on its
-    batch mates. `logprobs`, `num_return_sequences`, stops, `constraint` (draft and target see the
-    same masks) and the cache options (`window`, `sinks`, `prefill_chunk`, `kv_cache_dtype`, applied
-    to both models) work as in `generate`. `result.timing` adds `acceptance_rate` (drafted tokens
-    the rule accepted) and `tokens_per_block` (tokens kept per target forward).
+    `request`: a `request.Request`, or its prompts with the other fields as keyword `options`, as in
+    `generate`; the draft is `draft_params, draft_cfg` (it must share the target's vocabulary).
+    Greedy rows: the target's own output, token for token. Sampled rows: each token follows the
+    target's processed distribution (not the target alone's draws), and a row's output depends
+    only on its prompt, settings and seed, not on its batch mates. `logprobs`,
+    `num_return_sequences`, stops, `constraint` (draft and target see the same masks) and the
+    cache options (`window`, `sinks`, `prefill_chunk`, `kv_cache_dtype`, applied to both models)
+    work as in `generate`. `result.timing` adds `acceptance_rate` (drafted tokens the rule
+    accepted) and `tokens_per_block` (tokens kept per target forward).
     """
-    options = dict(
-        tokenizer=tokenizer, num_speculative_tokens=num_speculative_tokens, max_new_tokens=max_new_tokens,
-        num_return_sequences=num_return_sequences, stop=stop, include_stop_str_in_output=include_stop_str_in_output,
-        eos_token_id=eos_token_id, repeat_count=repeat_count, logprobs=logprobs, add_bos=add_bos, constraint=constraint,
-        window=window, sinks=sinks, prefill_chunk=prefill_chunk, kv_cache_dtype=kv_cache_dtype, chunk=chunk,
-    )
-    *_, result = _generate(params, cfg, draft_params, draft_cfg, prompts, sampling_kwargs, stream=False, **options)
+    request = make_request(request, dict(options, draft=Draft(draft_params, draft_cfg)))
+    if request.stream:
+        raise RequestError("{stream} needs speculative_generate_stream (speculative_generate returns only the finished result)")
+    *_, result = _generate(params, cfg, draft_params, draft_cfg, request, tokenizer, stream=False)
     return result
 
 
 def speculative_generate_stream(
-    params, cfg: ModelConfig, draft_params, draft_cfg: ModelConfig, prompts, *, tokenizer: Tokenizer,
-    num_speculative_tokens: int = 4, max_new_tokens: int = 64, num_return_sequences: int = 1, stop=(),
-    include_stop_str_in_output: bool = False, eos_token_id=None, repeat_count: int = 0, logprobs: int | None = None,
-    add_bos: bool = True, constraint=None, window: int = 0, sinks: int = 0, prefill_chunk: int = 512,
-    kv_cache_dtype: str | None = None, chunk: int = 16, **sampling_kwargs,
+    params, cfg: ModelConfig, draft_params, draft_cfg: ModelConfig, request, *, tokenizer: Tokenizer, **options,
 ) -> Iterator[tuple[int, object]]:
     """`speculative_generate` as `generate_stream` streams: `(row, text)` pieces after each chunk of
     blocks (each row's pieces concatenate to its text), then `(-1, result)`."""
-    options = dict(
-        tokenizer=tokenizer, num_speculative_tokens=num_speculative_tokens, max_new_tokens=max_new_tokens,
-        num_return_sequences=num_return_sequences, stop=stop, include_stop_str_in_output=include_stop_str_in_output,
-        eos_token_id=eos_token_id, repeat_count=repeat_count, logprobs=logprobs, add_bos=add_bos, constraint=constraint,
-        window=window, sinks=sinks, prefill_chunk=prefill_chunk, kv_cache_dtype=kv_cache_dtype, chunk=chunk,
-    )
-    yield from _generate(params, cfg, draft_params, draft_cfg, prompts, sampling_kwargs, stream=True, **options)
+    request = make_request(request, dict(options, draft=Draft(draft_params, draft_cfg)))
+    yield from _generate(params, cfg, draft_params, draft_cfg, request, tokenizer, stream=True)

@@ -417,12 +417,12 @@ def test_free_rows_in_a_constrained_batch_are_untouched_and_impossible_rows_end_
 def test_verify_only_mode_reports_invalid_rows_and_retries_fix_them(params, cfg, tokenizer):
     spec = C.Choice(["a", "b"])
     loose = generate(params, cfg, ["x"] * 3, tokenizer=tokenizer, max_new_tokens=4, temperature=1.0, seed=3,
-                     constraint=spec, enforce=False, allowed_token_ids=[tokenizer.encode("a")[0], tokenizer.encode("b")[0],
+                     constraint=spec, verify_only=True, allowed_token_ids=[tokenizer.encode("a")[0], tokenizer.encode("b")[0],
                                                                           tokenizer.eos_id])
     assert loose.valid == [t in ("a", "b") for t in loose.texts]
     assert all(e is None or "not one of" in e for e in loose.errors)
     again = generate(params, cfg, ["x"] * 3, tokenizer=tokenizer, max_new_tokens=4, temperature=1.0, seed=3,
-                     constraint=spec, enforce=False, retries=30,
+                     constraint=spec, verify_only=True, retries=30,
                      allowed_token_ids=[tokenizer.encode("a")[0], tokenizer.encode("b")[0], tokenizer.eos_id])
     assert again.valid == [True] * 3 and all(t in ("a", "b") for t in again.texts)
     assert [again.texts[r] for r in range(3) if loose.valid[r]] == [loose.texts[r] for r in range(3) if loose.valid[r]]

@@ -62,7 +62,7 @@ def test_eos_list_and_min_new_tokens(params, cfg, tokenizer, free):
 
 def test_repetition_stop_fires_on_a_looping_model(params, cfg, tokenizer):
     loop = tokenizer.encode("ab")  # allow only these tokens: greedy must cycle among them
-    out = generate(params, cfg, PROMPTS, tokenizer=tokenizer, allowed_token_ids=loop[:1], repeat_count=5, eos_token_id=[], **GREEDY)
+    out = generate(params, cfg, PROMPTS, tokenizer=tokenizer, allowed_token_ids=loop[:1], stop_on_repetition=5, eos_token_id=[], **GREEDY)
     assert out.finish_reasons == ["repetition"] * 3
     assert out.token_ids == [[loop[0]] * 5] * 3
 
@@ -217,7 +217,7 @@ def test_changing_any_sampling_value_does_not_recompile(params, cfg, tokenizer):
         dict(temperature=0.0), dict(temperature=0.3, top_k=5), dict(top_p=0.5), dict(min_p=0.1),
         dict(repetition_penalty=1.3), dict(presence_penalty=0.5, frequency_penalty=0.2), dict(no_repeat_ngram_size=3),
         dict(min_new_tokens=4), dict(logit_bias={7: 2.0}), dict(allowed_token_ids=[5, 6, 7]), dict(seed=9),
-        dict(stop=["abc"]), dict(bad_words_ids=[[8, 9]]), dict(max_new_tokens=5), dict(repeat_count=3),
+        dict(stop=["abc"]), dict(bad_words_ids=[[8, 9]]), dict(max_new_tokens=5), dict(stop_on_repetition=3),
     ]
     with CompileCounter() as c:
         for v in variants:

@@ -101,7 +101,8 @@ SAMPLE_FLAGS = {
     "--window": number(st.sampled_from([0, 16])),
     "--sinks": number(st.sampled_from([0, 4])),
     "--prefill_chunk": number(st.sampled_from([512, 8])),
-    "--kv_cache": st.sampled_from(["int8", "int4"]),
+    "--kv_cache_dtype": st.sampled_from(["int8", "int4"]),
+    "--kv_cache": st.sampled_from(["int8"]),  # the old name: refused with the new one
     "--attention_impl": st.sampled_from(["auto", "reference", "xla", "cudnn", "flash3"]),
     "--stream": st.none(),
     "--system": TEXT,
@@ -111,7 +112,7 @@ SAMPLE_FLAGS = {
     "--prompt": TEXT | st.just("word " * 300),  # the long one does not fit the context
     "--prompt_file": st.sampled_from(["prompt.txt", "latin1.txt", "missing.txt", "."]),
     "--checkpoint": st.sampled_from(["ckpt", "hf", "missing", "prompt.txt"]),
-    "--draft_checkpoint": st.sampled_from(["draft", "hf", "missing"]),
+    "--draft": st.sampled_from(["draft", "hf", "missing"]),
     "--num_speculative_tokens": number(st.sampled_from([1, 3, 17])),
     "--verbose": st.none(),
     "--bogus": st.none(),
@@ -122,7 +123,7 @@ SAMPLE_FLAGS = {
 if LONG_RUN:  # slow ones: a CPU kernel build (int8/int4), every prompt bucket (warmup), interpret-mode kernels
     SAMPLE_FLAGS.update({"--quantize": st.sampled_from(["int8", "int4", "int2"]), "--warmup": st.none(),
                          "--attention_impl": st.sampled_from(["auto", "reference", "xla", "cudnn", "pallas", "flash3"])})
-PATHS = {"--json_schema", "--few_shot", "--prompt_file", "--checkpoint", "--draft_checkpoint"}
+PATHS = {"--json_schema", "--few_shot", "--prompt_file", "--checkpoint", "--draft"}
 
 
 @st.composite

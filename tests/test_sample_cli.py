@@ -83,7 +83,7 @@ def test_beam_search_flags(checkpoint, cfg, params, tokenizer):
 
     proc = run("--checkpoint", checkpoint, "--prompt", "def f(x):", "--num_beams", 3, "--num_return_sequences", 2,
                "--length_penalty", 0.5, "--early_stopping", "never", "--max_new_tokens", 8, "--format", "jsonl",
-               "--window", 8, "--kv_cache", "int8")
+               "--window", 8, "--kv_cache_dtype", "int8")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     want = beam_generate(params, cfg, ["def f(x):"], tokenizer=tokenizer, num_beams=3, num_return_sequences=2,
@@ -100,7 +100,7 @@ def draft_checkpoint(cfg, params, tokenizer, tmp_path_factory):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_speculative_flags(checkpoint, draft_checkpoint, cfg, params, tokenizer, stream):
-    proc = run("--checkpoint", checkpoint, "--draft_checkpoint", draft_checkpoint, "--num_speculative_tokens", 3,
+    proc = run("--checkpoint", checkpoint, "--draft", draft_checkpoint, "--num_speculative_tokens", 3,
                "--prompt", "def f(x):", "--max_new_tokens", 10, "--temperature", 0, *(["--stream"] if stream else []))
     assert proc.returncode == 0, proc.stderr
     want = generate(params, cfg, ["def f(x):"], tokenizer=tokenizer, max_new_tokens=10, temperature=0.0).texts[0]
@@ -108,9 +108,9 @@ def test_speculative_flags(checkpoint, draft_checkpoint, cfg, params, tokenizer,
 
 
 def test_speculative_takes_n_logprobs_and_the_cache_flags(checkpoint, draft_checkpoint, cfg, params, tokenizer):
-    proc = run("--checkpoint", checkpoint, "--draft_checkpoint", draft_checkpoint, "--num_speculative_tokens", 3,
+    proc = run("--checkpoint", checkpoint, "--draft", draft_checkpoint, "--num_speculative_tokens", 3,
                "--prompt", "def f(x):", "--max_new_tokens", 10, "--temperature", 0, "--n", 2, "--logprobs", 1,
-               "--window", 8, "--sinks", 2, "--kv_cache", "int8", "--format", "jsonl")
+               "--window", 8, "--sinks", 2, "--kv_cache_dtype", "int8", "--format", "jsonl")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     want = generate(params, cfg, ["def f(x):"], tokenizer=tokenizer, max_new_tokens=10, temperature=0.0,
@@ -126,7 +126,7 @@ def test_the_draft_gets_quantize_and_attention_impl_too(draft_checkpoint, tokeni
 
     for quantize, impl in ((None, None), ("int8", "xla")):
         flags = ["--quantize", quantize] * bool(quantize) + ["--attention_impl", impl] * bool(impl)
-        dparams, dcfg = sample._draft(sample.parse_args(["--draft_checkpoint", str(draft_checkpoint), *flags]), tokenizer)
+        dparams, dcfg, _, _ = sample.load_model(draft_checkpoint, sample.parse_args(["--draft", str(draft_checkpoint), *flags]), "draft")
         quantized = [leaf for leaf in jax.tree_util.tree_leaves(dparams, is_leaf=lambda x: isinstance(x, QuantizedWeight))
                      if isinstance(leaf, QuantizedWeight)]
         assert bool(quantized) == bool(quantize) and all(w.bits == 8 for w in quantized)
@@ -156,14 +156,16 @@ def test_the_draft_gets_quantize_and_attention_impl_too(draft_checkpoint, tokeni
         (["--num_beams", "0"], "--num_beams"),
         (["--early_stopping", "maybe"], "--early_stopping"),
         (["--num_speculative_tokens", "0"], "--num_speculative_tokens"),
-        (["--draft_checkpoint", "d", "--num_beams", "2"], "--draft_checkpoint"),
+        (["--draft", "d", "--num_beams", "2"], "--draft"),
+        (["--draft_checkpoint", "d"], "renamed --draft"),
         (["--bogus"], "--bogus"),
         (["--window", "8", "--sinks", "8"], "--sinks"),
         (["--sinks", "4"], "--sinks"),
         (["--window", "-4"], "--window"),
         (["--prefill_chunk", "-1"], "--prefill_chunk"),
         (["--attention_impl", "flash3"], "--attention_impl"),
-        (["--kv_cache", "int4"], "--kv_cache"),
+        (["--kv_cache_dtype", "int4"], "--kv_cache_dtype"),
+        (["--kv_cache", "int8"], "renamed --kv_cache_dtype"),
         (["--quantize", "int9"], "--quantize"),
         (["--quantize", "int4", "--group_size", "48"], "--group_size"),
         (["--warmup", "--num_beams", "2"], "--warmup"),
@@ -218,7 +220,7 @@ def test_constrained_output_flags_match_the_library_and_report_validity(checkpoi
     (["--regex", "a(b"], "--regex"),
     (["--json", "--regex", "x"], "choose one constraint"),
     (["--json_schema", "/no/such/schema.json"], "--json_schema"),
-    (["--retries", "2"], "need a constraint"),
+    (["--retries", "2"], "needs a constraint"),
     (["--json", "--max_json_depth", "0"], "--max_json_depth"),
 ])
 def test_bad_constraint_flags_exit_2_with_one_line(checkpoint, flags, needle):
