@@ -59,7 +59,7 @@ class Tokenizer:
         self._special_re = re.compile("|".join(map(re.escape, names))) if names else None
         # A typed META_SPACE is spelled with byte pieces (when the model has them), and the
         # text after it is encoded without a second dummy prefix (by `_sp_inner`).
-        self._strips_dummy_prefix, self._sp_inner = _dummy_prefix(self._proto, self.sp)
+        self.strips_dummy_prefix, self._sp_inner = _dummy_prefix(self._proto, self.sp)
         meta_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in META_SPACE.encode("utf-8")]
         self._meta_ids = meta_ids if all(self.sp.is_byte(i) for i in meta_ids) else None
         self._token_bytes: tuple[np.ndarray, np.ndarray] | None = None
@@ -226,7 +226,7 @@ class Tokenizer:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise TokenizerError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
-        strip = self._strips_dummy_prefix and self.starts_text(after)
+        strip = self.strips_dummy_prefix and self.starts_text(after)
         if skip_special:
             return _utf8(self.bytes_of(ids), strip)
         parts, run = [], []
@@ -302,7 +302,7 @@ class StreamDecoder:
     def __init__(self, tokenizer: Tokenizer, after: Sequence[int] = ()):
         self._tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._strip_first_space = tokenizer._strips_dummy_prefix and tokenizer.starts_text(after)
+        self._strip_first_space = tokenizer.strips_dummy_prefix and tokenizer.starts_text(after)
         self._started = False
 
     def push(self, ids: Iterable[int]) -> str:

@@ -31,7 +31,7 @@ class ByteTokenizer:
         self.pieces, self.vocab_size, self.eos_id = pieces, len(pieces), len(pieces) - 1
         self.index = {p: i for i, p in enumerate(pieces)}
         self.fingerprint = hashlib.sha256(b"\0".join(pieces)).hexdigest()[:16]
-        self._strips_dummy_prefix = False
+        self.strips_dummy_prefix = False
         lengths = np.array([len(p) for p in pieces], np.int32)
         table = np.zeros((len(pieces), lengths.max()), np.uint8)
         for i, p in enumerate(pieces):
@@ -206,7 +206,7 @@ def test_token_table_equals_running_each_tokens_bytes(tokenizer):
 def test_tokenizers_that_drop_the_first_space_get_a_fresh_start_state():
     """SentencePiece models with a dummy prefix decode "▁yes" at the start as "yes"."""
     tok = ByteTokenizer([" yes", " no", "yes"])
-    tok._strips_dummy_prefix = True
+    tok.strips_dummy_prefix = True
     auto, rows = C.build([C.Choice(["yes", "no"])], tok, tok.vocab_size)
     eos = jnp.array([tok.eos_id])
     _, ok, _ = _advance_one(auto, rows, jnp.array([tok.index[b" yes"]]), eos)

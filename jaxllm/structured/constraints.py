@@ -173,7 +173,7 @@ def dfa_table(dfa: automata.ByteDFA, tokenizer) -> TokenTable:
     token_bytes, lengths = tokenizer.token_bytes()
     full = automata.token_table(dfa.trans, token_bytes, lengths)
     accepting, initial = dfa.accepting, 0
-    if tokenizer._strips_dummy_prefix:  # a fresh start state for the first token
+    if tokenizer.strips_dummy_prefix:  # a fresh start state for the first token
         spaced = (lengths > 0) & (token_bytes[:, 0] == ord(" "))
         stripped = np.where(spaced[:, None], np.roll(token_bytes, -1, axis=1), token_bytes)
         first = automata.token_table(dfa.trans, stripped, lengths - spaced, states=np.array([0]))[0]
