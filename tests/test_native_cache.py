@@ -119,6 +119,14 @@ def marker(tmp_path, monkeypatch) -> Path:
     return path
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """`path` now names a new file holding `data`; a process that mapped the old one keeps it intact."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    tmp.chmod(0o700)
+    os.replace(tmp, path)
+
+
 def compilations(calls: Path) -> int:
     return len(calls.read_text().splitlines()) if calls.exists() else 0
 
@@ -138,10 +146,13 @@ def test_a_damaged_library_is_rebuilt_and_loads(built, kernel_dir, stand_in_comp
     shutil.copy(good, lib)
     (kernel_dir / (name + ".sha256")).write_text(sha256(good) + "\n")
     assert fresh_available() and compilations(stand_in_compiler) == 0  # a good library is loaded as it is
+    # The damaged file replaces the name (a new inode): writing into the file this process has
+    # just loaded would change its mapped pages, and the loader reads them on every later symbol
+    # lookup (an xdist worker then crashed in unrelated tests).
     if damage == "truncated":  # e.g. a crash or a full disk half-way through a write
-        lib.write_bytes(good.read_bytes()[:4096])
+        replace_file(lib, good.read_bytes()[:4096])
     else:  # another library under the same name: its digest is not the recorded one
-        shutil.copy(planted_library, lib)
+        replace_file(lib, planted_library.read_bytes())
     assert fresh_available(), native.status()
     assert native.status() == f"in use: {lib}" and compilations(stand_in_compiler) == 1
     assert sha256(lib) == sha256(good) == (kernel_dir / (name + ".sha256")).read_text().strip()
