@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -84,6 +85,15 @@ class Compiled:
     def __init__(self, fn, donate_argnames=()):
         # key -> jax.stages.Lowered (not compiled yet), a Future (compiling) or jax.stages.Compiled
         self._fn, self._donate, self._programs = fn, donate_argnames, {}
+        _instances.add(self)
+
+    def __len__(self) -> int:
+        """Programs held (lowered, compiling or compiled)."""
+        return len(self._programs)
+
+    def clear(self) -> None:
+        """Drops every program held; the next call compiles (or loads from the persistent cache) again."""
+        self._programs.clear()
 
     @staticmethod
     def _key(static: dict, args: dict) -> tuple:
@@ -125,6 +135,19 @@ class Compiled:
             return 0.0
         self._programs[key] = _background().submit(program.compile)
         return time.perf_counter() - t
+
+
+_instances: "weakref.WeakSet[Compiled]" = weakref.WeakSet()
+
+
+def clear() -> None:
+    """Lets go of every compiled program this process holds: each `Compiled`'s and JAX's own
+    caches (`jax.clear_caches`). Later calls compile again, or load from the persistent cache.
+    For a long-running process that has been through many models or shapes (see the module's
+    docstring); results are unchanged."""
+    for compiled in list(_instances):
+        compiled.clear()
+    jax.clear_caches()
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,6 +6,7 @@ persistent compilation cache keeps programs between runs.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import sentencepiece as spm
 
 from jaxllm import ModelConfig, Tokenizer, init_params
+from jaxllm import compilation
 from jaxllm.compilation import enable_persistent_cache
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,6 +55,36 @@ def make_corpus(path: Path, seed: int = 0, lines: int = 3000) -> Path:
             parts.append(rng.choice(MULTILINGUAL) + "\n")
     path.write_text("".join(parts), encoding="utf-8")
     return path
+
+
+def memory_mappings() -> int:
+    """This process's memory mappings (Linux), 0 where /proc is not there."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+def _max_mappings() -> int:
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return 65530
+
+
+# An xdist worker runs hundreds of tests, each compiling programs of its own shapes. Every program
+# a process holds keeps ~9 mappings, and past vm.max_map_count XLA cannot load the next one (a
+# worker crashed in the unwinder). Dropping the programs at half the limit costs a few reloads.
+MAPPINGS_BEFORE_CLEAR = _max_mappings() // 2
+
+
+@pytest.fixture(autouse=True)
+def _let_go_of_programs_past_half_the_mapping_limit():
+    yield
+    if memory_mappings() > MAPPINGS_BEFORE_CLEAR:
+        compilation.clear()
+        gc.collect()
 
 
 REQUIRE_REFERENCE = "JAXLLM_REQUIRE_REFERENCE"
