@@ -137,7 +137,7 @@ class Compiled:
         return time.perf_counter() - t
 
 
-_instances: "weakref.WeakSet[Compiled]" = weakref.WeakSet()
+_instances: weakref.WeakSet[Compiled] = weakref.WeakSet()
 
 
 def clear() -> None:
