@@ -21,26 +21,17 @@ import sys
 from pathlib import Path
 
 from jaxllm import request as requests
+from jaxllm.cli import Parser, fail
 from jaxllm.errors import GenerationError, JaxllmError
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "jaxllm" / "assets" / "default"
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")  # jaxllm.config.ATTENTION_IMPLS
 
 
-def one_line(message: str) -> str:
-    """Errors are one line: a line break inside one (from a path, flag or key the user wrote) is shown escaped."""
-    return message.replace("\r", "\\r").replace("\n", "\\n")
-
-
 def flag_name(field: str) -> str:
     """How an error names a request field: as its flag, where it has one."""
     known = {f.name: f.metadata["flag"] for f in requests.fields()}
     return f"--{field}" if known.get(field, True) else field
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, instead of usage + message
-        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
 
 
 class Renamed(argparse.Action):
@@ -204,11 +195,9 @@ def main(argv=None) -> int:
         request = read_request(args, model_defaults, draft)
         result = run(params, cfg, tokenizer, request, args)
     except requests.RequestError as e:
-        print(f"sample.py: error: {one_line(e.render(flag_name))}", file=sys.stderr)
-        return 2
+        return fail("sample.py", e.render(flag_name))
     except JaxllmError as e:
-        print(f"sample.py: error: {one_line(str(e))}", file=sys.stderr)
-        return 2
+        return fail("sample.py", str(e))
     print_result(result, request, tokenizer, args.format)
     _report(counter, args, result.timing)
     return 0

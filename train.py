@@ -15,15 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def one_line(message: str) -> str:
-    """Errors are one line: a line break inside one (from a path, flag or key the user wrote) is shown escaped."""
-    return message.replace("\r", "\\r").replace("\n", "\\n")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, instead of usage + message
-        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+from jaxllm.cli import Parser, fail
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
@@ -71,12 +63,11 @@ def main(argv=None) -> int:
                 print(f"train.py: warning: {e}; running without the persistent compilation cache", file=sys.stderr)
         print(f"train.py: {args.config or args.out_dir}: {description}")
         train_loop.run(cfg, tcfg, args.out_dir, resume=args.resume, progress=not args.no_progress)
-    except jaxllm.TrainingError as e:
-        print(f"train.py: error: {one_line(str(e))}", file=sys.stderr)
+    except jaxllm.TrainingError as e:  # the run itself failed (exit 1), not its input
+        fail("train.py", str(e))
         return 1
     except jaxllm.JaxllmError as e:
-        print(f"train.py: error: {one_line(str(e))}", file=sys.stderr)
-        return 2
+        return fail("train.py", str(e))
     return 0
 
 

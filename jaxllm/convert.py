@@ -5,17 +5,15 @@ Turns a jaxllm checkpoint (a train.py output) into a Hugging Face LlamaForCausal
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 from jaxllm.checkpoint import load_checkpoint
+from jaxllm.cli import Parser, fail
 from jaxllm.errors import JaxllmError
 from jaxllm.hf import export_hf
 
 
 def main(argv=None) -> int:
     """python -m jaxllm.convert export --checkpoint DIR --out HF_DIR  (a train.py output -> transformers)."""
-    parser = argparse.ArgumentParser(prog="python -m jaxllm.convert", description="Export a jaxllm checkpoint to the HF layout.")
+    parser = Parser(prog="python -m jaxllm.convert", description="Export a jaxllm checkpoint to the HF layout.")
     parser.add_argument("command", choices=["export"])
     parser.add_argument("--checkpoint", required=True, help="a jaxllm checkpoint directory")
     parser.add_argument("--out", required=True, help="where to write the HF directory")
@@ -24,8 +22,7 @@ def main(argv=None) -> int:
         params, cfg, tokenizer = load_checkpoint(args.checkpoint)
         export_hf(args.out, params, cfg, tokenizer)
     except JaxllmError as e:
-        print(f"python -m jaxllm.convert: error: {e}", file=sys.stderr)
-        return 2
+        return fail(parser.prog, str(e))
     print(f"wrote {args.out} (LlamaForCausalLM)")
     return 0
 

@@ -18,6 +18,7 @@ from jaxllm import CheckpointError, forward, generate, init_params
 from jaxllm.checkpoint import flatten, load_any
 from jaxllm.hf import export_hf, load_hf
 from conftest import REPO, reference_stack, tiny_config
+from fuzzing import check_cli_outcome, run_cli
 
 
 def write_hf_dir(path, params, cfg, shards=1, generation=None):
@@ -246,6 +247,29 @@ def test_export_command_writes_a_loadable_directory(cfg, params, tokenizer, tmp_
     proc = subprocess.run([sys.executable, "-m", "jaxllm.convert", "export", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ["export"],  # --checkpoint and --out missing: argparse's error, which printed its usage block too
+    ["import", "--checkpoint", "c", "--out", "o"],  # no such command
+    ["export", "--checkpoint", "c", "--out", "o", "--bogus"],
+    ["export", "--checkpoint", "missing", "--out", "o"],  # the library's CheckpointError
+])
+def test_convert_refuses_bad_input_with_one_line_and_exit_2(argv, tmp_path, capsys, monkeypatch):
+    from jaxllm import convert
+
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli(convert.main, argv, capsys)
+    check_cli_outcome("python -m jaxllm.convert", rc, err, argv)
+    assert rc == 2 and not (tmp_path / "o").exists()
+
+
+def test_the_command_line_helpers_parse_flags_without_importing_jax():
+    """sample.py, train.py and convert share jaxllm.cli; importing it (and so the package) must not
+    load JAX, or every bad flag would wait seconds for it."""
+    code = "import sys, jaxllm.cli; assert 'jax' not in sys.modules, 'jax imported'; import jaxllm; print(jaxllm.generate.__module__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.strip() == "jaxllm.generate", proc.stderr
 
 
 def test_mistral_sliding_window_equals_transformers_past_the_window(tmp_path):
