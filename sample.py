@@ -34,6 +34,14 @@ def flag_name(field: str) -> str:
     return f"--{field}" if known.get(field, True) else field
 
 
+def named_in(args):
+    """How main's errors name a field: as flag_name does, and a flag that read a file names it too
+    (`--json_schema user.json`)."""
+    def name(field: str) -> str:
+        return f"{flag_name(field)} {args.json_schema}" if field == "json_schema" and hasattr(args, "json_schema") else flag_name(field)
+    return name
+
+
 class Renamed(argparse.Action):
     """An old flag: refused with the new name (not a silent alias, so scripts learn the one name)."""
 
@@ -195,7 +203,7 @@ def main(argv=None) -> int:
         request = read_request(args, model_defaults, draft)
         result = run(params, cfg, tokenizer, request, args)
     except requests.RequestError as e:
-        return fail("sample.py", e.render(flag_name))
+        return fail("sample.py", e.render(named_in(args)))
     except JaxllmError as e:
         return fail("sample.py", str(e))
     print_result(result, request, tokenizer, args.format)

@@ -5,10 +5,8 @@ Turns a jaxllm checkpoint (a train.py output) into a Hugging Face LlamaForCausal
 
 from __future__ import annotations
 
-from jaxllm.checkpoint import load_checkpoint
 from jaxllm.cli import Parser, fail
 from jaxllm.errors import JaxllmError
-from jaxllm.hf import export_hf
 
 
 def main(argv=None) -> int:
@@ -18,6 +16,11 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a jaxllm checkpoint directory")
     parser.add_argument("--out", required=True, help="where to write the HF directory")
     args = parser.parse_args(argv)
+    from jaxllm.checkpoint import (
+        load_checkpoint,  # JAX is imported once the flags are good
+    )
+    from jaxllm.hf import export_hf
+
     try:
         params, cfg, tokenizer = load_checkpoint(args.checkpoint)
         export_hf(args.out, params, cfg, tokenizer)

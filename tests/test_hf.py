@@ -265,9 +265,10 @@ def test_convert_refuses_bad_input_with_one_line_and_exit_2(argv, tmp_path, caps
 
 
 def test_the_command_line_helpers_parse_flags_without_importing_jax():
-    """sample.py, train.py and convert share jaxllm.cli; importing it (and so the package) must not
-    load JAX, or every bad flag would wait seconds for it."""
-    code = "import sys, jaxllm.cli; assert 'jax' not in sys.modules, 'jax imported'; import jaxllm; print(jaxllm.generate.__module__)"
+    """train.py and convert parse flags with jaxllm.cli; importing it, the package and convert must
+    not load JAX, or every bad flag would wait seconds for it."""
+    code = ("import sys, jaxllm.cli, jaxllm.convert; assert 'jax' not in sys.modules, 'jax imported'; "
+            "import jaxllm; print(jaxllm.generate.__module__)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0 and proc.stdout.strip() == "jaxllm.generate", proc.stderr
 

@@ -228,6 +228,15 @@ def test_bad_constraint_flags_exit_2_with_one_line(checkpoint, flags, needle):
     assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+@pytest.mark.parametrize("text, why", [('{"type": 5}', "invalid JSON Schema"), ("not json", "not valid JSON")])
+def test_a_bad_json_schema_file_is_named_in_its_error(checkpoint, tmp_path, text, why):
+    schema = tmp_path / "user.json"
+    schema.write_text(text)
+    proc = run("--checkpoint", checkpoint, "--prompt", "x", "--json_schema", schema)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"sample.py: error: --json_schema {schema}: ") and why in proc.stderr, proc.stderr
+
+
 def test_window_and_sinks_flags_match_the_library_past_the_context(checkpoint, cfg, params, tokenizer):
     n = cfg.max_seq_len + 40  # without the window this prompt + n would not fit
     proc = run("--checkpoint", checkpoint, "--prompt", "def f(x):", "--max_new_tokens", n, "--temperature", 0,
