@@ -16,9 +16,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a jaxllm checkpoint directory")
     parser.add_argument("--out", required=True, help="where to write the HF directory")
     args = parser.parse_args(argv)
-    from jaxllm.checkpoint import (
-        load_checkpoint,  # JAX is imported once the flags are good
-    )
+    # JAX is imported once the flags are good
+    from jaxllm.checkpoint import load_checkpoint
     from jaxllm.hf import export_hf
 
     try:
