@@ -106,8 +106,8 @@ class SamplingParams:
     ) -> "SamplingParams":
         """Broadcasts scalars (or checks per-row lists) to [batch] arrays and validates every value.
 
-        `seed=None` draws a random seed. Rows with the same seed and different `sample_index`
-        get independent streams (num_return_sequences).
+        `seed=None` draws a random seed for each row. Rows with the same seed and different
+        `sample_index` get independent streams (num_return_sequences).
         """
         f32, i32 = np.float32, np.int32
         t = _per_row("temperature", temperature, batch, f32)
@@ -160,8 +160,8 @@ class SamplingParams:
             bad_prefix[i, m - len(seq) + 1 :], bad_mask[i, m - len(seq) + 1 :] = seq[:-1], True
             bad_last[i], bad_used[i] = seq[-1], True
 
-        if seed is None:
-            seed = secrets.randbelow(2**32)
+        if seed is None:  # each row its own: two identical prompts sample independently, as when seeded apart
+            seed = [secrets.randbelow(2**32) for _ in range(batch)]
         seeds = _per_row("seed", seed, batch, np.int64)
         _check("seed", seeds)
         index = np.zeros(batch, i32) if sample_index is None else np.asarray(sample_index, i32)

@@ -127,6 +127,19 @@ def test_temperature_sampling_matches_the_softmax_distribution():
     assert np.all(np.asarray(choose_next(jnp.broadcast_to(logits, (n, 5)), greedy, history, no_eos)[0]) == 0)
 
 
+def test_without_a_seed_identical_rows_are_independent_draws_from_the_softmax():
+    # seed=None draws a seed per row: identical rows (two identical prompts) are independent
+    # samples, so their tokens follow the softmax; with one seed for all they would all be equal
+    logits = jnp.log(jnp.asarray([0.5, 0.25, 0.15, 0.07, 0.03]))
+    n = 4000
+    sampling = SamplingParams.make(n, 5, temperature=1.0, seed=None)
+    history = init_history(jnp.ones((n, 1), jnp.int32), jnp.zeros((n, 1), bool), 4, 5)
+    tokens = np.asarray(jax.jit(choose_next)(jnp.broadcast_to(logits, (n, 5)), sampling, history, jnp.zeros((0,), jnp.int32))[0])
+    expected = np.asarray(jax.nn.softmax(logits)) * n
+    chi2 = (((np.bincount(tokens, minlength=5) - expected) ** 2) / expected).sum()
+    assert chi2 < 18.5  # p = 0.001 for 4 degrees of freedom
+
+
 def test_generate_tokens_composes_with_user_jit(cfg, params):
     tokens, positions = left_pad(PROMPTS, 16, pad_id=0)
     sampling = SamplingParams.make(3, cfg.vocab_size, temperature=0.0, seed=0)
