@@ -28,17 +28,16 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "jaxllm" / "assets" / "de
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")  # jaxllm.config.ATTENTION_IMPLS
 
 
-def flag_name(field: str) -> str:
-    """How an error names a request field: as its flag, where it has one."""
-    known = {f.name: f.metadata["flag"] for f in requests.fields()}
-    return f"--{field}" if known.get(field, True) else field
+def flag_names(args):
+    """How main's errors name a request field: as its flag, where it has one, and --json_schema
+    with the file it was read from (`--json_schema user.json`)."""
+    has_flag = {f.name: f.metadata["flag"] for f in requests.fields()}
 
-
-def named_in(args):
-    """How main's errors name a field: as flag_name does, and a flag that read a file names it too
-    (`--json_schema user.json`)."""
     def name(field: str) -> str:
-        return f"{flag_name(field)} {args.json_schema}" if field == "json_schema" and hasattr(args, "json_schema") else flag_name(field)
+        if not has_flag.get(field, True):
+            return field
+        return f"--{field} {args.json_schema}" if field == "json_schema" and hasattr(args, "json_schema") else f"--{field}"
+
     return name
 
 
@@ -203,7 +202,7 @@ def main(argv=None) -> int:
         request = read_request(args, model_defaults, draft)
         result = run(params, cfg, tokenizer, request, args)
     except requests.RequestError as e:
-        return fail("sample.py", e.render(named_in(args)))
+        return fail("sample.py", e.render(flag_names(args)))
     except JaxllmError as e:
         return fail("sample.py", str(e))
     print_result(result, request, tokenizer, args.format)

@@ -3,7 +3,6 @@
 import importlib
 import sys
 import types
-from typing import TYPE_CHECKING
 
 # Names are imported on first use (PEP 562), so `import jaxllm.cli` (the command-line helpers
 # every script parses its flags with) does not import JAX: a bad flag is reported at once.
@@ -51,62 +50,6 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
-
-if TYPE_CHECKING:  # what the names are, for type checkers and editors
-    from jaxllm.checkpoint import load_checkpoint, save_checkpoint
-    from jaxllm.config import ModelConfig, TrainConfig
-    from jaxllm.devices import prepare as prepare_params
-    from jaxllm.errors import (
-        CacheError,
-        CheckpointError,
-        ConfigError,
-        DataError,
-        GenerationError,
-        JaxllmError,
-        TokenizerError,
-        TrainingError,
-    )
-    from jaxllm.generate import GenerationResult, generate, generate_stream, generate_tokens
-    from jaxllm.hf import export_hf, load_hf
-    from jaxllm.kvcache import KVCache, init_cache
-    from jaxllm.model import forward, init_params
-    from jaxllm.quantize import QuantizedWeight, quantize_params
-    from jaxllm.request import Request, RequestError
-    from jaxllm.sampling import SamplingParams
-    from jaxllm.stopping import StopParams
-    from jaxllm.tokenizer import Tokenizer
-
 __version__ = "0.1.0"
 
-__all__ = [
-    "CacheError",
-    "CheckpointError",
-    "ConfigError",
-    "DataError",
-    "GenerationError",
-    "GenerationResult",
-    "JaxllmError",
-    "KVCache",
-    "ModelConfig",
-    "QuantizedWeight",
-    "Request",
-    "RequestError",
-    "SamplingParams",
-    "StopParams",
-    "Tokenizer",
-    "TokenizerError",
-    "TrainConfig",
-    "TrainingError",
-    "forward",
-    "generate",
-    "generate_stream",
-    "generate_tokens",
-    "init_cache",
-    "init_params",
-    "export_hf",
-    "load_hf",
-    "load_checkpoint",
-    "prepare_params",
-    "quantize_params",
-    "save_checkpoint",
-]
+__all__ = sorted(_WHERE)

@@ -5,6 +5,7 @@ compile all of generation's programs before the first real call)."""
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import time
 import weakref
@@ -148,6 +149,7 @@ def clear() -> None:
     for compiled in list(_instances):
         compiled.clear()
     jax.clear_caches()
+    gc.collect()  # the programs' memory goes back now, not at the next collection
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,7 +6,6 @@ persistent compilation cache keeps programs between runs.
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 from pathlib import Path
@@ -93,7 +92,6 @@ def _let_go_of_programs_past_half_the_mapping_limit():
     yield
     if memory_mappings() > MAPPINGS_BEFORE_CLEAR:
         compilation.clear()
-        gc.collect()
 
 
 REQUIRE_REFERENCE = "JAXLLM_REQUIRE_REFERENCE"

@@ -4,15 +4,13 @@ reaches vm.max_map_count and cannot load another program."""
 
 from __future__ import annotations
 
-import gc
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import memory_mappings
 
 from jaxllm import compilation
 from jaxllm.compilation import CompileCounter, Compiled
-from tests.conftest import memory_mappings
 
 
 def affine(x, *, scale):
@@ -43,14 +41,12 @@ def test_after_clear_a_held_program_is_compiled_again_and_gives_the_same_results
 def test_clear_gives_the_programs_memory_mappings_back():
     program = Compiled(affine)
     compilation.clear()
-    gc.collect()
     before = memory_mappings()
     for n in range(1, 41):
         run(program, n, scale=float(n))
     held = memory_mappings()
     assert len(program) == 40 and held - before > 40 * 4  # each program keeps several mappings
     compilation.clear()
-    gc.collect()
     assert len(program) == 0
     assert memory_mappings() - before < (held - before) / 4  # most of them are given back
     run(program, 7)  # and it still works, compiling (or loading) again
