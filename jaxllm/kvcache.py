@@ -3,9 +3,12 @@
 Legend: L layers, B batch, S slots, K kv heads, E head dim, T tokens written in one call,
 N sink slots, R = S - N ring slots.
 
-All rows write at the same scalar `cursor` (a column count): prompts are left-padded so that
-they end in the same column, and each slot's position (-1 for padding or empty) masks what a
-row must not see. A per-row cursor would make every write a scatter, which is slow on TPU.
+A batch writes at one scalar `cursor` (a column count): prompts are left-padded so that they
+end in the same column, and each slot's position (-1 for padding or empty) masks what a row
+must not see. Each write is then one in-place slice update. A decoder whose rows move at their
+own pace (speculative decoding: each row keeps the drafts it accepted) gives the cache a
+per-row cursor [B] (`per_row`): each write becomes a scatter of the new columns at each row's
+own slots. Reads never look at the cursor, only at `pos`.
 
 Two layouts (static, chosen when the cache is made):
 
@@ -90,7 +93,7 @@ class KVCache:
     k: jax.Array  # [L, B, K, S, E] keys (RoPE applied, except in a ring with sinks); int8 if quantized
     v: jax.Array  # [L, B, K, S, E] values; int8 if quantized
     pos: jax.Array  # [B, S] int32 position of the token in each slot; -1 = empty or padding
-    cursor: jax.Array  # [] int32 columns written so far, shared by all rows
+    cursor: jax.Array  # [] int32 columns written so far, shared by all rows; or [B], one per row (`per_row`)
     k_scale: jax.Array | None = None  # [L, B, K, S] float32 when int8: key = k * k_scale
     v_scale: jax.Array | None = None  # [L, B, K, S] float32 when int8
     ring: bool = False  # static: ring layout (see the module docstring)
@@ -139,6 +142,14 @@ def init_cache(
     )
 
 
+def per_row(cache: KVCache) -> KVCache:
+    """The cache with one cursor per row (all at the shared cursor's column), so rows can advance and
+    take back columns on their own (`rewind` with a [B] cursor)."""
+    if cache.cursor.ndim:
+        return cache
+    return dataclasses.replace(cache, cursor=jnp.full(cache.pos.shape[:1], cache.cursor, jnp.int32))
+
+
 def take_rows(cache: KVCache, rows: jax.Array) -> KVCache:
     """The cache whose row r is a copy of row `rows[r]` (rows: [R] int; R may differ from B):
     every field follows, scales and layout included, so beams keep a ring, sinks and int8."""
@@ -147,7 +158,7 @@ def take_rows(cache: KVCache, rows: jax.Array) -> KVCache:
     follow = lambda buf: None if buf is None else jnp.stack([buf[layer][rows] for layer in range(buf.shape[0])])
     return dataclasses.replace(
         cache, k=follow(cache.k), v=follow(cache.v), k_scale=follow(cache.k_scale), v_scale=follow(cache.v_scale),
-        pos=cache.pos[rows],
+        pos=cache.pos[rows], cursor=cache.cursor[rows] if cache.cursor.ndim else cache.cursor,
     )
 
 
@@ -202,6 +213,11 @@ def _write_layer(cache: KVCache, buf: jax.Array, new: jax.Array, layer, position
     """buf: values [L, B, K, S, E] or scales [L, B, K, S]; new: [B, K, T, ...]."""
     new = new.astype(buf.dtype)
     tail = (0,) * (buf.ndim - 4)
+    if cache.cursor.ndim and not cache.sinks:  # per-row cursors: one scatter into the stacked buffer
+        slots, keep = _row_slots(cache, new.shape[2])
+        rows = jnp.arange(buf.shape[1])[:, None]
+        kept = jnp.moveaxis(new[:, :, new.shape[2] - keep :], 2, 1)  # [B, keep, K, ...]: indexed dims lead
+        return buf.at[layer, rows, :, slots].set(kept, unique_indices=True)
     if not cache.ring or (new.shape[2] == 1 and not cache.sinks):
         slot = cache.cursor % cache.ring_slots if cache.ring else cache.cursor
         return jax.lax.dynamic_update_slice(buf, new[None], (layer, 0, 0, slot) + tail)
@@ -222,16 +238,12 @@ def write_slots(cache: KVCache, buf: jax.Array, new: jax.Array, positions: jax.A
     def at(slot):  # start indices of an update at `slot`
         return tuple(slot if d == axis else 0 for d in range(buf.ndim))
 
+    if cache.cursor.ndim:
+        return _write_rows(cache, buf, new, positions, axis)
     if not cache.ring:
         return jax.lax.dynamic_update_slice(buf, new, at(cache.cursor))
     N, R, T = cache.sinks, cache.ring_slots, new.shape[axis]
-    if N:
-        shape = tuple(-1 if d == 0 else N if d == axis else 1 for d in range(buf.ndim))  # broadcasts over the other axes
-        hit = positions[:, :, None] == jnp.arange(N)  # [B, T, N]
-        idx = jnp.argmax(hit, axis=1).reshape(shape)  # the column holding position n
-        found = jnp.any(hit, axis=1).reshape(shape)
-        sinks = jnp.where(found, jnp.take_along_axis(new, idx, axis=axis), jax.lax.slice_in_dim(buf, 0, N, axis=axis))
-        buf = jax.lax.dynamic_update_slice(buf, sinks, at(0))
+    buf = _write_sinks(cache, buf, new, positions, axis)
     if T == 1:  # a decode step never wraps: an in-place slice update
         return jax.lax.dynamic_update_slice(buf, new, at(N + cache.cursor % R))
     keep = min(T, R)
@@ -240,13 +252,46 @@ def write_slots(cache: KVCache, buf: jax.Array, new: jax.Array, positions: jax.A
     return buf.at[ring].set(jax.lax.slice_in_dim(new, T - keep, T, axis=axis), unique_indices=True)
 
 
+def _row_slots(cache: KVCache, T: int) -> tuple[jax.Array, int]:
+    """Per-row cursors: ([B, keep] slots, keep) for the last `keep` of T columns written at each
+    row's cursor (a ring keeps the last min(T, R); its sink slots are filled by position)."""
+    if not cache.ring:
+        return cache.cursor[:, None] + jnp.arange(T), T
+    keep = min(T, cache.ring_slots)
+    columns = cache.cursor[:, None] + T - keep + jnp.arange(keep)
+    return cache.sinks + columns % cache.ring_slots, keep
+
+
+def _write_sinks(cache: KVCache, buf: jax.Array, new: jax.Array, positions: jax.Array, axis: int) -> jax.Array:
+    """A ring's sink slots take each row's tokens at positions 0..N-1 wherever they are in `new`."""
+    N = cache.sinks
+    if not N:
+        return buf
+    shape = tuple(-1 if d == 0 else N if d == axis else 1 for d in range(buf.ndim))  # broadcasts over the other axes
+    hit = positions[:, :, None] == jnp.arange(N)  # [B, T, N]
+    idx = jnp.argmax(hit, axis=1).reshape(shape)  # the column holding position n
+    found = jnp.any(hit, axis=1).reshape(shape)
+    sinks = jnp.where(found, jnp.take_along_axis(new, idx, axis=axis), jax.lax.slice_in_dim(buf, 0, N, axis=axis))
+    return jax.lax.dynamic_update_slice(buf, sinks, (0,) * buf.ndim)
+
+
+def _write_rows(cache: KVCache, buf: jax.Array, new: jax.Array, positions: jax.Array, axis: int) -> jax.Array:
+    """`write_slots` for per-row cursors: the sink slots by position, the rest a scatter at each row's slots."""
+    buf = _write_sinks(cache, buf, new, positions, axis)
+    slots, keep = _row_slots(cache, new.shape[axis])
+    kept = jnp.moveaxis(jax.lax.slice_in_dim(new, new.shape[axis] - keep, new.shape[axis], axis=axis), axis, 1)
+    rows = jnp.arange(buf.shape[0])[:, None]
+    index = (rows,) + (slice(None),) * (axis - 1) + (slots,)
+    return buf.at[index].set(kept, unique_indices=True)
+
+
 def advance(cache: KVCache, num_tokens: int) -> KVCache:
     return dataclasses.replace(cache, cursor=cache.cursor + num_tokens)
 
 
 def rewind(cache: KVCache, cursor: jax.Array, written: int) -> KVCache:
-    """Takes back the columns from `cursor` on, of the `written` (static) at most written past it:
-    the cursor moves back and their slots are marked empty (pos -1).
+    """Takes back the columns from `cursor` on ([] or, per-row cursors, [B]), of the `written`
+    (static) at most written past it: the cursor moves back and their slots are marked empty (pos -1).
 
     A linear cache needs only the cursor (its next writes cover those slots before anything
     reads them), but a ring's block write (T > 1) reads the old ring beside its own keys, where
@@ -254,8 +299,11 @@ def rewind(cache: KVCache, cursor: jax.Array, written: int) -> KVCache:
     """
     if not cache.ring:
         return dataclasses.replace(cache, cursor=cursor)
-    columns = cursor + jnp.arange(written)  # distinct slots: `written` <= the ring's lookahead
+    B = cache.pos.shape[0]
+    column = lambda c: jnp.broadcast_to(c, (B,))[:, None]  # [B, 1]: each row's (per-row cursors) or the one
+    columns = column(cursor) + jnp.arange(written)  # distinct slots in a row: `written` <= the ring's lookahead
     slots = cache.sinks + columns % cache.ring_slots
-    taken = (columns < cache.cursor)[None, :]
-    pos = cache.pos.at[:, slots].set(jnp.where(taken, -1, cache.pos[:, slots]))
+    rows = jnp.arange(B)[:, None]
+    taken = columns < column(cache.cursor)
+    pos = cache.pos.at[rows, slots].set(jnp.where(taken, -1, cache.pos[rows, slots]))
     return dataclasses.replace(cache, cursor=cursor, pos=pos)

@@ -232,7 +232,7 @@ class History:
     valid: jax.Array  # [B, S] bool real tokens (not padding, already generated)
     seen: jax.Array  # [B, V] bool token occurs in prompt or output (repetition_penalty)
     counts: jax.Array  # [B, V] i32 occurrences in the output (frequency / presence)
-    step: jax.Array  # [] i32 tokens generated so far
+    step: jax.Array  # [] i32 tokens generated so far; or [B], each row's own (`per_row`)
     prompt_len: int  # P, static
 
 
@@ -250,27 +250,43 @@ def init_history(prompt: jax.Array, prompt_valid: jax.Array, buffer_len: int, vo
     )
 
 
+def per_row(history: History) -> History:
+    """The history with one step counter per row: `record` then moves only the rows it records for."""
+    steps = jnp.broadcast_to(history.step, history.tokens.shape[:1]).astype(jnp.int32)
+    return dataclasses.replace(history, step=steps)
+
+
+def put_column(buf: jax.Array, at: jax.Array, value: jax.Array) -> jax.Array:
+    """buf [B, S, ...] with value [B, ...] at column `at`: one column for all rows ([]), an in-place
+    slice update, or each row's own ([B]), a scatter (a column past the end is dropped)."""
+    if at.ndim == 0:
+        return jax.lax.dynamic_update_slice(buf, value[:, None], (0, at) + (0,) * (buf.ndim - 2))
+    return buf.at[jnp.arange(buf.shape[0]), at].set(value, mode="drop")
+
+
 def record(history: History, token: jax.Array, active: jax.Array) -> History:
-    """Appends token [B] for the rows where `active` [B] (finished rows record nothing)."""
+    """Appends token [B] for the rows where `active` [B] (finished rows record nothing). With one
+    step for all rows, every row moves on a column; with per-row steps, only the active rows."""
     rows = jnp.arange(token.shape[0])
     at = history.prompt_len + history.step
     return dataclasses.replace(
         history,
-        tokens=jax.lax.dynamic_update_slice(history.tokens, token[:, None], (0, at)),
-        valid=jax.lax.dynamic_update_slice(history.valid, active[:, None], (0, at)),
+        tokens=put_column(history.tokens, at, token),
+        valid=put_column(history.valid, at, active),
         seen=history.seen.at[rows, token].max(active),
         counts=history.counts.at[rows, token].add(active.astype(jnp.int32)),
-        step=history.step + 1,
+        step=history.step + (active.astype(jnp.int32) if history.step.ndim else 1),
     )
 
 
 def last_tokens(history: History, n: int, outputs_only: bool = False) -> tuple[jax.Array, jax.Array]:
     """The n most recent history tokens and their validity, oldest first: [B, n] each."""
     end = history.prompt_len + history.step
-    idx = end - n + jnp.arange(n)
-    safe = jnp.clip(idx, 0, history.tokens.shape[1] - 1)
+    idx = end[..., None] - n + jnp.arange(n)  # [n], or [B, n] with per-row steps
+    safe = jnp.broadcast_to(jnp.clip(idx, 0, history.tokens.shape[1] - 1), history.tokens.shape[:1] + (n,))
     first = history.prompt_len if outputs_only else 0
-    return history.tokens[:, safe], history.valid[:, safe] & (idx >= first)
+    take = lambda a: jnp.take_along_axis(a, safe, axis=1)
+    return take(history.tokens), take(history.valid) & (idx >= first)
 
 
 # ---------------------------------------------------------------------------- processors (pure, [B, V])
@@ -385,8 +401,9 @@ def truncate(z: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array)
 
 
 def row_keys(sp: SamplingParams, step: jax.Array) -> jax.Array:
-    """One PRNG key per row for this step: [B] typed keys."""
-    return jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(sp.key)
+    """One PRNG key per row for output position `step` ([], or [B]: each row's own): [B] typed keys."""
+    steps = jnp.broadcast_to(step, sp.key.shape[:1])
+    return jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(sp.key, steps)
 
 
 def draw(weights: jax.Array, keys: jax.Array) -> jax.Array:
