@@ -83,6 +83,7 @@ READ = {
     "regex": dict(),
     "system": dict(),
     "num_speculative_tokens": dict(type=int),
+    "prompt_lookup_max": dict(type=int, metavar="N"),
     "kv_cache_dtype": dict(choices=["int8"]),
     "chat": dict(nargs="?", const="auto", choices=["auto", "jaxllm", "llama2", "plain"]),
     "few_shot": dict(metavar="FILE.jsonl"),
@@ -184,7 +185,8 @@ def main(argv=None) -> int:
     try:
         request = read_request(args)  # a conflict between flags is refused before any model is loaded
         if args.warmup and request.mode != requests.SAMPLE:
-            mode = "--num_beams > 1" if request.mode == requests.BEAM else "--draft"
+            mode = ("--num_beams > 1" if request.mode == requests.BEAM else
+                    "--draft" if request.draft is not None else "--prompt_lookup_max")
             raise GenerationError(f"--warmup compiles the sampling path only: it does not work with {mode}")
         if not args.no_compile_cache:
             try:
@@ -250,13 +252,8 @@ def run(params, cfg, tokenizer, request: requests.Request, args):
             print(f"sample.py: warmup: {len(done['prompt_lengths'])} prompt buckets (prompt lengths "
                   f"{done['prompt_lengths']}), {done['programs']} programs ({done['cache_hits']} from the "
                   f"persistent cache) in {done['compile_s']:.2f}s", file=sys.stderr)
-    if request.stream:
-        if request.mode == requests.SPECULATIVE:
-            from jaxllm.speculative import speculative_generate_stream
-
-            pieces = speculative_generate_stream(params, cfg, request.draft.params, request.draft.cfg, request, tokenizer=tokenizer)
-        else:
-            pieces = jaxllm.generate_stream(params, cfg, request, tokenizer=tokenizer)
+    if request.stream:  # sampling or speculative decoding
+        pieces = jaxllm.generate_stream(params, cfg, request, tokenizer=tokenizer)
         print(request.prompts[0], end="", flush=True)
         for row, piece in pieces:
             if row >= 0:
@@ -266,9 +263,7 @@ def run(params, cfg, tokenizer, request: requests.Request, args):
         print()
         return result
     if request.mode == requests.SPECULATIVE:
-        from jaxllm.speculative import speculative_generate
-
-        result = speculative_generate(params, cfg, request.draft.params, request.draft.cfg, request, tokenizer=tokenizer)
+        result = jaxllm.generate(params, cfg, request, tokenizer=tokenizer)
         print(f"sample.py: speculative decoding accepted {result.timing['acceptance_rate']:.0%} of drafted tokens, "
               f"{result.timing['tokens_per_block']:.2f} tokens per target forward", file=sys.stderr)
         return result

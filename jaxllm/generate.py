@@ -34,11 +34,11 @@ from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.kvcache import CacheSpec, KVCache, init_cache
 from jaxllm.model import forward, prefill, prefill_length, unembed
-from jaxllm.request import SAMPLE, Prepared, Request, RequestError, prepare
+from jaxllm.request import SAMPLE, SPECULATIVE, Prepared, Request, RequestError, prepare
 from jaxllm.request import make as make_request
 from jaxllm.results import GenerationResult, TextStream, collect, retry_invalid
 from jaxllm.sampling import (
-    NEG_INF, History, SamplingParams, choose_next, init_history, last_tokens, pow2_bucket, record,
+    NEG_INF, History, SamplingParams, choose_next, init_history, last_tokens, pow2_bucket, put_column, record,
 )
 from jaxllm.stopping import CONSTRAINT, REPEAT_WINDOW, RUNNING, StopParams, check_stops
 from jaxllm.structured import constraints
@@ -157,11 +157,16 @@ def take_rows(state: DecodeState, rows: jax.Array) -> DecodeState:
 
 def emit(
     state: DecodeState, token: jax.Array, logprobs: jax.Array, stops: StopParams,
-    *, pad_id: int = 0, stop_fn: StopFn | None = None,
+    *, pad_id: int = 0, stop_fn: StopFn | None = None, active: jax.Array | None = None,
 ) -> DecodeState:
     """Appends one chosen token per row [B] (drawn from `logprobs` [B, V]): record it, check stops,
-    keep its log-probability. Finished rows record padding. The model is not run."""
+    keep its log-probability. Finished rows record padding. The model is not run.
+
+    `active` [B] (with per-row steps, `sampling.per_row`): only these rows emit; the others are
+    left as they are."""
     running = state.finish == RUNNING
+    if active is not None:
+        running = running & active
     step = state.step
     token = jnp.where(running, token, pad_id)
     history = record(state.history, token, running)
@@ -173,15 +178,18 @@ def emit(
     chosen = jnp.take_along_axis(logprobs, token[:, None], axis=1)  # [B, 1]
     A = state.top_ids.shape[2]
     top_lp, top_ids = jax.lax.top_k(logprobs, A) if A else (state.top_logprobs[:, 0], state.top_ids[:, 0])
+    if active is not None:  # rows that do not emit keep their byte windows
+        window = jnp.where(running[:, None], window, state.window)
+        filled = jnp.where(running, filled, state.filled)
     return dataclasses.replace(
         state,
         history=history,
         finish=jnp.where(running, code, state.finish),
         window=window,
         filled=filled,
-        logprobs=jax.lax.dynamic_update_slice(state.logprobs, chosen, (0, step)),
-        top_ids=jax.lax.dynamic_update_slice(state.top_ids, top_ids[:, None], (0, step, 0)),
-        top_logprobs=jax.lax.dynamic_update_slice(state.top_logprobs, top_lp[:, None], (0, step, 0)),
+        logprobs=put_column(state.logprobs, step, chosen[:, 0]),
+        top_ids=put_column(state.top_ids, step, top_ids),
+        top_logprobs=put_column(state.top_logprobs, step, top_lp),
     )
 
 
@@ -301,6 +309,11 @@ def _run(params, cfg, prep: Prepared, timing: dict) -> Iterator[DecodeState]:
             return
 
 
+def _draft(req: Request) -> tuple:
+    """(draft params, draft config) of a speculative request; (None, None) with prompt lookup."""
+    return (None, None) if req.draft is None else (req.draft.params, req.draft.cfg)
+
+
 def generate(params, cfg: ModelConfig, request: Request | object, *, tokenizer: Tokenizer | None = None,
              **options) -> GenerationResult:
     """Generates continuations: `request` is a `Request`, or its prompts with the other fields as
@@ -308,9 +321,9 @@ def generate(params, cfg: ModelConfig, request: Request | object, *, tokenizer: 
 
     Text prompts, chat, stop strings and bad words need `tokenizer`; token-id prompts do not.
     Every option is a field of `request.Request` (documented there, with its default and
-    range); per-prompt options take one value or a list with one value per prompt. Options that
-    belong to another decoder (`num_beams`, `draft`) are refused: see `beam.beam_generate`,
-    `speculative.speculative_generate`. With `retries=R`, rows whose output breaks their
+    range); per-prompt options take one value or a list with one value per prompt. A request for
+    speculative decoding (`prompt_lookup_max`, or a `draft`) runs `speculative.speculative_generate`;
+    beam search (`num_beams`) is refused: see `beam.beam_generate`. With `retries=R`, rows whose output breaks their
     constraint are sampled again (new seeds) up to R times.
     Raises `GenerationError` for input that cannot work (empty prompt, too long for the context, an
     option out of range or out of place: `request.RequestError` names the fields).
@@ -318,6 +331,10 @@ def generate(params, cfg: ModelConfig, request: Request | object, *, tokenizer: 
     req = make_request(request, options)
     if req.stream:
         raise RequestError("{stream} needs generate_stream (generate returns only the finished result)")
+    if req.mode == SPECULATIVE:
+        from jaxllm.speculative import speculative_generate
+
+        return speculative_generate(params, cfg, *_draft(req), req, tokenizer=tokenizer)
     prep, timing = prepare(req, cfg, tokenizer, SAMPLE), {}
     *_, state = _run(params, cfg, prep, timing)
     result = collect(state, prep, tokenizer, timing)
@@ -335,6 +352,11 @@ def generate_stream(params, cfg: ModelConfig, request: Request | object, *, toke
     `(-1, result)` with the complete `GenerationResult`.
     """
     req = make_request(request, options)
+    if req.mode == SPECULATIVE:
+        from jaxllm.speculative import speculative_generate_stream
+
+        yield from speculative_generate_stream(params, cfg, *_draft(req), req, tokenizer=tokenizer)
+        return
     prep, timing = prepare(req, cfg, tokenizer, SAMPLE), {}
     text = TextStream(tokenizer, prep.prompts, prep.stop_strings, req.include_stop_str_in_output)
     for state in _run(params, cfg, prep, timing):

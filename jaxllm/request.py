@@ -15,7 +15,7 @@ default, help text, allowed range and the decoding modes it applies to are state
 `Request` below; sample.py builds its flags from them (same names, same defaults).
 
 Decoding modes: "sample" (the default: sampling, or greedy at temperature 0), "beam"
-(`num_beams > 1`) and "speculative" (a `draft` model). An option that does not apply to the
+(`num_beams > 1`) and "speculative" (a `draft` model, or `prompt_lookup_max`). An option that does not apply to the
 request's mode must keep its default, or the request is refused with a `RequestError` naming
 both sides, e.g. "length_penalty applies only with num_beams > 1".
 """
@@ -46,6 +46,7 @@ SAMPLING_ONLY = frozenset((SAMPLE,))
 # in a mode that does not take it is refused even when the value given is this one.
 WHEN_UNSET = {"length_penalty": 1.0, "early_stopping": False, "num_speculative_tokens": 4}
 MAX_LOGPROBS = 20
+MAX_LOOKUP_NGRAM = 8
 RENAMED = {  # old name -> the name that replaced it (both sides now use one name)
     "repeat_count": "stop_on_repetition", "enforce": "verify_only (enforce=False is verify_only=True)",
     "kv_cache": "kv_cache_dtype", "draft_checkpoint": "draft", "max_depth": "max_json_depth",
@@ -166,7 +167,11 @@ class Request:
                                                allowed="True, False or 'never'", modes=frozenset((BEAM,)))
     draft: Any = option(None, "speculative decoding: the draft model (a Draft; sample.py: its checkpoint)",
                         modes=frozenset((SPECULATIVE,)))
-    num_speculative_tokens: int | None = option(None, f"tokens the draft proposes per target forward (None: {WHEN_UNSET['num_speculative_tokens']})",
+    prompt_lookup_max: int = option(0, "speculative decoding with no draft model: propose the tokens that followed the "
+                                    "last N (down to 1) tokens where they last occurred in prompt or output (0: off)",
+                                    check=_int(0, MAX_LOOKUP_NGRAM), allowed=f"in [0, {MAX_LOOKUP_NGRAM}]",
+                                    modes=frozenset((SPECULATIVE,)))
+    num_speculative_tokens: int | None = option(None, f"tokens drafted per target forward (None: {WHEN_UNSET['num_speculative_tokens']})",
                                                 check=_int(1, 16), allowed="in [1, 16]", modes=frozenset((SPECULATIVE,)))
     # --- the cache
     window: int = option(0, "keep only the last W tokens in a ring cache (0: the model's own)", check=_int(0),
@@ -201,8 +206,8 @@ class Request:
 
     @property
     def mode(self) -> str:
-        """The decoding mode the options ask for: "speculative" with a draft, "beam" with num_beams > 1."""
-        return SPECULATIVE if self.draft is not None else BEAM if self.num_beams > 1 else SAMPLE
+        """The decoding mode the options ask for: "speculative" with a draft or prompt lookup, "beam" with num_beams > 1."""
+        return mode_of(vars(self))
 
     def value(self, name: str):
         """Field `name`, or what it means when not given (WHEN_UNSET)."""
@@ -262,9 +267,16 @@ def make(request, options: Mapping[str, Any]) -> Request:
 def with_model_defaults(options: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple[dict, list[str]]:
     """Options given, completed by a model's own defaults (generation_config.json) for the options
     not given that apply to the decoding mode the given ones ask for. -> (options, names taken)"""
-    mode = SPECULATIVE if options.get("draft") is not None else BEAM if options.get("num_beams", 1) > 1 else SAMPLE
+    mode = mode_of(options)
     taken = [f.name for f in fields() if f.name in defaults and f.name not in options and mode in f.metadata["modes"]]
     return {**options, **{k: defaults[k] for k in taken}}, taken
+
+
+def mode_of(options: Mapping[str, Any]) -> str:
+    """The decoding mode options ask for (see the module docstring)."""
+    if options.get("draft") is not None or options.get("prompt_lookup_max"):
+        return SPECULATIVE
+    return BEAM if options.get("num_beams", 1) > 1 else SAMPLE
 
 
 def _given(value) -> bool:
@@ -313,7 +325,10 @@ def _check_field(f: dataclasses.Field, value, num_prompts: int) -> None:
 def check_mode(request: Request, mode: str) -> None:
     """The rules for which options combine, for a request decoded in `mode` (one place: the API and
     sample.py refuse the same things). Raises RequestError naming both sides."""
-    trigger = {BEAM: "{num_beams} > 1", SPECULATIVE: "{draft}"}
+    drafter = "{draft}" if request.draft is not None else "{prompt_lookup_max}" if request.prompt_lookup_max else None
+    trigger = {BEAM: "{num_beams} > 1", SPECULATIVE: drafter or "{draft} or {prompt_lookup_max}"}
+    if request.draft is not None and request.prompt_lookup_max:
+        raise RequestError("{draft} and {prompt_lookup_max} are two ways to draft tokens: give one")
     what = {SAMPLE: "sampling", BEAM: "beam search", SPECULATIVE: "speculative decoding"}
     if request.mode != SAMPLE and request.mode != mode:
         raise RequestError(f"{trigger[request.mode]} asks for {what[request.mode]}, and this call does {what[mode]}")

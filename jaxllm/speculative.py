@@ -44,7 +44,7 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 
-from jaxllm import devices, kvcache
+from jaxllm import devices, kvcache, sampling
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.errors import GenerationError
@@ -54,7 +54,9 @@ from jaxllm.model import forward
 from jaxllm.request import SPECULATIVE, Draft, RequestError, prepare
 from jaxllm.request import make as make_request
 from jaxllm.results import TextStream, collect
-from jaxllm.sampling import NEG_INF, History, SamplingParams, draw, first_argmax, process_logits, record, row_keys, warp
+from jaxllm.sampling import (
+    NEG_INF, History, SamplingParams, draw, first_argmax, last_tokens, process_logits, record, row_keys, warp,
+)
 from jaxllm.stopping import CONSTRAINT, RUNNING
 from jaxllm.structured import constraints
 from jaxllm.tokenizer import Tokenizer
@@ -87,17 +89,44 @@ def _keys(sp: SamplingParams, position: jax.Array, purpose: int) -> jax.Array:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["out", "last", "draft_cache", "block", "proposed", "accepted"],
+    data_fields=["out", "last", "draft_cache", "block", "proposed", "accepted", "row_blocks"],
     meta_fields=[],
 )
 @dataclasses.dataclass(frozen=True)
 class SpecState:
-    out: DecodeState  # the target's: history, stops, logprobs, cache (its `logits` are unused after the first token)
+    out: DecodeState  # the target's, with per-row steps and cache cursors (its `logits` are unused after the first token)
     last: jax.Array  # [B] the newest token, emitted but not yet fed to either model
-    draft_cache: KVCache
+    draft_cache: KVCache | None  # the draft model's (per-row cursors); None with prompt lookup
     block: jax.Array  # [] blocks done
     proposed: jax.Array  # [] draft tokens proposed to running rows
-    accepted: jax.Array  # [] of those, accepted by the rule (before the batch minimum)
+    accepted: jax.Array  # [] of those, accepted by the rule
+    row_blocks: jax.Array  # [] target forwards summed over the rows running in them
+
+
+def lookup(history: History, max_ngram: int, count: int) -> jax.Array:
+    """Prompt-lookup drafts [B, count]: the tokens that followed the most recent earlier occurrence
+    of the row's last n tokens in its prompt and output, for the largest n <= `max_ngram` that
+    occurs. A continuation that runs into the present repeats the matched stretch (the text
+    is periodic there); a row with no match proposes its last token again.
+    """
+    tokens, valid = history.tokens, history.valid
+    B, S = tokens.shape
+    end = jnp.broadcast_to(history.prompt_len + history.step, (B,))[:, None]  # [B, 1] columns filled
+    suffix, suffix_ok = last_tokens(history, max_ngram)  # [B, M], oldest first
+    column = jnp.arange(S)
+    same = jnp.ones((B, S), bool)
+    best = jnp.full((B,), -1)  # the column where the chosen match ends
+    for i in range(1, max_ngram + 1):  # static: column j matches the last i tokens when tokens[j - i + 1 ..] equal them
+        shifted = jnp.pad(tokens, ((0, 0), (i - 1, 0)))[:, :S]
+        shifted_ok = jnp.pad(valid, ((0, 0), (i - 1, 0)))[:, :S]
+        same = same & shifted_ok & (shifted == suffix[:, max_ngram - i, None]) & suffix_ok[:, max_ngram - i, None]
+        ends = jnp.max(jnp.where(same & (column < end - 1), column, -1), axis=1)  # most recent, not the suffix itself
+        best = jnp.where(ends >= 0, ends, best)  # a longer match wins
+    start = best[:, None] + 1
+    period = jnp.maximum(end - start, 1)
+    idx = jnp.clip(start + jnp.arange(count) % period, 0, S - 1)
+    last = jnp.take_along_axis(tokens, jnp.clip(end - 1, 0, S - 1), axis=1)
+    return jnp.where(best[:, None] >= 0, jnp.take_along_axis(tokens, idx, axis=1), last)
 
 
 def _constrain(auto, rows, stops, emitted):
@@ -108,24 +137,32 @@ def _constrain(auto, rows, stops, emitted):
 
 
 def _block(
-    tparams, tcfg, dparams, dcfg, state: SpecState, sp, stops, auto=None, *, gamma: int, pad_id: int
+    tparams, tcfg, dparams, dcfg, state: SpecState, sp, stops, auto=None,
+    *, gamma: int, pad_id: int, lookup_ngram: int = 0, batch_minimum: bool = False,
 ) -> SpecState:
     out = state.out
-    B = state.last.shape[0]
+    B, V = state.last.shape[0], tcfg.vocab_size
+    rows = jnp.arange(B)
     running = out.finish == RUNNING
-    pos0 = out.next_pos  # position of `last`
-    first = out.step  # output position of the block's first new token
+    pos0 = out.next_pos  # [B] position of `last`
+    first = out.step  # [B] output position of each row's first new token in this block
+    drafts = lookup(out.history, lookup_ngram, gamma + 1) if lookup_ngram else None
 
-    # 1. the draft proposes x_1..x_{G+1} from q_0..q_G, seeing its own proposals in the history;
-    # with a constraint, the masks (and automaton states) along the drafted path serve the target too
+    # 1. propose x_1..x_{G+1} with their distributions q_0..q_G: the draft model samples them, seeing
+    # its own proposals in the history; prompt lookup proposes them outright (q one-hot). With a
+    # constraint, the masks (and automaton states) along the drafted path serve the target too
     def draft_step(carry, j):
-        cache, token, history, rows = carry
-        logits, cache = forward(dparams, dcfg, token[:, None], (pos0 + j)[:, None], cache)
-        allowed, outcome = _constrain(auto, rows, stops, first + j)
-        q, _ = distribution(logits[:, 0], sp, history, stops.eos_ids, allowed)
-        x = draw(q, _keys(sp, first + j, DRAFT))
-        after = rows if auto is None else constraints.advance(auto, rows, outcome, x, running)
-        return (cache, x, record(history, x, running), after), (x, q, allowed, rows, outcome)
+        cache, token, history, states = carry
+        allowed, outcome = _constrain(auto, states, stops, first + j)
+        if drafts is None:
+            logits, cache = forward(dparams, dcfg, token[:, None], (pos0 + j)[:, None], cache)
+            q, _ = distribution(logits[:, 0], sp, history, stops.eos_ids, allowed)
+            x = draw(q, _keys(sp, first + j, DRAFT))
+        else:
+            x = drafts[:, j]
+            q = jax.nn.one_hot(x, V)
+        after = states if auto is None else constraints.advance(auto, states, outcome, x, running)
+        return (cache, x, record(history, x, running), after), (x, q, allowed, states, outcome)
 
     (dcache, _, _, _), (xs, qs, masks, path, outcomes) = jax.lax.scan(
         draft_step, (state.draft_cache, state.last, out.history, out.constraint), jnp.arange(gamma + 1)
@@ -143,31 +180,35 @@ def _block(
     _, (ps, logps) = jax.lax.scan(target_dist, out.history, jnp.arange(gamma + 1))
     ps, logps = jnp.moveaxis(ps, 0, 1), jnp.moveaxis(logps, 0, 1)  # [B, G + 1, V]
 
-    # 3. accept each x_{j+1} with probability min(1, p_j/q_j); n = the fewest any running row
-    # accepted among the G drafts the target saw the continuation of
+    # 3. accept each x_{j+1} with probability min(1, p_j/q_j); each row keeps its n leading accepts
+    # among the G drafts the target saw the continuation of (`batch_minimum`: the fewest any running
+    # row accepted, for every row: what a cursor shared by the batch allows; benchmarks compare)
     p_x = jnp.take_along_axis(ps, xs[..., None], axis=2)[..., 0]
     q_x = jnp.take_along_axis(qs, xs[..., None], axis=2)[..., 0]
     u = jax.vmap(lambda j: jax.vmap(jax.random.uniform)(_keys(sp, first + j, ACCEPT)))(jnp.arange(gamma + 1)).T
     ok = u * q_x < p_x  # u < p/q without dividing by a zero q
     count = jnp.sum(jnp.cumprod(ok, axis=1), axis=1)  # [B] leading accepts, 0..G+1
-    n = jnp.min(jnp.where(running, jnp.minimum(count, gamma), gamma))
+    n = jnp.minimum(count, gamma)
+    if batch_minimum:
+        n = jnp.broadcast_to(jnp.min(jnp.where(running, n, gamma)), (B,))
 
     # 4. each row's (n+1)-th token: its accepted draft, else a draw from the residual
-    p_n, q_n = ps[:, n], qs[:, n]
+    p_n, q_n = ps[rows, n], qs[rows, n]
     residual = jnp.maximum(p_n - q_n, 0.0)
     residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p_n)
-    new = jnp.where(count > n, xs[:, n], draw(residual, _keys(sp, first + n, RESIDUAL)))
+    new = jnp.where(count > n, xs[rows, n], draw(residual, _keys(sp, first + n, RESIDUAL)))
 
-    # 5. emit x_1..x_n and the new token, each checked against the stop conditions in order
-    tokens = xs.at[jnp.arange(B), n].set(new)  # [B, G + 1]
+    # 5. each row emits its x_1..x_n and the new token, each checked against the stop conditions in order
+    tokens = xs.at[rows, n].set(new)  # [B, G + 1]
 
     def emit_one(out, j):
+        emits = j <= n
         if auto is not None:  # a row whose constraint allows nothing here ends
-            stuck = (j <= n) & (out.finish == RUNNING) & ~jnp.any(masks[j], axis=-1)
+            stuck = emits & (out.finish == RUNNING) & ~jnp.any(masks[j], axis=-1)
             out = dataclasses.replace(out, finish=jnp.where(stuck, CONSTRAINT, out.finish))
         out = jax.lax.cond(
-            (j <= n) & jnp.any(out.finish == RUNNING),  # once every row is done, nothing is recorded
-            lambda o: emit(o, tokens[:, j], logps[:, j], stops, pad_id=pad_id),
+            jnp.any(emits & (out.finish == RUNNING)),  # once every row is done, nothing is recorded
+            lambda o: emit(o, tokens[:, j], logps[:, j], stops, pad_id=pad_id, active=emits),
             lambda o: o,
             out,
         )
@@ -175,30 +216,34 @@ def _block(
 
     out, _ = jax.lax.scan(emit_one, dataclasses.replace(out, cache=tcache), jnp.arange(gamma + 1))
     if auto is not None:  # the automaton state after x_1..x_n and the new token
-        at_n = lambda tree: jax.tree_util.tree_map(lambda x: x[n], tree)
+        at_n = lambda tree: jax.tree_util.tree_map(lambda x: x[n, rows], tree)
         out = dataclasses.replace(out, constraint=constraints.advance(auto, at_n(path), at_n(outcomes), new, running))
 
-    # 6. take back what both caches hold past the n + 1 tokens kept
-    kept = lambda cache: kvcache.rewind(cache, cache.cursor - gamma + n, gamma + 1)  # G + 1 written, n + 1 kept
-    out = dataclasses.replace(out, next_pos=pos0 + n + 1, cache=kept(out.cache))
+    # 6. each row takes back what both caches hold past its n + 1 tokens (a finished row keeps none)
+    kept = jnp.where(running, n + 1, 0)
+    back = lambda cache: None if cache is None else kvcache.rewind(cache, cache.cursor - (gamma + 1) + kept, gamma + 1)
+    out = dataclasses.replace(out, next_pos=pos0 + kept, cache=back(out.cache))
     return SpecState(
         out=out,
-        last=new,
-        draft_cache=kept(dcache),
+        last=jnp.where(running, new, state.last),
+        draft_cache=back(dcache),
         block=state.block + 1,
         proposed=state.proposed + gamma * jnp.sum(running),
-        accepted=state.accepted + jnp.sum(jnp.where(running, jnp.minimum(count, gamma), 0)),
+        accepted=state.accepted + jnp.sum(jnp.where(running, n if batch_minimum else jnp.minimum(count, gamma), 0)),
+        row_blocks=state.row_blocks + jnp.sum(running),
     )
 
 
 def _start(
     tparams, dparams, prompt, prompt_pos, sp, stops, auto=None, constraint=None,
-    *, tcfg, dcfg, gamma, buffer_len, num_alternatives, spec, pad_id,
+    *, tcfg, dcfg, gamma, buffer_len, num_alternatives, spec, pad_id, lookup_ngram: int = 0,
 ) -> SpecState:
-    """Prefill both models (`init_state`, G + 1 columns of lookahead) and emit the first token from the target."""
+    """Prefill the target (and the draft model: `init_state`, G + 1 columns of lookahead), give both
+    caches and the history per-row cursors and steps, and emit the first token from the target."""
     init = dict(buffer_len=buffer_len, spec=spec, lookahead=gamma + 1)
     out = init_state(tparams, tcfg, prompt, prompt_pos, stops, num_alternatives=num_alternatives, constraint=constraint, **init)
-    draft = init_state(dparams, dcfg, prompt, prompt_pos, stops, **init).cache
+    out = dataclasses.replace(out, cache=kvcache.per_row(out.cache), history=sampling.per_row(out.history))
+    draft = None if lookup_ngram else kvcache.per_row(init_state(dparams, dcfg, prompt, prompt_pos, stops, **init).cache)
     allowed, outcome = _constrain(auto, constraint, stops, jnp.zeros_like(out.finish))
     p, logp = distribution(out.logits, sp, out.history, stops.eos_ids, allowed)
     first = draw(p, _keys(sp, jnp.int32(0), RESIDUAL))
@@ -206,17 +251,21 @@ def _start(
         stuck = ~jnp.any(allowed, axis=-1)
         out = dataclasses.replace(out, finish=jnp.where(stuck, CONSTRAINT, out.finish))
         out = dataclasses.replace(out, constraint=constraints.advance(auto, constraint, outcome, first, ~stuck))
-    out = emit(out, first, logp, stops, pad_id=pad_id)
+    out = emit(out, first, logp, stops, pad_id=pad_id, active=jnp.ones_like(first, bool))
     zero = jnp.zeros((), jnp.int32)
-    return SpecState(out=out, last=first, draft_cache=draft, block=zero, proposed=zero, accepted=zero)
+    return SpecState(out=out, last=first, draft_cache=draft, block=zero, proposed=zero, accepted=zero, row_blocks=zero)
 
 
-def _blocks(tparams, dparams, state: SpecState, sp, stops, auto=None, *, tcfg, dcfg, gamma, pad_id, chunk) -> SpecState:
-    """Blocks until `chunk` more tokens are out or every row is done."""
-    end = state.out.step + chunk
+def _blocks(
+    tparams, dparams, state: SpecState, sp, stops, auto=None,
+    *, tcfg, dcfg, gamma, pad_id, chunk, lookup_ngram: int = 0, batch_minimum: bool = False,
+) -> SpecState:
+    """Blocks until some row has `chunk` more tokens out, or every row is done."""
+    end = jnp.max(state.out.step) + chunk
+    step = functools.partial(_block, gamma=gamma, pad_id=pad_id, lookup_ngram=lookup_ngram, batch_minimum=batch_minimum)
     return jax.lax.while_loop(
-        lambda s: (s.out.step < end) & jnp.any(s.out.finish == RUNNING),
-        lambda s: _block(tparams, tcfg, dparams, dcfg, s, sp, stops, auto, gamma=gamma, pad_id=pad_id),
+        lambda s: (jnp.max(s.out.step) < end) & jnp.any(s.out.finish == RUNNING),
+        lambda s: step(tparams, tcfg, dparams, dcfg, s, sp, stops, auto),
         state,
     )
 
@@ -226,6 +275,8 @@ _blocks_program = Compiled(_blocks, donate_argnames=("state",))
 
 
 def _check(cfg, draft_cfg, gamma, spec, req, max_new_tokens):
+    if draft_cfg is None:
+        return
     if draft_cfg.vocab_size != cfg.vocab_size:
         raise GenerationError(f"the draft's vocab_size ({draft_cfg.vocab_size}) differs from the target's ({cfg.vocab_size})")
     longest = max(map(len, req.prompts)) + max_new_tokens
@@ -233,11 +284,14 @@ def _check(cfg, draft_cfg, gamma, spec, req, max_new_tokens):
         raise GenerationError(f"the draft's context ({draft_cfg.max_seq_len}) is too short for {longest} tokens plus {gamma + 1} drafted")
 
 
-def _run(params, cfg, draft_params, draft_cfg, req, *, gamma, chunk, logprobs, spec, timing) -> Iterator[SpecState]:
+def _run(
+    params, cfg, draft_params, draft_cfg, req, *, gamma, chunk, logprobs, spec, timing, lookup_ngram=0, batch_minimum=False,
+) -> Iterator[SpecState]:
     """Prefill, then one jitted chunk of blocks at a time until every row is done; yields after each chunk."""
     tokens, positions = left_pad(req.prompts, bucket(max(map(len, req.prompts))), req.pad_id)
-    tparams, dparams = devices.prepare(params, cfg), devices.prepare(draft_params, draft_cfg)
-    models = dict(tcfg=cfg, dcfg=draft_cfg, gamma=gamma, pad_id=req.pad_id)
+    tparams = devices.prepare(params, cfg)
+    dparams = None if draft_cfg is None else devices.prepare(draft_params, draft_cfg)
+    models = dict(tcfg=cfg, dcfg=draft_cfg, gamma=gamma, pad_id=req.pad_id, lookup_ngram=lookup_ngram)
     t0 = time.perf_counter()
     state, compile_s = _start_program(
         dict(models, buffer_len=req.buffer_len, num_alternatives=logprobs or 0, spec=spec),
@@ -247,7 +301,7 @@ def _run(params, cfg, draft_params, draft_cfg, req, *, gamma, chunk, logprobs, s
     timing["compile_s"] = compile_s
     while True:
         state, compile_s = _blocks_program(
-            dict(models, chunk=chunk), tparams=tparams, dparams=dparams, state=state, sp=req.sampling, stops=req.stops,
+            dict(models, chunk=chunk, batch_minimum=batch_minimum), tparams=tparams, dparams=dparams, state=state, sp=req.sampling, stops=req.stops,
             auto=req.automaton,
         )
         done = not bool(jax.device_get(jnp.any(state.out.finish == RUNNING)))
@@ -258,53 +312,76 @@ def _run(params, cfg, draft_params, draft_cfg, req, *, gamma, chunk, logprobs, s
             return
 
 
-def _generate(params, cfg, draft_params, draft_cfg, request, tokenizer, *, stream: bool):
+def _generate(params, cfg, draft_params, draft_cfg, request, tokenizer, *, stream: bool, batch_minimum: bool = False):
+    """Both entry points (and `generate` with prompt lookup): result, or stream pieces then (-1, result).
+    `batch_minimum`: every row keeps the fewest drafts any row accepted (benchmarks/speculative.py
+    compares it with each row keeping its own)."""
     gamma = request.value("num_speculative_tokens")
     req = prepare(request, cfg, tokenizer, SPECULATIVE)
     _check(cfg, draft_cfg, gamma, req.spec, req, request.max_new_tokens)
     text = TextStream(tokenizer, req.prompts, req.stop_strings, request.include_stop_str_in_output) if stream else None
     timing: dict = {}
     for state in _run(params, cfg, draft_params, draft_cfg, req, gamma=gamma, chunk=request.chunk,
-                      logprobs=request.logprobs, spec=req.spec, timing=timing):
+                      logprobs=request.logprobs, spec=req.spec, timing=timing,
+                      lookup_ngram=request.prompt_lookup_max, batch_minimum=batch_minimum):
         if stream:
             yield from text.pieces(state.out)
-    blocks, proposed, accepted = (int(x) for x in jax.device_get((state.block, state.proposed, state.accepted)))
+    blocks, row_blocks, proposed, accepted = (
+        int(x) for x in jax.device_get((state.block, state.row_blocks, state.proposed, state.accepted))
+    )
     result = collect(state.out, req, tokenizer, timing)
     generated = sum(map(len, result.token_ids))
-    timing.update(
+    timing.update(  # the first token of each row comes from the prefill, not from a block
         acceptance_rate=accepted / proposed if proposed else 1.0,
-        tokens_per_block=(generated - len(result.token_ids)) / blocks / len(result.token_ids) if blocks else 0.0,
+        tokens_per_block=(generated - len(result.token_ids)) / row_blocks if row_blocks else 0.0,
+        target_forwards=blocks,
     )
     yield (-1, result) if stream else result
 
 
+def _request(request, options, draft_params, draft_cfg):
+    """The request, with the draft model (if given) as its `draft`; refused unless something drafts."""
+    if draft_cfg is not None:
+        options = dict(options, draft=Draft(draft_params, draft_cfg))
+    request = make_request(request, options)
+    if request.mode != SPECULATIVE:
+        raise RequestError("speculative decoding needs a draft model or {prompt_lookup_max}")
+    return request
+
+
 def speculative_generate(
-    params, cfg: ModelConfig, draft_params, draft_cfg: ModelConfig, request, *, tokenizer: Tokenizer | None = None,
-    **options,
+    params, cfg: ModelConfig, draft_params, draft_cfg: ModelConfig | None, request, *,
+    tokenizer: Tokenizer | None = None, batch_minimum: bool = False, **options,
 ) -> GenerationResult:
-    """Like `generate`, with a draft model proposing `num_speculative_tokens` tokens per target forward.
+    """Like `generate`, with `num_speculative_tokens` tokens drafted per target forward: by a draft
+    model (`draft_params, draft_cfg`, sharing the target's vocabulary), or with no draft model
+    (`None, None`) by prompt lookup (`prompt_lookup_max=N`: the tokens that followed the last
+    occurrence of the output's last N..1 tokens in the prompt or output).
 
     `request`: a `request.Request`, or its prompts with the other fields as keyword `options`, as in
-    `generate`; the draft is `draft_params, draft_cfg` (it must share the target's vocabulary).
-    Greedy rows: the target's own output, token for token. Sampled rows: each token follows the
-    target's processed distribution (not the target alone's draws), and a row's output depends
-    only on its prompt, settings and seed, not on its batch mates. `logprobs`,
-    `num_return_sequences`, stops, `constraint` (draft and target see the same masks) and the
-    cache options (`window`, `sinks`, `prefill_chunk`, `kv_cache_dtype`, applied to both models)
-    work as in `generate`. `result.timing` adds `acceptance_rate` (drafted tokens the rule
-    accepted) and `tokens_per_block` (tokens kept per target forward).
+    `generate`. Greedy rows: the target's own output, token for token. Sampled rows: each token
+    follows the target's processed distribution (not the target alone's draws). Each row keeps
+    the drafts it accepted, so a row's output depends only on its prompt, settings and seed, not
+    on its batch mates. `logprobs`, `num_return_sequences`, stops, `constraint` (drafts and
+    target see the same masks) and the cache options (`window`, `sinks`, `prefill_chunk`,
+    `kv_cache_dtype`, applied to both models) work as in `generate`. `result.timing` adds
+    `acceptance_rate` (drafted tokens the rule accepted), `tokens_per_block` (tokens a row
+    keeps per target forward) and `target_forwards`.
+
+    `batch_minimum=True` is for comparison only: every row keeps the fewest drafts any running
+    row accepted, as a cache cursor shared by the batch would force (same output, more forwards).
     """
-    request = make_request(request, dict(options, draft=Draft(draft_params, draft_cfg)))
+    request = _request(request, options, draft_params, draft_cfg)
     if request.stream:
         raise RequestError("{stream} needs speculative_generate_stream (speculative_generate returns only the finished result)")
-    *_, result = _generate(params, cfg, draft_params, draft_cfg, request, tokenizer, stream=False)
+    *_, result = _generate(params, cfg, draft_params, draft_cfg, request, tokenizer, stream=False, batch_minimum=batch_minimum)
     return result
 
 
 def speculative_generate_stream(
-    params, cfg: ModelConfig, draft_params, draft_cfg: ModelConfig, request, *, tokenizer: Tokenizer, **options,
+    params, cfg: ModelConfig, draft_params, draft_cfg: ModelConfig | None, request, *, tokenizer: Tokenizer, **options,
 ) -> Iterator[tuple[int, object]]:
     """`speculative_generate` as `generate_stream` streams: `(row, text)` pieces after each chunk of
     blocks (each row's pieces concatenate to its text), then `(-1, result)`."""
-    request = make_request(request, dict(options, draft=Draft(draft_params, draft_cfg)))
+    request = _request(request, options, draft_params, draft_cfg)
     yield from _generate(params, cfg, draft_params, draft_cfg, request, tokenizer, stream=True)

@@ -30,7 +30,7 @@ from reference import np_greedy
 sys.path.insert(0, str(REPO))
 import sample  # noqa: E402  (the CLI script lives at the repository root)
 
-MODES = ("sample", "beam", "speculative")
+MODES = ("sample", "beam", "speculative", "lookup")
 PROMPT = "def f(x):"
 N = 6  # tokens per output
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
@@ -89,7 +89,8 @@ def world(files, cfg, params, tokenizer):
 
 
 def mode_flags(mode: str, files) -> list[str]:
-    return {"sample": ["--seed", "0"], "beam": ["--num_beams", "2"], "speculative": ["--draft", str(files / "draft"), "--seed", "0"]}[mode]
+    return {"sample": ["--seed", "0"], "beam": ["--num_beams", "2"], "speculative": ["--draft", str(files / "draft"), "--seed", "0"],
+            "lookup": ["--prompt_lookup_max", "3", "--seed", "3"]}[mode]
 
 
 def cli(argv: list[str], capsys) -> Outcome:
@@ -223,9 +224,10 @@ PROBES = {
                   lambda w, m, b, got: got.rows[0]["timing"]["retries"] == 1 and not got.rows[0]["valid"]),
     "--length_penalty": (lambda w, b: ["--length_penalty", "3"], lambda w, m, b, got: got.rows[0]["score"] != b.rows[0]["score"]),
     "--early_stopping": (lambda w, b: ["--early_stopping", "true"], lambda w, m, b, got: got.rows[0]["score"] <= 0),
-    # at most G drafted tokens and the target's own are kept per target forward (the default G is 4)
-    "--num_speculative_tokens": (lambda w, b: ["--num_speculative_tokens", "2"],
-                                 lambda w, m, b, got: got.rows[0]["timing"]["tokens_per_block"] <= 3 < b.rows[0]["timing"]["tokens_per_block"]),
+    # one token allowed: every draft is accepted, so a target forward keeps G + 1 tokens: with G = 2,
+    # 3 then 2 of the 5 after the first (the default G = 4 would keep all 5 in one)
+    "--num_speculative_tokens": (lambda w, b: ["--allowed_token_ids", "100", "--num_speculative_tokens", "2"],
+                                 lambda w, m, b, got: got.rows[0]["timing"]["tokens_per_block"] == 2.5),
     "--window": (lambda w, b: ["--window", "8"], lambda w, m, b, got: len(got.tokens()) <= N),
     "--sinks": (lambda w, b: ["--window", "8", "--sinks", "2"], lambda w, m, b, got: len(got.tokens()) <= N),
     "--prefill_chunk": (lambda w, b: ["--prefill_chunk", "2"], same_tokens),
@@ -247,7 +249,7 @@ PROBES = {
     "--verbose": (lambda w, b: ["--verbose"], lambda w, m, b, got: "programs compiled or loaded" in got.err),
     "--no_compile_cache": (lambda w, b: ["--no_compile_cache"], same_tokens),
 }
-MODE_FLAG = {"beam": "--num_beams", "speculative": "--draft"}
+MODE_FLAG = {"beam": "--num_beams", "speculative": "--draft", "lookup": "--prompt_lookup_max"}
 
 
 def test_the_table_lists_every_flag_and_each_cell_says_works_or_refused():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -9,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import GenerationError, SamplingParams, generate, init_params
-from jaxllm.sampling import init_history
-from jaxllm.speculative import distribution, speculative_generate, speculative_generate_stream
+from jaxllm import GenerationError, SamplingParams, generate, generate_stream, init_params
+from jaxllm.kvcache import init_cache, per_row, rewind, write_positions
+from jaxllm.sampling import init_history, per_row as per_row_steps, record
+from jaxllm.speculative import distribution, lookup, speculative_generate, speculative_generate_stream
 from jaxllm.model import forward
 from conftest import tiny_config
 
@@ -106,13 +108,18 @@ def test_an_identical_draft_accepts_every_sampled_token(cfg, params):
     assert out.timing["tokens_per_block"] > 3.5  # G + 1 = 4 kept per block, but the last block is cut short
 
 
-def test_sampled_tokens_follow_the_targets_processed_distribution():
-    # V = 4: the joint law of the first three tokens (64 outcomes) against the exact one
+@pytest.mark.parametrize("drafter", ["draft model", "prompt lookup"])
+def test_sampled_tokens_follow_the_targets_processed_distribution(drafter):
+    # V = 4: the joint law of the first three tokens (64 outcomes) against the exact one. Prompt
+    # lookup proposes with certainty (q one-hot): accepted with probability p(x), else drawn from p
+    # without x.
     cfg = tiny_config(4, d_model=16, n_heads=2, n_kv_heads=1, d_ff=32)
     target = jax.tree_util.tree_map(lambda x: x * 30 if x.ndim > 1 else x, init_params(cfg, jax.random.key(1)))
     noise = jax.tree_util.tree_map(lambda x: 0.5 * x, init_params(cfg, jax.random.key(2)))
     draft = jax.tree_util.tree_map(lambda a, b: a + b * 30 if a.ndim > 1 else a, target, noise)  # close but not equal
-    prompt = [1, 2]
+    prompt = [1, 2, 3, 1, 2] if drafter == "prompt lookup" else [1, 2]
+    drafting = dict(prompt_lookup_max=2) if drafter == "prompt lookup" else {}
+    dparams, dcfg = (None, None) if drafter == "prompt lookup" else (draft, cfg)
     settings = dict(temperature=0.9, top_k=3, repetition_penalty=1.3)
 
     # exact: p(t1) p(t2 | t1) p(t3 | t1 t2) with the same processors
@@ -121,7 +128,9 @@ def test_sampled_tokens_follow_the_targets_processed_distribution():
     for prefix in prefixes:
         seq = prompt + prefix
         logits = forward(target, cfg, jnp.asarray([seq]), jnp.arange(len(seq))[None])[0][:, -1]
-        history = init_history(jnp.asarray([seq]), jnp.ones((1, len(seq)), bool), 4, 4)
+        history = init_history(jnp.asarray([seq[: len(prompt)]]), jnp.ones((1, len(prompt)), bool), 4, 4)
+        for t in prefix:
+            history = record(history, jnp.asarray([t]), jnp.asarray([True]))
         law[tuple(prefix)] = np.asarray(distribution(logits, SamplingParams.make(1, 4, **settings, seed=0), history, jnp.zeros((0,), jnp.int32))[0])[0]
     exact = {t: law[()][t[0]] * law[t[:1]][t[1]] * law[t[:2]][t[2]] for t in itertools.product(range(4), repeat=3)}
 
@@ -129,12 +138,12 @@ def test_sampled_tokens_follow_the_targets_processed_distribution():
     rows, calls = 40, 80  # rows are independent of their batch mates, so a wide batch is as good as many calls
     accepted = []
     for c in range(calls):
-        out = speculative_generate(target, cfg, draft, cfg, [prompt] * rows, num_speculative_tokens=2, max_new_tokens=3,
-                                   eos_token_id=[], seed=list(range(c * rows, (c + 1) * rows)), **settings)
+        out = speculative_generate(target, cfg, dparams, dcfg, [prompt] * rows, num_speculative_tokens=2, max_new_tokens=3,
+                                   eos_token_id=[], seed=list(range(c * rows, (c + 1) * rows)), **settings, **drafting)
         accepted.append(out.timing["acceptance_rate"])
         for ids in out.token_ids:
             counts[tuple(ids)] += 1
-    assert 0.2 < np.mean(accepted) < 0.98  # both the accept and the residual paths ran
+    assert 0.1 < np.mean(accepted) < 0.98  # both the accept and the residual paths ran
     n = rows * calls
     expected = {t: p * n for t, p in exact.items()}
     small = [t for t in exact if expected[t] < 5]
@@ -153,3 +162,121 @@ def test_bad_arguments(cfg, params, draft):
     other = dcfg.replace(vocab_size=cfg.vocab_size + 1)
     with pytest.raises(GenerationError, match="vocab_size"):
         speculative_generate(params, cfg, init_params(other, jax.random.key(0)), other, PROMPTS)
+
+
+# ---------------------------------------------------------------------------- prompt lookup
+
+
+def brute_force_lookup(seq: list[int], max_ngram: int, count: int) -> list[int]:
+    """What followed the most recent earlier occurrence of seq's last n tokens (largest n first);
+    past the present, the matched stretch repeats; no match: the last token again."""
+    for n in range(min(max_ngram, len(seq)), 0, -1):
+        for end in range(len(seq) - 2, n - 2, -1):  # where the occurrence ends: before the suffix's own end
+            if seq[end - n + 1 : end + 1] == seq[-n:]:
+                stretch = seq[end + 1 :]
+                return [stretch[k % len(stretch)] for k in range(count)]
+    return [seq[-1]] * count
+
+
+def test_lookup_proposes_what_followed_the_last_match():
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        B, P, V = 3, 12, int(rng.integers(2, 6))  # a small vocabulary: matches of every length
+        lengths = rng.integers(1, P + 1, B)
+        prompt = np.zeros((B, P), np.int32)
+        valid = np.zeros((B, P), bool)
+        for r, n in enumerate(lengths):  # left-padded with tokens that must never match
+            prompt[r, : P - n] = 99
+            prompt[r, P - n :] = rng.integers(0, V, n)
+            valid[r, P - n :] = True
+        history = per_row_steps(init_history(jnp.asarray(prompt), jnp.asarray(valid), 10, 100))
+        outputs = [[] for _ in range(B)]
+        for _ in range(int(rng.integers(0, 8))):  # rows emit different numbers of tokens
+            token, active = rng.integers(0, V, B), rng.random(B) < 0.7
+            history = record(history, jnp.asarray(token, jnp.int32), jnp.asarray(active))
+            for r in np.flatnonzero(active):
+                outputs[r].append(int(token[r]))
+        max_ngram, count = int(rng.integers(1, 4)), 5
+        got = np.asarray(lookup(history, max_ngram, count))
+        for r in range(B):
+            seq = prompt[r, P - lengths[r] :].tolist() + outputs[r]
+            assert got[r].tolist() == brute_force_lookup(seq, max_ngram, count), (trial, r, seq)
+
+
+# Prompts that repeat, and a repetition penalty below 1 (tokens already seen are favoured): the
+# random model's greedy output loops, so drafts are accepted in some blocks and rejected in others.
+LOOPING = [[1, 40, 41, 42, 43, 40, 41, 42, 43, 40, 41], [1, 50, 51, 52, 53, 54, 55, 56, 57, 58], [1, 60], [1, 7, 8, 9, 7, 8, 9, 7, 8]]
+LOOKUP_CASES = {
+    "plain": dict(stop=["zz"]),
+    "n=2, logprobs": dict(num_return_sequences=2, logprobs=2),
+    "ring with sinks": dict(window=12, sinks=2),
+    "int8 ring": dict(window=12, kv_cache_dtype="int8"),
+    "int8 linear": dict(kv_cache_dtype="int8"),
+    "json": dict(json=True, repetition_penalty=1.0),
+}
+
+
+@pytest.mark.parametrize("case", LOOKUP_CASES)
+def test_prompt_lookup_greedy_output_equals_the_targets_own(cfg, params, tokenizer, case):
+    kw = {**dict(tokenizer=tokenizer, max_new_tokens=20, temperature=0.0, eos_token_id=[], repetition_penalty=0.3),
+          **LOOKUP_CASES[case]}
+    want = generate(params, cfg, LOOPING, **kw)
+    got = generate(params, cfg, LOOPING, prompt_lookup_max=3, num_speculative_tokens=4, **kw)  # generate runs it
+    assert got.token_ids == want.token_ids and got.finish_reasons == want.finish_reasons and got.texts == want.texts
+    assert 0 < got.timing["acceptance_rate"] < 1  # drafts were accepted and taken back
+    if "logprobs" in kw:
+        np.testing.assert_allclose(np.concatenate(got.logprobs), np.concatenate(want.logprobs), atol=1e-4)
+        assert [sorted(a) for row in got.top_logprobs for a in row] == [sorted(a) for row in want.top_logprobs for a in row]
+
+
+def test_prompt_lookup_streams_the_text_it_returns(cfg, params, tokenizer):
+    kw = dict(tokenizer=tokenizer, max_new_tokens=20, temperature=0.0, repetition_penalty=0.3, prompt_lookup_max=2)
+    *pieces, (last, result) = list(generate_stream(params, cfg, LOOPING, **kw))
+    assert last == -1 and result.texts == generate(params, cfg, LOOPING, **kw).texts
+    for row, text in enumerate(result.texts):
+        assert "".join(piece for r, piece in pieces if r == row) == text
+
+
+def test_each_row_keeps_the_drafts_it_accepted(cfg, params, tokenizer):
+    # Each row keeps its own accepted drafts: the same tokens as when every row keeps only the
+    # fewest any row accepted (a cursor shared by the batch), in fewer target forwards, and each
+    # row's tokens are those it gets alone.
+    kw = dict(max_new_tokens=24, temperature=0.0, eos_token_id=[], repetition_penalty=0.2, prompt_lookup_max=3)
+    own = speculative_generate(params, cfg, None, None, LOOPING, **kw)
+    shared = speculative_generate(params, cfg, None, None, LOOPING, batch_minimum=True, **kw)
+    assert own.token_ids == shared.token_ids
+    assert own.timing["target_forwards"] < shared.timing["target_forwards"]
+    assert own.timing["tokens_per_block"] > shared.timing["tokens_per_block"]
+    for row, prompt in enumerate(LOOPING):
+        assert speculative_generate(params, cfg, None, None, [prompt], **kw).token_ids == [own.token_ids[row]]
+
+
+def test_a_sampled_lookup_row_is_the_same_whatever_its_batch_mates(cfg, params):
+    kw = dict(max_new_tokens=20, eos_token_id=[], repetition_penalty=0.2, prompt_lookup_max=3, top_k=3)
+    alone = speculative_generate(params, cfg, None, None, [LOOPING[3]], seed=4, temperature=0.7, **kw)
+    mixed = speculative_generate(params, cfg, None, None, LOOPING, seed=[1, 2, 3, 4], temperature=[0.0, 1.5, 0.7, 0.7], **kw)
+    assert alone.timing["acceptance_rate"] > 0
+    assert mixed.token_ids[3] == alone.token_ids[0]
+    assert mixed.token_ids[2] != mixed.token_ids[3]  # the prompt decides: row 2 has another
+
+
+def test_a_per_row_cursor_writes_and_takes_back_each_rows_own_slots(cfg):
+    # The cache's slot for column c (linear: c; ring: sinks + c % ring slots) per row, against numpy
+    for ring, sinks in [(False, 0), (True, 0), (True, 2)]:
+        cache = per_row(init_cache(cfg, 2, 10, ring=ring, sinks=sinks, lookahead=3))
+        cursor = np.array([3, 9 if ring else 6])  # a ring wraps row 1
+        cache = dataclasses.replace(cache, cursor=jnp.asarray(cursor, jnp.int32))
+        positions = np.array([[5, 6, 7], [20, 21, 22]])
+        written = write_positions(cache, jnp.asarray(positions, jnp.int32))
+        want = np.full((2, 10), -1)
+        slot = lambda c: sinks + c % (10 - sinks) if ring else c
+        for r in range(2):
+            for t in range(3):
+                want[r, slot(cursor[r] + t)] = positions[r, t]
+        np.testing.assert_array_equal(np.asarray(written.pos), want)
+        # row 0 keeps one of its three columns, row 1 all three
+        back = rewind(dataclasses.replace(written, cursor=written.cursor + 3), jnp.asarray(cursor + [1, 3], jnp.int32), 3)
+        if ring:  # a ring marks what it took back empty (a linear cache's next writes cover it)
+            want[0, slot(cursor[0] + 1)] = want[0, slot(cursor[0] + 2)] = -1
+        np.testing.assert_array_equal(np.asarray(back.pos), want)
+        np.testing.assert_array_equal(np.asarray(back.cursor), cursor + [1, 3])
