@@ -3,7 +3,9 @@
     python benchmarks/speculative.py lookup                         # the bundled model, grounded prompts
     python benchmarks/speculative.py lookup --checkpoint DIR        # any checkpoint sample.py reads
     python benchmarks/speculative.py lookup --profile               # also: what one block's parts cost
+    python benchmarks/speculative.py lookup --train_small 10        # configs/small.json in float32, trained 10 min first
     python benchmarks/speculative.py draft --train --minutes 6      # trains an 8-layer target and a 2-layer draft
+    python benchmarks/speculative.py draft --train --target_layers 12 --target_d_model 512 --target_d_ff 1408
     python benchmarks/speculative.py draft --target DIR --draft DIR
 
 `lookup`: greedy decoding of grounded prompts, where the output copies much of the input:
@@ -104,6 +106,9 @@ def machine(cfg, what: str) -> str:
 def lookup(args) -> None:
     from jaxllm.checkpoint import load_any
 
+    if args.train_small:  # the small preset, trained briefly: random weights make acceptance meaningless
+        args.checkpoint = str(train(ROOT / "out" / "spec_bench" / "small", args.train_small, config="small", batch_size=8))
+        args.compute_dtype = "float32"
     params, cfg, tok, _ = load_any(Path(args.checkpoint))
     if args.compute_dtype:
         cfg = cfg.replace(compute_dtype=args.compute_dtype, param_dtype=args.compute_dtype)
@@ -186,13 +191,13 @@ def profile(params, cfg, tok, prompts, args) -> None:
 # ---------------------------------------------------------------------------- draft model
 
 
-def train(out: Path, layers: int, minutes: float, tokenizer: str = "") -> Path:
-    args = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "default.json"),
-            "--out_dir", str(out), f"--n_layers={layers}", f"--max_minutes={minutes}", "--max_steps=100000",
+def train(out: Path, minutes: float, *overrides: str, config: str = "default", batch_size: int = 16) -> Path:
+    """train.py on the built-in corpus for `minutes`, float32, sequences of 256; `overrides`:
+    more --field=value flags."""
+    args = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / f"{config}.json"),
+            "--out_dir", str(out), f"--max_minutes={minutes}", "--max_steps=100000",
             "--compute_dtype=float32", "--param_dtype=float32", "--eval_every=0", "--save_every=0", "--no_progress",
-            "--max_seq_len=256", "--batch_size=16"]
-    if tokenizer:
-        args.append(f"--tokenizer={tokenizer}")
+            "--max_seq_len=256", f"--batch_size={batch_size}", "--grad_accum=1", *overrides]
     print(" ".join(args[1:]), flush=True)
     subprocess.run(args, check=True)
     return out
@@ -201,8 +206,9 @@ def train(out: Path, layers: int, minutes: float, tokenizer: str = "") -> Path:
 def draft(args) -> None:
     if args.train:
         base = ROOT / "out" / "spec_bench"
-        target = train(base / "target", 8, args.minutes)
-        draft_dir = train(base / "draft", 2, args.minutes, tokenizer=str(target / "tokenizer.model"))
+        target = train(base / "target", args.minutes, f"--n_layers={args.target_layers}", f"--d_model={args.target_d_model}",
+                       f"--d_ff={args.target_d_ff}")
+        draft_dir = train(base / "draft", args.minutes, "--n_layers=2", f"--tokenizer={target / 'tokenizer.model'}")
     elif args.target and args.draft:
         target, draft_dir = Path(args.target), Path(args.draft)
     else:
@@ -237,10 +243,15 @@ def main():
     lk.add_argument("--new_tokens", type=int, default=128)
     lk.add_argument("--reps", type=int, default=3)
     lk.add_argument("--profile", action="store_true", help="also time a block's parts")
+    lk.add_argument("--train_small", type=float, default=0.0, metavar="MINUTES",
+                    help="first train configs/small.json (float32) for this long and use it as the target")
     dr = sub.add_parser("draft", help="a trained draft model")
     dr.add_argument("--target", help="target checkpoint directory")
     dr.add_argument("--draft", help="draft checkpoint directory")
-    dr.add_argument("--train", action="store_true", help="train an 8-layer target and a 2-layer draft first")
+    dr.add_argument("--train", action="store_true", help="train a target and a 2-layer draft (the default preset) first")
+    dr.add_argument("--target_layers", type=int, default=8)
+    dr.add_argument("--target_d_model", type=int, default=256)
+    dr.add_argument("--target_d_ff", type=int, default=704)
     dr.add_argument("--minutes", type=float, default=6.0, help="training time for each model with --train")
     dr.add_argument("--gammas", default="2,4,6")
     dr.add_argument("--new_tokens", type=int, default=128)
