@@ -108,8 +108,10 @@ def lookup(args) -> None:
 
     if args.train_small:  # the small preset, trained briefly: random weights make acceptance meaningless
         args.checkpoint = str(train(ROOT / "out" / "spec_bench" / "small", args.train_small, config="small", batch_size=8))
-        args.compute_dtype = "float32"
+        args.compute_dtype, args.context = "float32", 1024  # trained on 256-token sequences; the preset's context
     params, cfg, tok, _ = load_any(Path(args.checkpoint))
+    if args.context:
+        cfg = cfg.replace(max_seq_len=args.context)
     if args.compute_dtype:
         cfg = cfg.replace(compute_dtype=args.compute_dtype, param_dtype=args.compute_dtype)
         params = jax.tree_util.tree_map(lambda x: x.astype(args.compute_dtype), params)
@@ -238,6 +240,7 @@ def main():
     lk = sub.add_parser("lookup", help="prompt lookup on grounded prompts")
     lk.add_argument("--checkpoint", default=str(BUNDLED), help="a checkpoint (default: the bundled model)")
     lk.add_argument("--compute_dtype", default="", help="cast params and compute to this dtype (e.g. float32)")
+    lk.add_argument("--context", type=int, default=0, help="run the model with this context (a RoPE model trained on shorter sequences)")
     lk.add_argument("--gamma", type=int, default=8, help="tokens drafted per target forward")
     lk.add_argument("--ngram", type=int, default=3, help="prompt_lookup_max")
     lk.add_argument("--new_tokens", type=int, default=128)

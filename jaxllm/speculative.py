@@ -1,33 +1,36 @@
-"""Speculative decoding: a small draft model proposes γ tokens, the target checks them in one forward.
+"""Speculative decoding: G tokens are drafted, the target checks them in one forward.
 
 Legend: B batch, G = γ drafted tokens per block, V vocab.
 
 One block, inside a jit-compiled `lax.while_loop` (a chunk of blocks per host round trip):
 
-    draft:  feed the last token, then its own proposals: x_1..x_{G+1} ~ q_0..q_G
-            (G + 1 draft forwards)
+    draft:  x_1..x_{G+1} ~ q_0..q_G, from one of
+            a draft model: feed the last token, then its own proposals (G + 1 draft forwards)
+            prompt lookup: the tokens that followed the last earlier occurrence of the row's
+              last n tokens in its prompt and output (`lookup`; q one-hot, no forward)
     target: one forward over [last, x_1..x_G] -> p_0..p_G
     accept: x_{j+1} with probability min(1, p_j(x) / q_j(x)); at the first rejection draw from
             normalize(max(0, p_j - q_j)). Position G, where no drafted token follows, is decided
             the same way with x_{G+1} (in place of the usual bonus draw from p_G): every output
             position is decided by one rule, whatever block it falls in
-    both caches roll back (`kvcache.rewind`)
+    each row keeps its n accepted drafts and one more token; the caches roll back past them
+            (`kvcache.rewind` at each row's own cursor)
 
 p and q are the *processed* distributions: the whole sampling chain of sampling.py applied
 to both, with history-dependent processors seeing the drafted tokens. Greedy rows use
-one-hot distributions, so acceptance means "the draft's token is the target's argmax" and
+one-hot distributions, so acceptance means "the drafted token is the target's argmax" and
 the output equals the target's own greedy output token for token.
 
-Rows accept different numbers of tokens, but both caches are written at one cursor shared by
-all rows. The batch advances by n + 1 tokens where n is the smallest count any running row
-accepted: each row keeps its first n accepted tokens and its own (n+1)-th token (its accepted
-draft or its residual draw). The random numbers deciding a row's token at output position t
-(its draft draw, acceptance test and residual draw) come from the row's own key folded with
-t, never with the block: so a row's tokens do not depend on where blocks start, hence not on
-its batch mates, and the same seed gives the same output whatever else is in the batch (as in
-`generate`, up to float rounding of p and q on a boundary). Each token is distributed as the
-target's processed distribution given the row's previous tokens; its draws differ from
-`generate`'s, so a sampled row differs from the target alone with the same seed.
+Rows accept different numbers of tokens, and each keeps its own: the caches and the history
+have one cursor and one step per row (`kvcache.per_row`, `sampling.per_row`), so a row moves on
+by its n + 1 tokens (its accepted drafts and its accepted draft or residual draw after them).
+The random numbers deciding a row's token at output position t (its draft draw, acceptance
+test and residual draw) come from the row's own key folded with t, never with the block: so a
+row's tokens do not depend on where blocks start, hence not on its batch mates, and the same
+seed gives the same output whatever else is in the batch (as in `generate`, up to float
+rounding of p and q on a boundary). Each token is distributed as the target's processed
+distribution given the row's previous tokens; its draws differ from `generate`'s, so a sampled
+row differs from the target alone with the same seed.
 
 Both models start from `generate.init_state`, with the cache the request asks for (ring,
 sinks, int8) and G + 1 columns of lookahead; the target's state is a `DecodeState`, so stops,
