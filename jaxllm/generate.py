@@ -15,7 +15,8 @@ Prompts are left-padded so every row writes the cache at one cursor; prompt and 
 lengths are rounded up to buckets so a new length rarely compiles a new program. Sampling
 values, stop strings' bytes and `max_new_tokens` are traced, so changing them compiles
 nothing new unless a rounded-up size changes (README, "When a program is compiled").
-The semantics of every control are in docs/GENERATION.md.
+The semantics of every control are in docs/GENERATION.md. `generate` and `generate_stream`
+hand a request for speculative decoding (`prompt_lookup_max`, or a `draft`) to speculative.py.
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ def take_rows(state: DecodeState, rows: jax.Array) -> DecodeState:
     per_row = lambda tree: jax.tree_util.tree_map(lambda x: x[rows], tree)
     return dataclasses.replace(
         per_row(dataclasses.replace(state, cache=None, history=None)),
-        history=dataclasses.replace(per_row(dataclasses.replace(history, step=None)), step=history.step),
+        history=dataclasses.replace(per_row(dataclasses.replace(history, step=None)),
+                                    step=history.step[rows] if history.step.ndim else history.step),
         cache=kvcache.take_rows(state.cache, rows),
     )
 
@@ -178,6 +180,8 @@ def emit(
     chosen = jnp.take_along_axis(logprobs, token[:, None], axis=1)  # [B, 1]
     A = state.top_ids.shape[2]
     top_lp, top_ids = jax.lax.top_k(logprobs, A) if A else (state.top_logprobs[:, 0], state.top_ids[:, 0])
+    # A row that does not emit here (`active`) writes padding, a log-probability and alternatives
+    # into its next column anyway: that column is written again when the row does emit.
     if active is not None:  # rows that do not emit keep their byte windows
         window = jnp.where(running[:, None], window, state.window)
         filled = jnp.where(running, filled, state.filled)

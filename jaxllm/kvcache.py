@@ -1,4 +1,4 @@
-"""The KV cache: a preallocated pytree written at one shared cursor, linear or a ring buffer.
+"""The KV cache: a preallocated pytree, linear or a ring buffer, written at one shared cursor or one per row.
 
 Legend: L layers, B batch, S slots, K kv heads, E head dim, T tokens written in one call,
 N sink slots, R = S - N ring slots.

@@ -32,8 +32,8 @@ rounding of p and q on a boundary). Each token is distributed as the target's pr
 distribution given the row's previous tokens; its draws differ from `generate`'s, so a sampled
 row differs from the target alone with the same seed.
 
-Both models start from `generate.init_state`, with the cache the request asks for (ring,
-sinks, int8) and G + 1 columns of lookahead; the target's state is a `DecodeState`, so stops,
+The target (and the draft model, if any) start from `generate.init_state`, with the cache the
+request asks for (ring, sinks, int8) and G + 1 columns of lookahead; the target's state is a `DecodeState`, so stops,
 log-probabilities and streaming work as in `generate`.
 """
 
@@ -149,6 +149,9 @@ def _block(
     tparams, tcfg, dparams, dcfg, state: SpecState, sp, stops, auto=None,
     *, gamma: int, pad_id: int, lookup_ngram: int = 0, batch_minimum: bool = False,
 ) -> SpecState:
+    """One block for every running row: draft G + 1 tokens ([B, G + 1]; by prompt lookup when
+    `lookup_ngram`, else with the draft model `dparams, dcfg`), score them in one target forward
+    ([B, G + 1, V]), and emit each row's accepted drafts and one more token."""
     out = state.out
     B, V = state.last.shape[0], tcfg.vocab_size
     rows = jnp.arange(B)
@@ -171,7 +174,8 @@ def _block(
             x = drafts[:, j]
             q = jax.nn.one_hot(x, V)
         after = states if auto is None else constraints.advance(auto, states, outcome, x, running)
-        return (cache, x, record(history, x, running), after), (x, q, allowed, states, outcome)
+        history = history if drafts is not None else record(history, x, running)  # the draft model's processors read it
+        return (cache, x, history, after), (x, q, allowed, states, outcome)
 
     (dcache, _, _, _), (xs, qs, masks, path, outcomes) = jax.lax.scan(
         draft_step, (state.draft_cache, state.last, out.history, out.constraint), jnp.arange(gamma + 1)
@@ -238,7 +242,7 @@ def _block(
         draft_cache=back(dcache),
         block=state.block + 1,
         proposed=state.proposed + gamma * jnp.sum(running),
-        accepted=state.accepted + jnp.sum(jnp.where(running, n if batch_minimum else jnp.minimum(count, gamma), 0)),
+        accepted=state.accepted + jnp.sum(jnp.where(running, jnp.minimum(count, gamma), 0)),  # by the rule, either way
         row_blocks=state.row_blocks + jnp.sum(running),
     )
 
@@ -269,11 +273,12 @@ def _blocks(
     tparams, dparams, state: SpecState, sp, stops, auto=None,
     *, tcfg, dcfg, gamma, pad_id, chunk, lookup_ngram: int = 0, batch_minimum: bool = False,
 ) -> SpecState:
-    """Blocks until some row has `chunk` more tokens out, or every row is done."""
-    end = jnp.max(state.out.step) + chunk
+    """Blocks until some running row has `chunk` more tokens out, or every row is done."""
+    end = state.out.step + chunk  # [B]
     step = functools.partial(_block, gamma=gamma, pad_id=pad_id, lookup_ngram=lookup_ngram, batch_minimum=batch_minimum)
+    running = lambda s: s.out.finish == RUNNING
     return jax.lax.while_loop(
-        lambda s: (jnp.max(s.out.step) < end) & jnp.any(s.out.finish == RUNNING),
+        lambda s: jnp.any(running(s)) & ~jnp.any(running(s) & (s.out.step >= end)),
         lambda s: step(tparams, tcfg, dparams, dcfg, s, sp, stops, auto),
         state,
     )

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxllm import GenerationError, SamplingParams, generate, generate_stream, init_params
-from jaxllm.kvcache import init_cache, per_row, rewind, write_positions
+from jaxllm.kvcache import init_cache, per_row, rewind, take_rows, write_positions
 from jaxllm.sampling import init_history, per_row as per_row_steps, record
 from jaxllm.speculative import distribution, lookup, speculative_generate, speculative_generate_stream
 from jaxllm.model import forward
@@ -95,7 +95,7 @@ def test_a_sampled_row_is_the_same_whatever_its_batch_mates(cfg, params, tokeniz
     copies = speculative_generate(params, cfg, close, cfg, [PROMPTS[0]] * 3, seed=11, temperature=1.0, **kw)
     mixed = speculative_generate(params, cfg, close, cfg, [PROMPTS[2], PROMPTS[1], PROMPTS[0]], seed=[7, 8, 11],
                                  temperature=[1.5, 0.0, 1.0], **kw)
-    assert copies.timing["tokens_per_block"] > mixed.timing["tokens_per_block"]  # the blocks did fall differently
+    assert copies.timing["tokens_per_block"] > mixed.timing["tokens_per_block"]  # the mates accept less
     assert copies.token_ids == [mixed.token_ids[2]] * 3
     other = speculative_generate(params, cfg, close, cfg, [PROMPTS[0]] * 3, seed=12, temperature=1.0, **kw)
     assert other.token_ids[0] != copies.token_ids[0]  # the seed does decide it
@@ -159,6 +159,10 @@ def test_bad_arguments(cfg, params, draft):
     dparams, dcfg = draft
     with pytest.raises(GenerationError, match="num_speculative_tokens"):
         speculative_generate(params, cfg, dparams, dcfg, PROMPTS, num_speculative_tokens=0)
+    with pytest.raises(GenerationError, match="needs a draft model or prompt_lookup_max"):
+        speculative_generate(params, cfg, None, None, PROMPTS)
+    with pytest.raises(GenerationError, match="draft and prompt_lookup_max"):
+        speculative_generate(params, cfg, dparams, dcfg, PROMPTS, prompt_lookup_max=2)
     other = dcfg.replace(vocab_size=cfg.vocab_size + 1)
     with pytest.raises(GenerationError, match="vocab_size"):
         speculative_generate(params, cfg, init_params(other, jax.random.key(0)), other, PROMPTS)
@@ -251,13 +255,18 @@ def test_each_row_keeps_the_drafts_it_accepted(cfg, params, tokenizer):
         assert speculative_generate(params, cfg, None, None, [prompt], **kw).token_ids == [own.token_ids[row]]
 
 
-def test_a_sampled_lookup_row_is_the_same_whatever_its_batch_mates(cfg, params):
+def test_every_lookup_row_is_the_same_whatever_its_batch_mates(cfg, params):
+    # Mates that change the batch's layout (a 20-token prompt: a 32-column block instead of 16),
+    # finish early (a stop on the first token of row 1) or run greedy next to sampled rows.
+    prompts = LOOPING + [list(range(1, 21))]
+    seeds, temperatures = [1, 2, 3, 4, 5], [0.0, 1.5, 0.7, 0.7, 1.0]
     kw = dict(max_new_tokens=20, eos_token_id=[], repetition_penalty=0.2, prompt_lookup_max=3, top_k=3)
-    alone = speculative_generate(params, cfg, None, None, [LOOPING[3]], seed=4, temperature=0.7, **kw)
-    mixed = speculative_generate(params, cfg, None, None, LOOPING, seed=[1, 2, 3, 4], temperature=[0.0, 1.5, 0.7, 0.7], **kw)
-    assert alone.timing["acceptance_rate"] > 0
-    assert mixed.token_ids[3] == alone.token_ids[0]
-    assert mixed.token_ids[2] != mixed.token_ids[3]  # the prompt decides: row 2 has another
+    mixed = speculative_generate(params, cfg, None, None, prompts, seed=seeds, temperature=temperatures, **kw)
+    assert mixed.timing["acceptance_rate"] > 0
+    alone = [speculative_generate(params, cfg, None, None, [p], seed=s, temperature=t, **kw).token_ids[0]
+             for p, s, t in zip(prompts, seeds, temperatures)]
+    assert mixed.token_ids == alone
+    assert len(set(map(tuple, alone))) == len(alone)
 
 
 def test_a_per_row_cursor_writes_and_takes_back_each_rows_own_slots(cfg):
@@ -280,3 +289,5 @@ def test_a_per_row_cursor_writes_and_takes_back_each_rows_own_slots(cfg):
             want[0, slot(cursor[0] + 1)] = want[0, slot(cursor[0] + 2)] = -1
         np.testing.assert_array_equal(np.asarray(back.pos), want)
         np.testing.assert_array_equal(np.asarray(back.cursor), cursor + [1, 3])
+        swapped = take_rows(back, jnp.asarray([1, 0]))  # rows keep their own cursors when reordered
+        np.testing.assert_array_equal(np.asarray(swapped.cursor), (cursor + [1, 3])[::-1])
