@@ -15,6 +15,7 @@ from jaxllm.kvcache import init_cache, per_row, rewind, take_rows, write_positio
 from jaxllm.sampling import init_history, per_row as per_row_steps, record
 from jaxllm.speculative import distribution, lookup, speculative_generate, speculative_generate_stream
 from jaxllm.model import forward
+from jaxllm.request import Draft
 from conftest import tiny_config
 
 PROMPTS = [[1, 40, 41, 42], [1, 50, 51, 52, 53, 54, 55, 56, 57, 58], [1, 60]]
@@ -37,6 +38,14 @@ def test_greedy_output_equals_the_targets_own(cfg, params, tokenizer, draft, gam
     if gamma == 4:
         same = speculative_generate(params, cfg, params, cfg, PROMPTS, num_speculative_tokens=gamma, **kw)
         assert same.token_ids == want.token_ids and same.timing["acceptance_rate"] == 1.0
+
+
+def test_generate_runs_a_request_with_a_draft_as_speculative_decoding(cfg, params, draft):
+    dparams, dcfg = draft
+    kw = dict(max_new_tokens=12, temperature=0.0, eos_token_id=[], num_speculative_tokens=3)
+    got = generate(params, cfg, PROMPTS, draft=Draft(dparams, dcfg), **kw)
+    assert got.timing["target_forwards"] > 0  # speculative decoding ran
+    assert got.token_ids == speculative_generate(params, cfg, dparams, dcfg, PROMPTS, **kw).token_ids
 
 
 def test_streamed_pieces_concatenate_to_the_text(cfg, params, tokenizer, draft):
