@@ -92,7 +92,7 @@ DRAFT, ACCEPT, RESIDUAL = 1, 2, 3  # what a row's random number at an output pos
 
 
 def _keys(sp: SamplingParams, position: jax.Array, purpose: int) -> jax.Array:
-    """[B] keys: each row's own, for output position `position` ([] int) and one purpose."""
+    """[B] keys: each row's own, for output position `position` ([] int, or [B]: each row's) and one purpose."""
     return jax.vmap(lambda k: jax.random.fold_in(k, purpose))(row_keys(sp, position))
 
 
