@@ -250,6 +250,17 @@ def test_prompt_lookup_streams_the_text_it_returns(cfg, params, tokenizer):
         assert "".join(piece for r, piece in pieces if r == row) == text
 
 
+def test_a_stream_goes_on_in_chunks_after_the_row_ahead_of_it_finishes(cfg, params, tokenizer):
+    # Row 0 accepts long runs of drafts and ends (at an EOS chosen from its own late output) far
+    # ahead of row 1; row 1 must still come out a chunk at a time, not in one piece at the end.
+    prompts, kw = [LOOPING[2], LOOPING[1]], dict(max_new_tokens=40, temperature=0.0, repetition_penalty=0.2, prompt_lookup_max=3)
+    ahead, behind = generate(params, cfg, prompts, eos_token_id=[], **kw).token_ids
+    eos = next(t for i, t in enumerate(ahead) if i >= 30 and t not in ahead[:i] and t not in behind)
+    pieces = list(generate_stream(params, cfg, prompts, tokenizer=tokenizer, eos_token_id=[eos], chunk=2, **kw))[:-1]
+    last_of_row_0 = max(i for i, (row, _) in enumerate(pieces) if row == 0)
+    assert sum(row == 1 for row, _ in pieces[last_of_row_0:]) >= 4
+
+
 def test_each_row_keeps_the_drafts_it_accepted(cfg, params, tokenizer):
     # Each row keeps its own accepted drafts: the same tokens as when every row keeps only the
     # fewest any row accepted (a cursor shared by the batch), in fewer target forwards, and each
