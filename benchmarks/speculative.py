@@ -28,6 +28,7 @@ with the same tokenizer (--train), decoding 128 tokens at batch 1 for several G.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import inspect
 import json
@@ -182,8 +183,7 @@ def profile(params, cfg, tok, prompts, args) -> None:
     pos0 = state.out.next_pos[:, None]
     one = best_ms(step, params, state.last[:, None], pos0, cache)
     many = best_ms(step, params, jnp.tile(state.last[:, None], (1, G + 1)), pos0 + jnp.arange(G + 1), cache)
-    scalar = best_ms(step, params, state.last[:, None], pos0, jax.tree_util.tree_map(lambda x: x, cache.__class__(
-        **{**vars(cache), "cursor": cache.cursor[0]})))
+    scalar = best_ms(step, params, state.last[:, None], pos0, dataclasses.replace(cache, cursor=cache.cursor[0]))
     block = jax.jit(lambda s: _blocks(params, None, s, req.sampling, req.stops, None, chunk=1, **models))
     whole = best_ms(block, state)
     print(f"\nprofile, batch {len(prompts)}, G = {G}: target forward 1 token {one:.2f} ms (shared cursor {scalar:.2f} ms), "

@@ -214,10 +214,7 @@ def _write_layer(cache: KVCache, buf: jax.Array, new: jax.Array, layer, position
     new = new.astype(buf.dtype)
     tail = (0,) * (buf.ndim - 4)
     if cache.cursor.ndim and not cache.sinks:  # per-row cursors: one scatter into the stacked buffer
-        slots, keep = _row_slots(cache, new.shape[2])
-        rows = jnp.arange(buf.shape[1])[:, None]
-        kept = jnp.moveaxis(new[:, :, new.shape[2] - keep :], 2, 1)  # [B, keep, K, ...]: indexed dims lead
-        return buf.at[layer, rows, :, slots].set(kept, unique_indices=True)
+        return _scatter_rows(cache, buf, new, axis=2, layer=layer)
     if not cache.ring or (new.shape[2] == 1 and not cache.sinks):
         slot = cache.cursor % cache.ring_slots if cache.ring else cache.cursor
         return jax.lax.dynamic_update_slice(buf, new[None], (layer, 0, 0, slot) + tail)
@@ -277,12 +274,17 @@ def _write_sinks(cache: KVCache, buf: jax.Array, new: jax.Array, positions: jax.
 
 def _write_rows(cache: KVCache, buf: jax.Array, new: jax.Array, positions: jax.Array, axis: int) -> jax.Array:
     """`write_slots` for per-row cursors: the sink slots by position, the rest a scatter at each row's slots."""
-    buf = _write_sinks(cache, buf, new, positions, axis)
-    slots, keep = _row_slots(cache, new.shape[axis])
-    kept = jnp.moveaxis(jax.lax.slice_in_dim(new, new.shape[axis] - keep, new.shape[axis], axis=axis), axis, 1)
-    rows = jnp.arange(buf.shape[0])[:, None]
-    index = (rows,) + (slice(None),) * (axis - 1) + (slots,)
-    return buf.at[index].set(kept, unique_indices=True)
+    return _scatter_rows(cache, _write_sinks(cache, buf, new, positions, axis), new, axis)
+
+
+def _scatter_rows(cache: KVCache, buf: jax.Array, new: jax.Array, axis: int, layer=None) -> jax.Array:
+    """buf [B, ...] (or, given `layer`, the stacked [L, B, ...]) with the columns of `new` [B, ...]
+    (T on `axis`) at each row's slots (`_row_slots`): one scatter."""
+    T = new.shape[axis]
+    slots, keep = _row_slots(cache, T)
+    kept = jnp.moveaxis(jax.lax.slice_in_dim(new, T - keep, T, axis=axis), axis, 1)  # [B, keep, ...]: indexed dims lead
+    index = (jnp.arange(new.shape[0])[:, None],) + (slice(None),) * (axis - 1) + (slots,)
+    return buf.at[index if layer is None else (layer,) + index].set(kept, unique_indices=True)
 
 
 def advance(cache: KVCache, num_tokens: int) -> KVCache:

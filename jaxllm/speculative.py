@@ -264,7 +264,7 @@ def _start(
         stuck = ~jnp.any(allowed, axis=-1)
         out = dataclasses.replace(out, finish=jnp.where(stuck, CONSTRAINT, out.finish))
         out = dataclasses.replace(out, constraint=constraints.advance(auto, constraint, outcome, first, ~stuck))
-    out = emit(out, first, logp, stops, pad_id=pad_id, active=jnp.ones_like(first, bool))
+    out = emit(out, first, logp, stops, pad_id=pad_id)
     zero = jnp.zeros((), jnp.int32)
     return SpecState(out=out, last=first, draft_cache=draft, block=zero, proposed=zero, accepted=zero, row_blocks=zero)
 
