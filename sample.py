@@ -24,7 +24,7 @@ from jaxllm import request as requests
 from jaxllm.cli import Parser, fail
 from jaxllm.errors import GenerationError, JaxllmError
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "jaxllm" / "assets" / "default"
+from jaxllm.loading import DEFAULT_CHECKPOINT
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")  # jaxllm.config.ATTENTION_IMPLS
 
 
@@ -217,16 +217,12 @@ def load_model(path: Path, args, flag: str):
     attention backend the flags ask for, laid out for decoding (target and draft alike)."""
     import jaxllm
     from jaxllm import devices
-    from jaxllm.checkpoint import load_any
+    from jaxllm.loading import load_model as load
 
     if flag == "checkpoint" and args.checkpoint is None and not path.exists():
         raise jaxllm.CheckpointError(f"no --checkpoint given and the bundled model is missing ({path})")
-    params, cfg, tokenizer, model_defaults = load_any(path)
-    if args.quantize:
-        params = _quantize(params, args, path)
-    params = devices.prepare(params, cfg)  # once, not per call (and the stacked copy is freed)
-    if args.attention_impl:
-        cfg = cfg.replace(attention_impl=args.attention_impl)
+    params, cfg, tokenizer, model_defaults = load(path, quantize=args.quantize, group_size=getattr(args, "group_size", 64),
+                                                  attention_impl=args.attention_impl, flag=flag)
     if args.verbose:
         from jaxllm.attention import describe
 
@@ -272,20 +268,6 @@ def run(params, cfg, tokenizer, request: requests.Request, args):
 
         return beam_generate(params, cfg, request, tokenizer=tokenizer)
     return jaxllm.generate(params, cfg, request, tokenizer=tokenizer)
-
-
-def _quantize(params, args, checkpoint: Path):
-    """--quantize: float params -> quantized; a checkpoint saved quantized must already match."""
-    import jax
-    import jaxllm
-    from jaxllm.quantize import quantization_of, quantize_params
-
-    bits = {"int8": 8, "int4": 4}[args.quantize]
-    group_size = getattr(args, "group_size", 64)
-    stored = quantization_of(params)
-    if stored is not None and (stored["bits"], stored["group_size"]) != (bits, group_size if bits == 4 else 0):
-        raise jaxllm.CheckpointError(f"argument --quantize: {checkpoint} is already quantized as {stored}")
-    return jax.jit(quantize_params, static_argnums=(1, 2))(params, bits, group_size)  # one program, not one per op
 
 
 def _report(counter, args, timing=None) -> None:

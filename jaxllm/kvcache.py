@@ -86,7 +86,7 @@ class CacheSpec:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["k", "v", "pos", "cursor", "k_scale", "v_scale"],
-    meta_fields=["ring", "sinks", "lookahead"],
+    meta_fields=["ring", "sinks", "lookahead", "view"],
 )
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -101,6 +101,10 @@ class KVCache:
     # static: ring slots beyond the window, for columns written ahead and then taken back
     # (speculative decoding's rejected drafts); queries still see only the window
     lookahead: int = 0
+    # static, linear only: queries read slots [0, view) (0: all). A caller that knows no row has
+    # written past `view` (the server, whose slots hold requests of different lengths) sets it
+    # per program, so attention reads what is in use instead of every slot.
+    view: int = 0
 
     @property
     def num_slots(self) -> int:
@@ -109,6 +113,11 @@ class KVCache:
     @property
     def ring_slots(self) -> int:
         return self.num_slots - self.sinks
+
+    @property
+    def read_slots(self) -> int:
+        """Slots a linear cache's queries read: [0, view), or all of them."""
+        return self.view or self.num_slots
 
     @property
     def window_slots(self) -> int:
@@ -179,12 +188,14 @@ def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(q, -127, 127).astype(jnp.int8), scale
 
 
-def read(buf: Buffer, layer, dtype) -> jax.Array:
-    """One layer's keys or values [B, K, S, E] in `dtype` (dequantized when int8)."""
+def read(buf: Buffer, layer, dtype, slots: int | None = None) -> jax.Array:
+    """One layer's keys or values [B, K, S, E] in `dtype` (dequantized when int8); with `slots`
+    (static), only the first that many slots [B, K, slots, E]."""
     values, scale = buf
+    cut = (slice(None), slice(None), slice(None, slots))
     if scale is None:
-        return values[layer]
-    return (values[layer].astype(jnp.float32) * scale[layer][..., None]).astype(dtype)
+        return values[layer][cut]
+    return (values[layer][cut].astype(jnp.float32) * scale[layer][cut][..., None]).astype(dtype)
 
 
 def as_stored(buf: Buffer, new: jax.Array, dtype) -> jax.Array:

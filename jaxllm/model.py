@@ -275,18 +275,21 @@ def hidden_states(
         x, kb, vb = carry  # kvcache.Buffer: (values, int8 scales or None)
         q, k, v = _qkv(x, lp, cfg, positions, rotate=not cache.rope_on_read)
         dt = q.dtype
-        k_old, v_old = kvcache.read(kb, i, dt), kvcache.read(vb, i, dt)
+        k_old, v_old = kvcache.read(kb, i, dt), kvcache.read(vb, i, dt)  # read by a ring's block only
         kb = kvcache.write_layer(cache, kb, k, i, positions)
         vb = kvcache.write_layer(cache, vb, v, i, positions)
-        keys, vals = kvcache.read(kb, i, dt), kvcache.read(vb, i, dt)
-        if not cache.ring:
-            attn = attend(q, keys, vals, positions, cache.pos, **opts)
+        if not cache.ring:  # the slots in use (`view`), or all
+            S = cache.read_slots
+            keys, vals = kvcache.read(kb, i, dt, S), kvcache.read(vb, i, dt, S)
+            attn = attend(q, keys, vals, positions, cache.pos[:, :S], **opts)
         elif concat:  # the block's own keys as the cache holds them (int8-rounded), as a decode step sees them
+            keys, vals = kvcache.read(kb, i, dt), kvcache.read(vb, i, dt)
             keys = jnp.concatenate([keys[:, :, :N], k_old[:, :, N:], kvcache.as_stored(kb, k, dt)], axis=2)
             vals = jnp.concatenate([vals[:, :, :N], v_old[:, :, N:], kvcache.as_stored(vb, v, dt)], axis=2)
             k_pos = jnp.concatenate([cache.pos[:, :N], old.pos[:, N:], positions], axis=1)
             attn = _ring_attention(q, keys, vals, positions, k_pos, cache, cfg)
         else:
+            keys, vals = kvcache.read(kb, i, dt), kvcache.read(vb, i, dt)
             attn = _ring_attention(q, keys, vals, positions, cache.pos, cache, cfg)
         return _finish_block(x, attn, lp, cfg), kb, vb
 

@@ -39,18 +39,18 @@ class StopParams:
     eos_ids: jax.Array  # [NE] i32, any of them ends a row (NE may be 0)
     max_new_tokens: jax.Array  # [B] i32
     repeat_count: jax.Array  # [B] i32: end when the last tokens repeat one n-gram this many times (0 = off)
-    stop_bytes: jax.Array  # [NS, LS] u8 stop strings, right-aligned (NS may be 0)
-    stop_mask: jax.Array  # [NS, LS] bool which bytes of stop_bytes are real
+    stop_bytes: jax.Array  # [NS, LS] u8 stop strings, right-aligned (NS may be 0); or [B, NS, LS], each row's own
+    stop_mask: jax.Array  # [NS, LS] bool which bytes of stop_bytes are real; or [B, NS, LS]
     token_bytes: jax.Array  # [V, T] u8 each token's bytes (see Tokenizer.token_bytes); [1, 1] without stops
     token_len: jax.Array  # [V] i32
 
     @property
     def window(self) -> int:
-        return self.stop_bytes.shape[1] + self.token_bytes.shape[1] if self.has_stop_strings else 1
+        return self.stop_bytes.shape[-1] + self.token_bytes.shape[1] if self.has_stop_strings else 1
 
     @property
     def has_stop_strings(self) -> bool:
-        return self.stop_bytes.shape[0] > 0
+        return self.stop_bytes.shape[-2] > 0
 
     @classmethod
     def make(
@@ -105,16 +105,18 @@ def stop_string_hit(window: jax.Array, filled: jax.Array, new_len: jax.Array, st
 
     `filled` [B] counts the real bytes in the window (the rest is left padding).
     """
-    NS, LS = stops.stop_bytes.shape
+    LS = stops.stop_bytes.shape[-1]
     T = stops.token_bytes.shape[1]
     W = window.shape[1]
-    lengths = jnp.sum(stops.stop_mask, axis=1)  # [NS]
+    rows = lambda x: x if x.ndim == 3 else x[None]  # shared stop strings, or each row's own: [B or 1, NS, LS]
+    stop_bytes, stop_mask = rows(stops.stop_bytes), rows(stops.stop_mask)
+    lengths = jnp.sum(stop_mask, axis=-1)  # [B or 1, NS]
     hit = jnp.zeros(window.shape[:1], bool)
     for d in range(T):  # static: the match ends d bytes before the end of the window
         end = W - d
         seg = window[:, end - LS : end]  # [B, LS]
-        same = jnp.all((seg[:, None, :] == stops.stop_bytes[None]) | ~stops.stop_mask[None], axis=-1)  # [B, NS]
-        inside = (d < new_len)[:, None] & (d + lengths[None, :] <= filled[:, None]) & (lengths[None, :] > 0)
+        same = jnp.all((seg[:, None, :] == stop_bytes) | ~stop_mask, axis=-1)  # [B, NS]
+        inside = (d < new_len)[:, None] & (d + lengths <= filled[:, None]) & (lengths > 0)
         hit = hit | jnp.any(same & inside, axis=-1)
     return hit
 
