@@ -338,14 +338,22 @@ def _skip_unless(on: jax.Array, fn, z: jax.Array) -> jax.Array:
     return jax.lax.cond(jnp.any(on), fn, lambda z: z, z)
 
 
+def eos_mask(eos_ids: jax.Array, vocab_size: int) -> jax.Array:
+    """Which tokens end a row: [1, V] for ids [NE] shared by every row, or [B, V] for each row's
+    own ids [B, NE] (ids >= V are padding)."""
+    if eos_ids.ndim == 1:
+        return jnp.zeros((1, vocab_size), bool).at[0, eos_ids].set(True)
+    rows = jnp.arange(eos_ids.shape[0])[:, None]
+    return jnp.zeros((eos_ids.shape[0], vocab_size), bool).at[rows, eos_ids].set(True, mode="drop")
+
+
 def process_logits(logits: jax.Array, sp: SamplingParams, history: History, eos_ids: jax.Array) -> jax.Array:
     """Everything before the greedy/sampling split: masks, bias, min_new_tokens, penalties. [B, V]"""
     V = logits.shape[-1]
     z = logits.astype(jnp.float32) + sp.bias
     z = _skip_unless(sp.bad_used, lambda z: jnp.where(bad_words_mask(history, sp, V), NEG_INF, z), z)
     early = history.step < sp.min_new_tokens  # [B]
-    is_eos = jnp.zeros((V,), bool).at[eos_ids].set(True)
-    z = jnp.where(early[:, None] & is_eos[None], NEG_INF, z)
+    z = jnp.where(early[:, None] & eos_mask(eos_ids, V), NEG_INF, z)
     z = _skip_unless(sp.repetition_penalty != 1, lambda z: penalize_repetition(z, history.seen, sp.repetition_penalty), z)
     z = _skip_unless(
         (sp.frequency_penalty != 0) | (sp.presence_penalty != 0),

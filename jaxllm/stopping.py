@@ -36,7 +36,7 @@ REPEAT_WINDOW = 256  # ... among the last 256 generated tokens
 )
 @dataclasses.dataclass(frozen=True)
 class StopParams:
-    eos_ids: jax.Array  # [NE] i32, any of them ends a row (NE may be 0)
+    eos_ids: jax.Array  # [NE] i32, any of them ends a row (NE may be 0); or [B, NE], each row's own (>= V: padding)
     max_new_tokens: jax.Array  # [B] i32
     repeat_count: jax.Array  # [B] i32: end when the last tokens repeat one n-gram this many times (0 = off)
     stop_bytes: jax.Array  # [NS, LS] u8 stop strings, right-aligned (NS may be 0); or [B, NS, LS], each row's own
@@ -158,7 +158,8 @@ def check_stops(
         window = append_bytes(window, token, stops)
         filled = jnp.minimum(filled + new_len, window.shape[1])
         code = jnp.where(stop_string_hit(window, filled, new_len, stops), STOP, code)
-    code = jnp.where(jnp.isin(token, stops.eos_ids), EOS, code)
+    eos = jnp.isin(token, stops.eos_ids) if stops.eos_ids.ndim == 1 else jnp.any(token[:, None] == stops.eos_ids, axis=1)
+    code = jnp.where(eos, EOS, code)
     return jnp.where(running, code, RUNNING), window, filled
 
 

@@ -96,10 +96,10 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         except RequestError as e:
             first = e.fields[0] if e.fields else None
             raise ApiError(e.render(lambda f: protocol.API_NAMES.get(f, f)), param=protocol.API_NAMES.get(first, first)) from None
-        except EngineError as e:
-            raise ApiError(str(e), e.status) from None
-        except JaxllmError as e:
-            raise ApiError(str(e)) from None
+        except (EngineError, JaxllmError) as e:  # the prompt is too long, an id out of range, ...
+            about_prompt = str(e).startswith(("prompt", "the prompt"))
+            raise ApiError(str(e), getattr(e, "status", 400),
+                           param=("messages" if meta["chat"] else "prompt") if about_prompt else None) from None
 
     async def generate(http: HttpRequest, chat: bool):
         body = await read_json(http)

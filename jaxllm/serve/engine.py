@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import chat, devices, kvcache, sampling
+from jaxllm import devices, kvcache, sampling
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.generate import DecodeState, all_done, bucket, decode_step, left_pad
@@ -52,6 +52,7 @@ from jaxllm.stopping import LENGTH, RUNNING, StopParams
 from jaxllm.structured import constraints
 from jaxllm.tokenizer import Tokenizer
 
+MAX_EOS = 4  # EOS ids per request (the tokenizer's, and a chat template's end of turn)
 FREE = LENGTH  # the finish code of an empty slot: any code but RUNNING keeps it out of the steps
 MIN_VIEW = 64  # the fewest columns attention reads
 # SamplingParams fields with a row per slot (the multi-token bad words are shared, and unused here)
@@ -264,7 +265,7 @@ class Engine:
     def __init__(
         self, params, cfg: ModelConfig, tokenizer: Tokenizer, *, slots: int = 8, context: int | None = None,
         chunk: int = 8, max_queue: int = 256, max_logprobs: int = 5, kv_cache_dtype: str = "",
-        prefill_chunk: int = 512, max_stop: int = 8, max_stop_bytes: int = 64, chat_template: str = "auto",
+        prefill_chunk: int = 512, max_stop: int = 8, max_stop_bytes: int = 64,
     ):
         if tokenizer is None:
             raise EngineError("the server needs a tokenizer")
@@ -276,14 +277,14 @@ class Engine:
         self.max_logprobs, self.kv_dtype, self.prefill_chunk = max_logprobs, kv_cache_dtype, prefill_chunk
         self.max_stop, self.max_stop_bytes = max_stop, pow2_bucket(max_stop_bytes)
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-        # Every row ends at the tokenizer's EOS and at the chat template's end of turn (one set for
-        # all slots: a completion that writes the end-of-turn marker ends there too).
-        eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-        end_ids, _ = chat.end_of_turn(tokenizer, chat_template)
-        self.eos_ids = eos + [i for i in end_ids if i not in eos]
-        self.stops = StopParams.make(slots, 1, self.eos_ids, ["x" * self.max_stop_bytes] * max_stop, tokenizer.token_bytes())
-        self.stops = dataclasses.replace(self.stops, stop_bytes=jnp.zeros((slots,) + self.stops.stop_bytes.shape, jnp.uint8),
-                                         stop_mask=jnp.zeros((slots,) + self.stops.stop_mask.shape, bool))
+        # Stops with a row per slot: EOS ids (a chat's end of turn is one, a completion's not;
+        # padded with V), stop strings right-aligned in [max_stop, max_stop_bytes]
+        stops = StopParams.make(slots, 1, [], ["x" * self.max_stop_bytes] * max_stop, tokenizer.token_bytes())
+        self.stops = dataclasses.replace(
+            stops, eos_ids=jnp.full((slots, MAX_EOS), cfg.vocab_size, jnp.int32),
+            stop_bytes=jnp.zeros((slots,) + stops.stop_bytes.shape, jnp.uint8),
+            stop_mask=jnp.zeros((slots,) + stops.stop_mask.shape, bool),
+        )
         self.sp = SamplingParams.make(slots, cfg.vocab_size, seed=0)
         self.state = empty_state(cfg, slots, context, self.stops.window, max_logprobs, kv_cache_dtype)
         self.registry = _Registry(tokenizer, cfg.vocab_size)
@@ -314,6 +315,8 @@ class Engine:
             raise EngineError(f"logprobs: at most {self.max_logprobs} alternatives per token on this server")
         if request.verify_only or request.retries:
             raise EngineError("verify_only and retries are not served")
+        if prep.stops.eos_ids.shape[0] > MAX_EOS:
+            raise EngineError(f"at most {MAX_EOS} EOS ids per request")
         return prep
 
     def submit(self, job: Job) -> None:
@@ -406,6 +409,9 @@ class Engine:
         stop_mask = np.zeros(self.stops.stop_mask.shape[1:], bool)
         L = stop_bytes.shape[1]
         stop_bytes[:ns, L - ls :], stop_mask[:ns, L - ls :] = np.asarray(prep.stops.stop_bytes), np.asarray(prep.stops.stop_mask)
+        eos = np.full((MAX_EOS,), self.cfg.vocab_size, np.int32)
+        eos[: prep.stops.eos_ids.shape[0]] = np.asarray(prep.stops.eos_ids)
+        eos = jnp.asarray(eos)
         running = [self.jobs[s].prepared.constraints[0] for s in self.jobs]
         for c in dict.fromkeys(prep.constraints):
             if c is not None:
@@ -415,7 +421,7 @@ class Engine:
             c = prep.constraints[row]
             row_constraint = constraints.RowState(*(jnp.asarray([v], jnp.int32) for v in (self.registry.initial(c), 0, 0)))
             row_stops = dict(max_new_tokens=prep.stops.max_new_tokens[row], repeat_count=prep.stops.repeat_count[row],
-                             stop_bytes=jnp.asarray(stop_bytes), stop_mask=jnp.asarray(stop_mask))
+                             stop_bytes=jnp.asarray(stop_bytes), stop_mask=jnp.asarray(stop_mask), eos_ids=eos)
             (self.state, self.sp, self.stops), compile_s = _admit_program(
                 dict(cfg=self.cfg, prefill_chunk=self.prefill_chunk, kv_dtype=self.kv_dtype),
                 params=self.params, state=self.state, sp=self.sp, stops=self.stops, slot=jnp.int32(slot),
@@ -471,9 +477,16 @@ class Engine:
                 job.emit(("text", row, piece))
             if np.all(rows.finish != RUNNING):
                 job.timing["total_s"] = time.perf_counter() - job.submitted
-                job.emit(("done", collect(rows, job.prepared, self.tokenizer, job.timing)))
+                job.emit(("done", self._result(job, rows)))
                 self.stats["finished"] += 1
                 self._free(job.slots)
+
+    def _result(self, job: Job, rows: "_Rows") -> GenerationResult:
+        result = collect(rows, job.prepared, self.tokenizer, job.timing)
+        if result.top_logprobs is not None:  # the program keeps max_logprobs alternatives; the request asked for k
+            k = job.request.logprobs
+            result.top_logprobs = [[dict(list(top.items())[:k]) for top in row] for row in result.top_logprobs]
+        return result
 
     def _free(self, slots) -> None:
         for s in slots:

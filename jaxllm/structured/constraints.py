@@ -39,7 +39,7 @@ import numpy as np
 
 from jaxllm import cachedirs
 from jaxllm.errors import CacheError, ConstraintError
-from jaxllm.sampling import pow2_bucket
+from jaxllm.sampling import eos_mask, pow2_bucket
 from jaxllm.structured import automata
 from jaxllm.structured.automata import DEAD, STACK
 
@@ -457,8 +457,7 @@ def allowed(auto: Automaton, rows: RowState, st: Step, eos_ids: jax.Array, budge
         on_stack = st.entry[:, auto.stack_ids] == STACK  # [B, P]
         fits = auto.cost[st.local + auto.json_offset] + st.depth <= budget[:, None]
         mask = mask.at[:, auto.stack_ids].set(jnp.where(on_stack, st.ok & fits, mask[:, auto.stack_ids]))
-    is_eos = jnp.zeros((V,), bool).at[eos_ids].set(True)
-    return jnp.where(is_eos[None], auto.accepting[rows.state][:, None], mask)
+    return jnp.where(eos_mask(eos_ids, V), auto.accepting[rows.state][:, None], mask)
 
 
 def mask(auto: Automaton, rows: RowState, eos_ids: jax.Array, budget: jax.Array) -> tuple[jax.Array, Step]:
