@@ -12,6 +12,7 @@ seconds, cancels the rest and exits.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 
@@ -101,13 +102,18 @@ def main(argv=None) -> int:
     name = args.model_name or (os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint else
                                f"jaxllm-{DEFAULT_CHECKPOINT.name}")
     api_key = args.api_key or os.environ.get("JAXLLM_API_KEY") or None
-    app = create_app(engine, model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes, max_n=args.max_n)
+    app = create_app(engine, model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
+                     grace_s=args.grace)
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.grace or None)
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.grace + 1)
     server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in host else host
     print(f"{PROG}: serving {name} on http://{shown}:{port} ({args.slots} slots, context {engine.context})",
           file=sys.stderr, flush=True)
+    # uvicorn handles SIGTERM/SIGINT while it runs, then raises the signal again for the handler
+    # it found: these make that a clean exit (0) rather than death by signal or a traceback.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run(sockets=[sock])
     return 0
 

@@ -18,6 +18,7 @@ import secrets
 import time
 from pathlib import Path
 
+import anyio
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import FileResponse, JSONResponse
 from sse_starlette.sse import EventSourceResponse
@@ -35,9 +36,9 @@ RETRY_AFTER_S = 1
 
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               max_n: int = 4, stop_grace_s: float = 0.0) -> FastAPI:
+               max_n: int = 4, grace_s: float = 0.0) -> FastAPI:
     """The app over `engine` (started with the app, stopped when it shuts down, after letting
-    running requests finish for up to `stop_grace_s`). With `api_key`, /v1/* needs
+    running requests finish for up to `grace_s`). With `api_key`, /v1/* needs
     `Authorization: Bearer <api_key>`."""
 
     @contextlib.asynccontextmanager
@@ -45,7 +46,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         if engine._thread is None:
             engine.start()
         yield
-        await run_in_threadpool(engine.stop, stop_grace_s)
+        await run_in_threadpool(engine.stop, grace_s)
 
     app = FastAPI(title="jaxllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -117,7 +118,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         except EngineError as e:
             raise ApiError(str(e), e.status, code="server_busy" if e.status == 503 else None) from None
         if meta["stream"]:
-            return EventSourceResponse(_stream(job, events, meta), ping=15)
+            # On shutdown, a running stream goes on for up to grace_s (then it is cancelled)
+            return EventSourceResponse(_stream(job, events, meta), ping=15, shutdown_event=anyio.Event(),
+                                       shutdown_grace_period=grace_s)
         try:
             while True:
                 try:
