@@ -87,13 +87,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         """Tokenizes and checks against the model (worker thread); chat's default max_tokens is the
         rest of the context."""
         try:
-            if meta["chat"] and meta["max_tokens"] is None:
-                n = len(engine.prepare(request.replace(max_new_tokens=1)).prompts[0])
-                if n >= engine.context:
-                    raise ApiError(f"the messages have {n} tokens, the server's context is {engine.context}",
-                                   param="messages")
-                request = request.replace(max_new_tokens=engine.context - n)
-            return request, engine.prepare(request)
+            prepared = engine.prepare(request, rest_of_context=meta["chat"] and meta["max_tokens"] is None)
+            return prepared.request, prepared
         except RequestError as e:
             first = e.fields[0] if e.fields else None
             raise ApiError(e.render(lambda f: protocol.API_NAMES.get(f, f)), param=protocol.API_NAMES.get(first, first)) from None

@@ -298,15 +298,24 @@ class Engine:
 
     # ---------------------------------------------------------------- from the HTTP side (any thread)
 
-    def prepare(self, request: Request) -> Prepared:
-        """Checks a request against the model and the engine's limits (raises RequestError/EngineError)."""
-        prep = prepare(request, self.cfg, self.tokenizer, SAMPLE)
+    def prepare(self, request: Request, rest_of_context: bool = False) -> Prepared:
+        """Checks a request against the model and the engine's limits (raises RequestError/EngineError).
+        With `rest_of_context`, the request may generate up to the end of the context (its
+        max_new_tokens is set from the prompt's length)."""
+        prep = prepare(request.replace(max_new_tokens=1), self.cfg, self.tokenizer, SAMPLE)  # the prompt's length first
         if len(prep.prompts) > self.slots:
             raise EngineError(f"n ({len(prep.prompts)}) is more than the server's {self.slots} slots")
         n = len(prep.prompts[0])
+        if rest_of_context:
+            if n >= self.context:
+                raise EngineError(f"the prompt has {n} tokens, as many as the server's context of {self.context}")
+            request = request.replace(max_new_tokens=self.context - n)
         if n + request.max_new_tokens > self.context:
             raise EngineError(f"the prompt has {n} tokens; with max_tokens={request.max_new_tokens} it needs "
                               f"{n + request.max_new_tokens}, more than the server's context of {self.context}")
+        prep.request = request
+        prep.stops = dataclasses.replace(prep.stops, max_new_tokens=jnp.full((len(prep.prompts),), request.max_new_tokens,
+                                                                             jnp.int32))
         encoded = [s.encode() for s in prep.stop_strings]
         if len(encoded) > self.max_stop or any(len(s) > self.max_stop_bytes for s in encoded):
             raise EngineError(f"stop: at most {self.max_stop} strings (a chat template's included) of at most "
