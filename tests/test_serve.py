@@ -283,3 +283,15 @@ def test_a_client_that_goes_away_frees_its_slot(url, engine):
                 break  # one piece read, then the connection closes
     assert wait_until(lambda: health(url)["busy_slots"] == 0, timeout=10)
     assert engine.stats["cancelled"] == before + 1
+
+
+def test_warmup_compiles_every_program_serving_needs(params, cfg, tokenizer):
+    engine = Engine(params, cfg, tokenizer, slots=3, chunk=3)  # shapes no other test uses
+    done = engine.warmup()
+    assert done["programs"] == 4 + 2  # prompt buckets 16..128, views 64 and 128
+    compiled = engine.stats["compile_s"]
+    with serve(create_app(engine, model_name="tiny")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for n in (3, 40, 100):  # prompts in three buckets, outputs reaching both views
+            client.completions.create(model="tiny", prompt=[5] * n, max_tokens=20, temperature=0)
+    assert engine.stats["compile_s"] == compiled

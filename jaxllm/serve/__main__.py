@@ -41,6 +41,7 @@ def parser() -> Parser:
     p.add_argument("--kv_cache_dtype", choices=["int8"], help="int8: quantized KV cache")
     p.add_argument("--compute_dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: the model's)")
     p.add_argument("--attention_impl", choices=["auto", "reference", "xla", "cudnn", "pallas"], help="attention backend")
+    p.add_argument("--warmup", action="store_true", help="compile every program serving needs before taking requests")
     p.add_argument("--no_compile_cache", action="store_true", help="do not keep compiled programs on disk")
     p.add_argument("--log_level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: warning)")
@@ -99,6 +100,9 @@ def main(argv=None) -> int:
                         kv_cache_dtype=args.kv_cache_dtype or "")
     except (JaxllmError, EngineError) as e:
         return fail(PROG, str(e))
+    if args.warmup:
+        done = engine.warmup()
+        print(f"{PROG}: warmup: {done['programs']} programs in {done['seconds']:.1f}s", file=sys.stderr, flush=True)
     name = args.model_name or (os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint else
                                f"jaxllm-{DEFAULT_CHECKPOINT.name}")
     api_key = args.api_key or os.environ.get("JAXLLM_API_KEY") or None

@@ -28,7 +28,6 @@ step. The same seed gives the same output whatever else is running.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import queue
 import threading
@@ -42,7 +41,7 @@ import numpy as np
 from jaxllm import devices, kvcache, sampling
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
-from jaxllm.generate import DecodeState, all_done, bucket, decode_step, left_pad
+from jaxllm.generate import MIN_PROMPT_BUCKET as MIN_PROMPT, DecodeState, all_done, bucket, decode_step, left_pad
 from jaxllm.kvcache import init_cache
 from jaxllm.model import prefill, prefill_length, unembed
 from jaxllm.request import SAMPLE, Prepared, Request, prepare
@@ -344,6 +343,37 @@ class Engine:
     @property
     def busy_slots(self) -> int:
         return len(self.jobs)
+
+    def warmup(self) -> dict:
+        """Compiles (or loads from the persistent cache) every program serving can need before the
+        first request: the prefill-and-join program for each prompt bucket, and the decode chunk for
+        each view, unconstrained. Call before `start`. -> {"programs", "seconds"}"""
+        t, programs = time.perf_counter(), 0
+        P = MIN_PROMPT
+        while True:
+            P = min(P, self.context)
+            job = Job(Request([1] * max(1, P - 1), max_new_tokens=1, temperature=0), lambda e: None)
+            job.prepared = self.prepare(job.request)
+            self._place(job)
+            self.state = release(self.state, jnp.asarray(job.slots))
+            self._free(job.slots)
+            programs += 1
+            if P >= self.context:
+                break
+            P *= 2
+        view = MIN_VIEW
+        while True:
+            self.state, _ = _chunk_program(
+                dict(cfg=self.cfg, chunk=self.chunk, view=min(view, self.context), pad_id=self.pad_id),
+                params=self.params, state=self.state, sp=self.sp, stops=self.stops, automaton=None,
+            )
+            programs += 1
+            if view >= self.context:
+                break
+            view *= 2
+        jax.block_until_ready(self.state.logits)
+        self.stats["admitted"] = 0
+        return dict(programs=programs, seconds=time.perf_counter() - t)
 
     # ---------------------------------------------------------------- the loop (the engine's thread)
 
