@@ -295,3 +295,21 @@ def test_warmup_compiles_every_program_serving_needs(params, cfg, tokenizer):
         for n in (3, 40, 100):  # prompts in three buckets, outputs reaching both views
             client.completions.create(model="tiny", prompt=[5] * n, max_tokens=20, temperature=0)
     assert engine.stats["compile_s"] == compiled
+
+
+def test_an_engine_failure_fails_the_running_requests_and_serving_goes_on(params, cfg, tokenizer, monkeypatch):
+    engine = Engine(params, cfg, tokenizer, slots=2, chunk=4)
+    real, calls = engine._decode, []
+
+    def broken_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real()
+
+    monkeypatch.setattr(engine, "_decode", broken_once)
+    with serve(create_app(engine, model_name="tiny")) as url:
+        err = _error(httpx.post(f"{url}/v1/completions", json=dict(prompt="the", max_tokens=5), timeout=60), 500)
+        assert "injected" in err["message"]
+        again = httpx.post(f"{url}/v1/completions", json=dict(prompt="the", max_tokens=5, temperature=0), timeout=60)
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 5

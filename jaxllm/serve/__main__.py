@@ -38,7 +38,7 @@ def parser() -> Parser:
     p.add_argument("--grace", type=float, default=10.0, help="seconds running requests may finish after SIGTERM (default: 10)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization after loading")
     p.add_argument("--group_size", type=int, default=64, help="--quantize int4: input features per scale (default: 64)")
-    p.add_argument("--kv_cache_dtype", choices=["int8"], help="int8: quantized KV cache")
+    p.add_argument("--kv_cache_dtype", "--kv_cache", choices=["int8"], help="int8: quantized KV cache")
     p.add_argument("--compute_dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: the model's)")
     p.add_argument("--attention_impl", choices=["auto", "reference", "xla", "cudnn", "pallas"], help="attention backend")
     p.add_argument("--warmup", action="store_true", help="compile every program serving needs before taking requests")

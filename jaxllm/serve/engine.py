@@ -276,16 +276,7 @@ class Engine:
         self.max_logprobs, self.kv_dtype, self.prefill_chunk = max_logprobs, kv_cache_dtype, prefill_chunk
         self.max_stop, self.max_stop_bytes = max_stop, pow2_bucket(max_stop_bytes)
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-        # Stops with a row per slot: EOS ids (a chat's end of turn is one, a completion's not;
-        # padded with V), stop strings right-aligned in [max_stop, max_stop_bytes]
-        stops = StopParams.make(slots, 1, [], ["x" * self.max_stop_bytes] * max_stop, tokenizer.token_bytes())
-        self.stops = dataclasses.replace(
-            stops, eos_ids=jnp.full((slots, MAX_EOS), cfg.vocab_size, jnp.int32),
-            stop_bytes=jnp.zeros((slots,) + stops.stop_bytes.shape, jnp.uint8),
-            stop_mask=jnp.zeros((slots,) + stops.stop_mask.shape, bool),
-        )
-        self.sp = SamplingParams.make(slots, cfg.vocab_size, seed=0)
-        self.state = empty_state(cfg, slots, context, self.stops.window, max_logprobs, kv_cache_dtype)
+        self._empty()
         self.registry = _Registry(tokenizer, cfg.vocab_size)
         self.jobs: dict[int, Job] = {}  # slot -> its job
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
@@ -294,6 +285,20 @@ class Engine:
         self._accepting = True
         self._thread: threading.Thread | None = None
         self.stats = dict(chunks=0, admitted=0, finished=0, cancelled=0, compile_s=0.0)
+
+    def _empty(self) -> None:
+        """Every slot empty: the shared state and its per-row values as at the start."""
+        cfg, slots, tokenizer = self.cfg, self.slots, self.tokenizer
+        # Stops with a row per slot: EOS ids (a chat's end of turn is one, a completion's not;
+        # padded with V), stop strings right-aligned in [max_stop, max_stop_bytes]
+        stops = StopParams.make(slots, 1, [], ["x" * self.max_stop_bytes] * self.max_stop, tokenizer.token_bytes())
+        self.stops = dataclasses.replace(
+            stops, eos_ids=jnp.full((slots, MAX_EOS), cfg.vocab_size, jnp.int32),
+            stop_bytes=jnp.zeros((slots,) + stops.stop_bytes.shape, jnp.uint8),
+            stop_mask=jnp.zeros((slots,) + stops.stop_mask.shape, bool),
+        )
+        self.sp = SamplingParams.make(slots, cfg.vocab_size, seed=0)
+        self.state = empty_state(cfg, slots, self.context, self.stops.window, self.max_logprobs, self.kv_dtype)
 
     # ---------------------------------------------------------------- from the HTTP side (any thread)
 
@@ -416,8 +421,7 @@ class Engine:
                 for job in set(self.jobs.values()):
                     job.emit(("error", EngineError(f"internal error: {type(e).__name__}: {e}", 500)))
                 self._free(list(self.jobs))
-                self.state = empty_state(self.cfg, self.slots, self.context, self.stops.window, self.max_logprobs,
-                                         self.kv_dtype)
+                self._empty()  # a failed program may have consumed its donated buffers
 
     def _admit_waiting(self) -> None:
         """Moves waiting jobs into free slots (blocks briefly when nothing runs)."""
