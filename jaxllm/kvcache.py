@@ -115,6 +115,12 @@ class KVCache:
         return self.num_slots - self.sinks
 
     @property
+    def rows(self) -> int:
+        """Rows this cache holds positions for: the batch, or (a decoder running only the first
+        rows of a larger cache, as the server does) the first `rows` rows of `k` and `v`."""
+        return self.pos.shape[0]
+
+    @property
     def read_slots(self) -> int:
         """Slots a linear cache's queries read: [0, view), or all of them."""
         return self.view or self.num_slots
@@ -188,11 +194,11 @@ def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(q, -127, 127).astype(jnp.int8), scale
 
 
-def read(buf: Buffer, layer, dtype, slots: int | None = None) -> jax.Array:
+def read(buf: Buffer, layer, dtype, slots: int | None = None, rows: int | None = None) -> jax.Array:
     """One layer's keys or values [B, K, S, E] in `dtype` (dequantized when int8); with `slots`
-    (static), only the first that many slots [B, K, slots, E]."""
+    and `rows` (static), only the first that many slots and rows [rows, K, slots, E]."""
     values, scale = buf
-    cut = (slice(None), slice(None), slice(None, slots))
+    cut = (slice(None, rows), slice(None), slice(None, slots))
     if scale is None:
         return values[layer][cut]
     return (values[layer][cut].astype(jnp.float32) * scale[layer][cut][..., None]).astype(dtype)

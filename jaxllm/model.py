@@ -279,8 +279,8 @@ def hidden_states(
         kb = kvcache.write_layer(cache, kb, k, i, positions)
         vb = kvcache.write_layer(cache, vb, v, i, positions)
         if not cache.ring:  # the slots in use (`view`), or all
-            S = cache.read_slots
-            keys, vals = kvcache.read(kb, i, dt, S), kvcache.read(vb, i, dt, S)
+            S, B = cache.read_slots, cache.rows
+            keys, vals = kvcache.read(kb, i, dt, S, B), kvcache.read(vb, i, dt, S, B)
             attn = attend(q, keys, vals, positions, cache.pos[:, :S], **opts)
         elif concat:  # the block's own keys as the cache holds them (int8-rounded), as a decode step sees them
             keys, vals = kvcache.read(kb, i, dt), kvcache.read(vb, i, dt)

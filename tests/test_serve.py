@@ -288,7 +288,7 @@ def test_a_client_that_goes_away_frees_its_slot(url, engine):
 def test_warmup_compiles_every_program_serving_needs(params, cfg, tokenizer):
     engine = Engine(params, cfg, tokenizer, slots=3, chunk=3)  # shapes no other test uses
     done = engine.warmup()
-    assert done["programs"] == 4 + 2  # prompt buckets 16..128, views 64 and 128
+    assert done["programs"] == 4 + 3 * 2  # prompt buckets 16..128; rows 1, 2, 3 by views 64, 128
     compiled = engine.stats["compile_s"]
     with serve(create_app(engine, model_name="tiny")) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)

@@ -156,17 +156,29 @@ def admit(
     return state, sp, stops
 
 
+STOP_ROW_FIELDS = ("eos_ids", "max_new_tokens", "repeat_count", "stop_bytes", "stop_mask")
+
+
 def decode_slots(
     params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, stops: StopParams,
-    automaton: constraints.Automaton | None = None, *, chunk: int, view: int, pad_id: int = 0,
+    automaton: constraints.Automaton | None = None, *, chunk: int, view: int, rows: int, pad_id: int = 0,
 ) -> DecodeState:
-    """Up to `chunk` decode steps over every slot (fewer if all are done); attention reads the
-    first `view` columns of each row (static; the host makes sure no running row passes it).
+    """Up to `chunk` decode steps over the first `rows` slots (fewer if all are done); attention
+    reads the first `view` columns of each row. Both static: the host makes sure every running
+    row is among the first `rows` and none passes `view`.
 
+    The first rows' small arrays are sliced out and put back; the cache's keys and values stay
+    whole (its `pos` and cursors are sliced): the steps write their rows in place and read only
+    those rows' first `view` columns, so a step costs what the running requests need.
     A row that is not running neither moves its cursor nor its position: its steps write one
     column of its own, again and again, that no one reads.
     """
-    state = dataclasses.replace(state, cache=dataclasses.replace(state.cache, view=view))
+    whole = state
+    head = lambda tree: jax.tree_util.tree_map(lambda x: x[:rows], tree)
+    cache = dataclasses.replace(state.cache, pos=state.cache.pos[:rows], cursor=state.cache.cursor[:rows], view=view)
+    state = dataclasses.replace(head(dataclasses.replace(state, cache=None)), cache=cache)
+    sp = dataclasses.replace(sp, **{f: getattr(sp, f)[:rows] for f in ROW_FIELDS})
+    stops = dataclasses.replace(stops, **{f: getattr(stops, f)[:rows] for f in STOP_ROW_FIELDS})
 
     def body(carry):
         i, s = carry
@@ -177,7 +189,11 @@ def decode_slots(
         return i + 1, dataclasses.replace(s, cache=cache, next_pos=jnp.where(running, s.next_pos, pos))
 
     _, state = jax.lax.while_loop(lambda c: (c[0] < chunk) & ~all_done(c[1]), body, (jnp.int32(0), state))
-    return dataclasses.replace(state, cache=dataclasses.replace(state.cache, view=0))
+    put = lambda big, new: jax.lax.dynamic_update_slice(big, new, (0,) * big.ndim)  # rows [0, rows) back in place
+    cache = dataclasses.replace(state.cache, pos=put(whole.cache.pos, state.cache.pos),
+                                cursor=put(whole.cache.cursor, state.cache.cursor), view=0)
+    rest = jax.tree_util.tree_map(put, dataclasses.replace(whole, cache=None), dataclasses.replace(state, cache=None))
+    return dataclasses.replace(rest, cache=cache)
 
 
 def release(state: DecodeState, rows: jax.Array) -> DecodeState:
@@ -352,7 +368,7 @@ class Engine:
     def warmup(self) -> dict:
         """Compiles (or loads from the persistent cache) every program serving can need before the
         first request: the prefill-and-join program for each prompt bucket, and the decode chunk for
-        each view, unconstrained. Call before `start`. -> {"programs", "seconds"}"""
+        each number of rows and view, unconstrained. Call before `start`. -> {"programs", "seconds"}"""
         t, programs = time.perf_counter(), 0
         P = MIN_PROMPT
         while True:
@@ -366,16 +382,14 @@ class Engine:
             if P >= self.context:
                 break
             P *= 2
-        view = MIN_VIEW
-        while True:
-            self.state, _ = _chunk_program(
-                dict(cfg=self.cfg, chunk=self.chunk, view=min(view, self.context), pad_id=self.pad_id),
-                params=self.params, state=self.state, sp=self.sp, stops=self.stops, automaton=None,
-            )
-            programs += 1
-            if view >= self.context:
-                break
-            view *= 2
+        views = sorted({min(self.context, max(MIN_VIEW, pow2_bucket(c))) for c in range(1, self.context + 1)})
+        for rows in sorted({min(self.slots, pow2_bucket(n)) for n in range(1, self.slots + 1)}):
+            for view in views:
+                self.state, _ = _chunk_program(
+                    dict(cfg=self.cfg, chunk=self.chunk, view=view, rows=rows, pad_id=self.pad_id),
+                    params=self.params, state=self.state, sp=self.sp, stops=self.stops, automaton=None,
+                )
+                programs += 1
         jax.block_until_ready(self.state.logits)
         self.stats["admitted"] = 0
         return dict(programs=programs, seconds=time.perf_counter() - t)
@@ -490,6 +504,11 @@ class Engine:
         self.state = dataclasses.replace(
             self.state, constraint=dataclasses.replace(self.state.constraint, state=jnp.asarray(state)))
 
+    def rows(self) -> int:
+        """Slots this chunk decodes: the first ones up to the last running job's, rounded up to a
+        power of two (jobs take the lowest free slots)."""
+        return min(self.slots, pow2_bucket(max(self.jobs) + 1))
+
     def view(self) -> int:
         """Columns attention must read this chunk: every running row's cursor plus a chunk, rounded up."""
         cursor = np.asarray(self.state.cache.cursor)
@@ -507,7 +526,7 @@ class Engine:
         automaton = self.registry.automaton if any(c is not None for j in self.jobs.values()
                                                    for c in j.prepared.constraints) else None
         self.state, compile_s = _chunk_program(
-            dict(cfg=self.cfg, chunk=self.chunk, view=self.view(), pad_id=self.pad_id),
+            dict(cfg=self.cfg, chunk=self.chunk, view=self.view(), rows=self.rows(), pad_id=self.pad_id),
             params=self.params, state=self.state, sp=self.sp, stops=self.stops, automaton=automaton,
         )
         self.stats["compile_s"] += compile_s
