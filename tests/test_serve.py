@@ -313,3 +313,44 @@ def test_an_engine_failure_fails_the_running_requests_and_serving_goes_on(params
         assert "injected" in err["message"]
         again = httpx.post(f"{url}/v1/completions", json=dict(prompt="the", max_tokens=5, temperature=0), timeout=60)
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 5
+
+
+def test_a_full_constraint_registry_restarts_without_breaking_running_rows(params, cfg, tokenizer):
+    """Constraints share one automaton; when it is full it restarts from the running rows'
+    constraints and renumbers their states. A row running through a restart ends as it would
+    alone. (The engine is stepped by hand here, so the restart comes at a known point.)"""
+    from jaxllm.request import Request
+    from jaxllm.serve.engine import Job
+
+    engine = Engine(params, cfg, tokenizer, slots=2, chunk=2)
+    engine.registry.limit = 2
+    results = {}
+
+    def submit(name, prompt, **options):
+        keep = lambda event, name=name: event[0] == "text" or results.setdefault(name, event)  # the end: done or error
+        job = Job(Request(prompt, temperature=0, **options), keep)
+        job.prepared = engine.prepare(job.request)
+        engine.submit(job)
+        engine._admit_waiting()
+        return job
+
+    def run_until(name):
+        while name not in results:
+            engine._decode()
+
+    pattern = "[a-z]{6}( [a-z]{6}){3}"
+    submit("first", "a", max_new_tokens=6, choice=["yes", "no"])  # registry: [choice]
+    run_until("first")
+    long = submit("long", "the of", max_new_tokens=40, regex=pattern)  # registry: [choice, regex]
+    engine._decode()
+    offset = engine.registry._offsets()[1]
+    assert not long.cancelled and "long" not in results  # still running
+    submit("third", "x", max_new_tokens=5, regex="[0-9]{3}")  # full: restarts as [regex (running), [0-9]{3}]
+    assert [c.pattern for c in engine.registry.items] == [pattern, "[0-9]{3}"]
+    assert engine.registry._offsets()[0] != offset  # the running row's states moved
+    run_until("long")
+    run_until("third")
+    kind, result = results["long"]
+    ref = alone(params, cfg, tokenizer, "the of", max_new_tokens=40, temperature=0, regex=pattern)
+    assert kind == "done" and result.texts == ref.texts and result.valid == [True]
+    assert results["third"][1].valid == [True]

@@ -41,6 +41,7 @@ import numpy as np
 from jaxllm import devices, kvcache, sampling
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
+from jaxllm.errors import JaxllmError
 from jaxllm.generate import MIN_PROMPT_BUCKET as MIN_PROMPT, DecodeState, all_done, bucket, decode_step, left_pad
 from jaxllm.kvcache import init_cache
 from jaxllm.model import prefill, prefill_length, unembed
@@ -375,7 +376,7 @@ class Engine:
             P = min(P, self.context)
             job = Job(Request([1] * max(1, P - 1), max_new_tokens=1, temperature=0), lambda e: None)
             job.prepared = self.prepare(job.request)
-            self._place(job)
+            self._place(job)  # unconstrained: nothing to join
             self.state = release(self.state, jnp.asarray(job.slots))
             self._free(job.slots)
             programs += 1
@@ -452,6 +453,11 @@ class Engine:
             if len(job.prepared.prompts) > self.slots - len(self.jobs):
                 self._held = job  # first come, first served: later jobs wait behind it
                 return
+            try:
+                self._join_constraints(job)
+            except JaxllmError as e:  # a constraint the shared automaton cannot take: this job alone fails
+                job.emit(("error", EngineError(str(e))))
+                continue
             self._place(job)
 
     def _place(self, job: Job) -> None:
@@ -469,10 +475,6 @@ class Engine:
         eos = np.full((MAX_EOS,), self.cfg.vocab_size, np.int32)
         eos[: prep.stops.eos_ids.shape[0]] = np.asarray(prep.stops.eos_ids)
         eos = jnp.asarray(eos)
-        running = [self.jobs[s].prepared.constraints[0] for s in self.jobs]
-        for c in dict.fromkeys(prep.constraints):
-            if c is not None:
-                self._renumber(self.registry.add(c, running))
         for row, slot in enumerate(job.slots):
             row_sp = jax.tree_util.tree_map(lambda x: x[row : row + 1], prep.sampling)
             c = prep.constraints[row]
@@ -490,6 +492,13 @@ class Engine:
         job.stream = TextStream(self.tokenizer, prep.prompts, prep.stop_strings, r.include_stop_str_in_output)
         job.timing["queued_s"] = time.perf_counter() - job.submitted
         self.stats["admitted"] += 1
+
+    def _join_constraints(self, job: Job) -> None:
+        """The job's constraints into the shared automaton (before any of its rows is placed)."""
+        running = [self.jobs[s].prepared.constraints[0] for s in self.jobs]
+        for c in dict.fromkeys(job.prepared.constraints):
+            if c is not None:
+                self._renumber(self.registry.add(c, running))
 
     def _renumber(self, moved: dict | None) -> None:
         """After the registry restarted: running rows' automaton states to the new numbering."""
