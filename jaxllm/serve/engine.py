@@ -162,9 +162,9 @@ STOP_ROW_FIELDS = ("eos_ids", "max_new_tokens", "repeat_count", "stop_bytes", "s
 
 def decode_slots(
     params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, stops: StopParams,
-    automaton: constraints.Automaton | None = None, *, chunk: int, view: int, rows: int, pad_id: int = 0,
+    automaton: constraints.Automaton | None = None, steps: jax.Array | int = 1, *, view: int, rows: int, pad_id: int = 0,
 ) -> DecodeState:
-    """Up to `chunk` decode steps over the first `rows` slots (fewer if all are done); attention
+    """Up to `steps` (traced) decode steps over the first `rows` slots (fewer if all are done); attention
     reads the first `view` columns of each row. Both static: the host makes sure every running
     row is among the first `rows` and none passes `view`.
 
@@ -189,7 +189,7 @@ def decode_slots(
         cache = dataclasses.replace(s.cache, cursor=jnp.where(running, s.cache.cursor, cursor))
         return i + 1, dataclasses.replace(s, cache=cache, next_pos=jnp.where(running, s.next_pos, pos))
 
-    _, state = jax.lax.while_loop(lambda c: (c[0] < chunk) & ~all_done(c[1]), body, (jnp.int32(0), state))
+    _, state = jax.lax.while_loop(lambda c: (c[0] < steps) & ~all_done(c[1]), body, (jnp.int32(0), state))
     put = lambda big, new: jax.lax.dynamic_update_slice(big, new, (0,) * big.ndim)  # rows [0, rows) back in place
     cache = dataclasses.replace(state.cache, pos=put(whole.cache.pos, state.cache.pos),
                                 cursor=put(whole.cache.cursor, state.cache.cursor), view=0)
@@ -300,6 +300,7 @@ class Engine:
         self._held: Job | None = None  # a job taken from the queue that waits for enough free slots
         self._stop = threading.Event()
         self._accepting = True
+        self._joined = False  # a job joined since the last chunk
         self._thread: threading.Thread | None = None
         self.stats = dict(chunks=0, admitted=0, finished=0, cancelled=0, compile_s=0.0)
 
@@ -387,12 +388,13 @@ class Engine:
         for rows in sorted({min(self.slots, pow2_bucket(n)) for n in range(1, self.slots + 1)}):
             for view in views:
                 self.state, _ = _chunk_program(
-                    dict(cfg=self.cfg, chunk=self.chunk, view=view, rows=rows, pad_id=self.pad_id),
+                    dict(cfg=self.cfg, view=view, rows=rows, pad_id=self.pad_id),
                     params=self.params, state=self.state, sp=self.sp, stops=self.stops, automaton=None,
+                    steps=jnp.int32(self.chunk),
                 )
                 programs += 1
         jax.block_until_ready(self.state.logits)
-        self.stats["admitted"] = 0
+        self.stats["admitted"], self._joined = 0, False
         return dict(programs=programs, seconds=time.perf_counter() - t)
 
     # ---------------------------------------------------------------- the loop (the engine's thread)
@@ -491,6 +493,7 @@ class Engine:
             self.jobs[slot] = job
         job.stream = TextStream(self.tokenizer, prep.prompts, prep.stop_strings, r.include_stop_str_in_output)
         job.timing["queued_s"] = time.perf_counter() - job.submitted
+        self._joined = True
         self.stats["admitted"] += 1
 
     def _join_constraints(self, job: Job) -> None:
@@ -534,9 +537,13 @@ class Engine:
                 return
         automaton = self.registry.automaton if any(c is not None for j in self.jobs.values()
                                                    for c in j.prepared.constraints) else None
+        # Right after a request joins, one step: its first token goes out now, not a chunk later
+        steps = 1 if self._joined else self.chunk
+        self._joined = False
         self.state, compile_s = _chunk_program(
-            dict(cfg=self.cfg, chunk=self.chunk, view=self.view(), rows=self.rows(), pad_id=self.pad_id),
+            dict(cfg=self.cfg, view=self.view(), rows=self.rows(), pad_id=self.pad_id),
             params=self.params, state=self.state, sp=self.sp, stops=self.stops, automaton=automaton,
+            steps=jnp.int32(steps),
         )
         self.stats["compile_s"] += compile_s
         self.stats["chunks"] += 1
