@@ -119,3 +119,27 @@ def test_mean_context_is_the_mean_number_of_filled_slots_a_decode_step_sees():
 def test_roofline_is_sequences_times_bandwidth_over_bytes():
     # 2 sequences, 10 GB/s, 400 MB a step: 2 * 10e9 / 400e6 = 50 tok/s
     assert roofline.roofline(2, 10.0, 400_000_000) == pytest.approx(50.0)
+
+
+def _serve_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_bench", Path(__file__).resolve().parent.parent / "benchmarks" / "serve.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_serve_benchmark_latencies_match_a_count_by_hand():
+    """benchmarks/serve.py's summary of two streams whose event times are known."""
+    bench = _serve_bench()
+    a = bench.Record(sent=0.0, events=[0.5, 0.7, 0.9], usage_tokens=5, done=1.0)  # 5 tokens in 3 events
+    b = bench.Record(sent=1.0, events=[1.2, 2.2], usage_tokens=2, done=2.5)
+    failed = bench.Record(sent=0.0, error="HTTP 503")
+    s = bench.summarize([a, b, failed], wall=4.0, clients=2, max_tokens=5)
+    assert (s["requests"], s["ok"], s["tokens"], s["tok_s"]) == (3, 2, 7, 7 / 4.0)
+    assert s["ttft50"] == pytest.approx(1e3 * (0.5 + 0.2) / 2)  # first events 0.5 s and 0.2 s after sending
+    assert s["tpot50"] == pytest.approx(1e3 * (0.4 / 4 + 1.0 / 1) / 2)  # (last - first) / (tokens - 1)
+    assert s["itl50"] == pytest.approx(200.0) and s["tok_per_event"] == pytest.approx(7 / 5)
+    assert s["short"] == 1 and s["errors"] == ["HTTP 503"]

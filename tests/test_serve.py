@@ -288,12 +288,12 @@ def test_a_client_that_goes_away_frees_its_slot(url, engine):
 def test_warmup_compiles_every_program_serving_needs(params, cfg, tokenizer):
     engine = Engine(params, cfg, tokenizer, slots=3, chunk=3)  # shapes no other test uses
     done = engine.warmup()
-    assert done["programs"] == 4 + 3 * 2  # prompt buckets 16..128; rows 1, 2, 3 by views 64, 128
+    assert done["programs"] == 7 + 3 * 2  # prompt buckets 16, 24, ..., 96, 128; rows 1, 2, 3 by views 64, 128
     compiled = engine.stats["compile_s"]
     with serve(create_app(engine, model_name="tiny")) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        for n in (3, 40, 100):  # prompts in three buckets, outputs reaching both views
-            client.completions.create(model="tiny", prompt=[5] * n, max_tokens=20, temperature=0)
+        for n, m in ((3, 20), (40, 20), (100, 20), (127, 1)):  # four prompt buckets (the last the context), both views
+            client.completions.create(model="tiny", prompt=[5] * n, max_tokens=m, temperature=0)
     assert engine.stats["compile_s"] == compiled
 
 

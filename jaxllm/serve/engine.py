@@ -42,7 +42,7 @@ from jaxllm import devices, kvcache, sampling
 from jaxllm.compilation import Compiled
 from jaxllm.config import ModelConfig
 from jaxllm.errors import JaxllmError
-from jaxllm.generate import MIN_PROMPT_BUCKET as MIN_PROMPT, DecodeState, all_done, bucket, decode_step, left_pad
+from jaxllm.generate import MIN_PROMPT_BUCKET as MIN_PROMPT, DecodeState, all_done, decode_step, left_pad
 from jaxllm.kvcache import init_cache
 from jaxllm.model import prefill, prefill_length, unembed
 from jaxllm.request import SAMPLE, Prepared, Request, prepare
@@ -88,6 +88,17 @@ def empty_state(cfg: ModelConfig, slots: int, columns: int, window: int, alterna
         cache=kvcache.per_row(init_cache(cfg, S, C, kv_dtype or None)),
         constraint=constraints.RowState(*(jnp.zeros((S,), jnp.int32) for _ in range(3))),
     )
+
+
+def prompt_bucket(n: int, context: int) -> int:
+    """The prompt block a prompt of n tokens is prefilled in: 16, 24, 32, 48, 64, 96, ... (powers of
+    two and 1.5 times them, at most `context`). Padding is then under a third of a block, where
+    `generate.bucket`'s powers of two leave up to half: a prefill is compute, and the server's
+    prefills are much of its work under load. Twice the programs of powers of two (`warmup`)."""
+    b = MIN_PROMPT
+    while b < n:
+        b = b * 3 // 2 if b & (b - 1) == 0 else b // 3 * 4
+    return min(b, context)
 
 
 def _put_row(buf: jax.Array, row: jax.Array, slot: jax.Array, axis: int = 0) -> jax.Array:
@@ -372,18 +383,14 @@ class Engine:
         first request: the prefill-and-join program for each prompt bucket, and the decode chunk for
         each number of rows and view, unconstrained. Call before `start`. -> {"programs", "seconds"}"""
         t, programs = time.perf_counter(), 0
-        P = MIN_PROMPT
-        while True:
-            P = min(P, self.context)
-            job = Job(Request([1] * max(1, P - 1), max_new_tokens=1, temperature=0), lambda e: None)
+        for P in sorted({prompt_bucket(n, self.context) for n in range(1, self.context)}):
+            job = Job(Request([1] * P if P < self.context else [1] * (P - 1), max_new_tokens=1, temperature=0),
+                      lambda e: None)
             job.prepared = self.prepare(job.request)
             self._place(job)  # unconstrained: nothing to join
             self.state = release(self.state, jnp.asarray(job.slots))
             self._free(job.slots)
             programs += 1
-            if P >= self.context:
-                break
-            P *= 2
         views = sorted({min(self.context, max(MIN_VIEW, pow2_bucket(c))) for c in range(1, self.context + 1)})
         for rows in sorted({min(self.slots, pow2_bucket(n)) for n in range(1, self.slots + 1)}):
             for view in views:
@@ -467,8 +474,9 @@ class Engine:
         free = [s for s in range(self.slots) if s not in self.jobs]
         job.slots = free[: len(prep.prompts)]
         prompt = prep.prompts[0]
-        P = min(bucket(len(prompt)), self.context)
+        P = prompt_bucket(len(prompt), self.context)
         tokens, positions = left_pad([prompt], P, self.pad_id)
+        chunk = self.prefill_chunk if P % self.prefill_chunk == 0 or P <= self.prefill_chunk else 0  # no padding past C
         ns, ls = prep.stops.stop_bytes.shape
         stop_bytes = np.zeros(self.stops.stop_bytes.shape[1:], np.uint8)
         stop_mask = np.zeros(self.stops.stop_mask.shape[1:], bool)
@@ -484,7 +492,7 @@ class Engine:
             row_stops = dict(max_new_tokens=prep.stops.max_new_tokens[row], repeat_count=prep.stops.repeat_count[row],
                              stop_bytes=jnp.asarray(stop_bytes), stop_mask=jnp.asarray(stop_mask), eos_ids=eos)
             (self.state, self.sp, self.stops), compile_s = _admit_program(
-                dict(cfg=self.cfg, prefill_chunk=self.prefill_chunk, kv_dtype=self.kv_dtype),
+                dict(cfg=self.cfg, prefill_chunk=chunk, kv_dtype=self.kv_dtype),
                 params=self.params, state=self.state, sp=self.sp, stops=self.stops, slot=jnp.int32(slot),
                 prompt=jnp.asarray(tokens), prompt_pos=jnp.asarray(positions), row_sp=row_sp, row_stops=row_stops,
                 row_constraint=row_constraint,
