@@ -7,7 +7,7 @@ Run from the repository root:
     python benchmarks/serve.py --dtype int8 --llama_server ...                  # jaxllm --quantize int8 vs the q8_0 GGUF
     python benchmarks/serve.py --skip_llama --clients 1,16                      # jaxllm only
     python benchmarks/serve.py --base_url http://127.0.0.1:8000 --clients 1,4   # a server that is already running
-    python benchmarks/serve.py ... --out benchmarks/results/DAY.md              # also append the tables there
+    python benchmarks/serve.py ... --out FILE.md                                # also append the tables to a markdown file
 
 Weights: both servers read the same Hugging Face directory (--checkpoint, default
 out/serve_bench/small_hf): jaxllm directly, llama-server through the GGUF that llama.cpp's own

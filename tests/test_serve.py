@@ -23,12 +23,15 @@ from jaxllm.serve.engine import Engine
 
 from serving import health, serve, wait_until
 
+# Engines made with the same slots (and logprob alternatives) share their compiled programs; the
+# chunk length is traced. The load test uses 8 slots, the warmup test 3 (programs of its own).
+SHARED = dict(slots=4, chunk=4)
 PROMPTS = ["def add(x, y):\n", "the of and", "class Point:\n    def __init__(self):\n", "import os\nimport", "in is was"]
 
 
 @pytest.fixture(scope="module")
 def engine(params, cfg, tokenizer):
-    return Engine(params, cfg, tokenizer, slots=4, chunk=4, max_queue=256, max_logprobs=3)
+    return Engine(params, cfg, tokenizer, **SHARED)
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +249,7 @@ def test_size_limits_and_unknown_paths(url):
 
 
 def test_api_key_is_required_when_set(params, cfg, tokenizer):
-    engine = Engine(params, cfg, tokenizer, slots=1, chunk=4)
+    engine = Engine(params, cfg, tokenizer, **SHARED)
     with serve(create_app(engine, model_name="tiny", api_key="s3cret")) as url:
         assert _error(httpx.get(f"{url}/v1/models"), 401)["code"] == "invalid_api_key"
         _error(httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
@@ -258,12 +261,12 @@ def test_api_key_is_required_when_set(params, cfg, tokenizer):
 
 
 def test_a_full_queue_answers_503_with_retry_after(params, cfg, tokenizer):
-    engine = Engine(params, cfg, tokenizer, slots=1, chunk=2, max_queue=1)
+    engine = Engine(params, cfg, tokenizer, **SHARED | dict(max_queue=1))
     body = dict(prompt="the of", max_tokens=100, ignore_eos=True, temperature=0)
 
     async def burst():
         async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-            return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(4)))
+            return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(7)))
 
     with serve(create_app(engine, model_name="tiny")) as url:
         replies = asyncio.run(burst())
@@ -298,7 +301,7 @@ def test_warmup_compiles_every_program_serving_needs(params, cfg, tokenizer):
 
 
 def test_an_engine_failure_fails_the_running_requests_and_serving_goes_on(params, cfg, tokenizer, monkeypatch):
-    engine = Engine(params, cfg, tokenizer, slots=2, chunk=4)
+    engine = Engine(params, cfg, tokenizer, **SHARED)
     real, calls = engine._decode, []
 
     def broken_once():
@@ -322,7 +325,7 @@ def test_a_full_constraint_registry_restarts_without_breaking_running_rows(param
     from jaxllm.request import Request
     from jaxllm.serve.engine import Job
 
-    engine = Engine(params, cfg, tokenizer, slots=2, chunk=2)
+    engine = Engine(params, cfg, tokenizer, **SHARED | dict(chunk=2))
     engine.registry.limit = 2
     results = {}
 

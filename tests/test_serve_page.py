@@ -56,7 +56,7 @@ def url(params, cfg, tokenizer):
     from jaxllm.serve.app import create_app
     from jaxllm.serve.engine import Engine
 
-    engine = Engine(params, cfg, tokenizer, slots=2, chunk=2)
+    engine = Engine(params, cfg, tokenizer, slots=4, chunk=2)  # test_serve.py's shapes (the chunk is traced)
     with serve(create_app(engine, model_name="tiny")) as url:
         yield url
 
