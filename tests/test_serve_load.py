@@ -1,7 +1,7 @@
 """The server under load, and its shutdown.
 
 Load: 64 concurrent clients on loopback, mixed prompt and output lengths, streaming and not,
-more clients than slots (so requests queue, join and leave between chunks). No 5xx, no lost
+16 times as many clients as slots (so requests queue, join and leave between chunks). No 5xx, no lost
 or mixed-up response: every greedy reply equals the same request run alone through `generate`.
 The process's memory is flat from one round to the next.
 
@@ -66,7 +66,7 @@ async def _load(url: str) -> list[tuple[int, str]]:
 
 
 def test_64_clients_get_their_own_answers_and_memory_stays_flat(params, cfg, tokenizer):
-    engine = Engine(params, cfg, tokenizer, slots=8, chunk=4, max_queue=CLIENTS)
+    engine = Engine(params, cfg, tokenizer, slots=4, chunk=4, max_queue=CLIENTS)  # test_serve.py's programs
     engine.warmup()  # every program compiled first: a program compiled mid-run is memory that stays, not a leak
     expected = {}
     for i in range(CLIENTS):

@@ -7,7 +7,8 @@ alternatives, P a prompt's padded length.
     submit(job) ─▶ bounded queue ─▶ the engine's thread, in a loop:
         admit: a waiting job whose rows fit in free slots is prefilled (one batch-1 forward over
                its prompt) and copied into its slots' rows of the shared state
-        decode: one chunk of up to `chunk` steps over all S slots (`decode_slots`)
+        decode: one chunk of up to `chunk` steps (one right after a join) over the first slots,
+               up to the last that holds a running job (`decode_slots`)
         hand out: each job's new text (`results.TextStream`); a finished job gets its result
                and leaves at once, a cancelled one (its client went away) too
 
@@ -16,9 +17,10 @@ pace: the KV cache has one write cursor per row (`kvcache.per_row`) and the hist
 counter per row (`sampling.per_row`). A slot's prompt is moved to the front of its row when it
 joins, so a row's columns are [prompt, output] from column 0 and C columns hold any request
 that fits the context. Sampling values, stop strings and constraints are arrays with a row per
-slot, so a new request's values change no program. Attention reads only the columns some row
-has reached (`KVCache.view`, rounded up to a power of two), not all C: a chunk compiles once per
-such bucket (a few), and then runs for any mix of requests.
+slot, so a new request's values change no program. A chunk computes only the first rows that
+hold running jobs, and attention reads only the columns some row has reached (`KVCache.view`),
+each rounded up to a power of two: a chunk compiles once per (rows, view) pair, a few, and then
+runs for any mix of requests.
 
 A row's output depends only on its own request: its prefill runs alone, its decode rows read
 only their own cache and values, and its random stream is its own seed folded with its own
