@@ -211,6 +211,7 @@ def _error(reply: httpx.Response, status: int) -> dict:
     ('{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', "stop"),
     ('{"prompt": "x", "logit_bias": {"abc": 1}}', "logit_bias"),
     ('{"prompt": "x", "logit_bias": {"3": 500}}', "logit_bias"),
+    ('{"prompt": "x", "logit_bias": {"\u00b2": 1}}', "logit_bias"),  # "²" is a digit to str.isdigit, not to int()
     ('{"prompt": "x", "model": "gpt-9"}', "model"),
     ('{"prompt": "x", "frobnicate": 1}', "frobnicate"),
     ('{"prompt": "x", "echo": true}', "echo"),
@@ -357,3 +358,11 @@ def test_a_full_constraint_registry_restarts_without_breaking_running_rows(param
     ref = alone(params, cfg, tokenizer, "the of", max_new_tokens=40, temperature=0, regex=pattern)
     assert kind == "done" and result.texts == ref.texts and result.valid == [True]
     assert results["third"][1].valid == [True]
+
+
+def test_a_non_streaming_client_that_goes_away_frees_its_slot(url, engine):
+    before = engine.stats["cancelled"]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 120 tokens are made
+        httpx.post(f"{url}/v1/completions", json=dict(prompt="the", max_tokens=120, ignore_eos=True), timeout=0.3)
+    assert wait_until(lambda: health(url)["busy_slots"] == 0, timeout=10)
+    assert engine.stats["cancelled"] == before + 1

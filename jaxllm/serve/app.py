@@ -3,9 +3,9 @@
     POST /v1/completions        POST /v1/chat/completions        (stream: server-sent events)
     GET  /v1/models             GET  /health                     GET  /  (the chat page)
 
-Every error is OpenAI's error object with a 4xx status (503 with Retry-After when the queue is
-full): malformed JSON, a body over the size limit, an unknown field or model, a wrong type or
-a value out of range. A request's text prompt is tokenized, and its constraint compiled, on a
+Every error is OpenAI's error object. Bad input gets a 4xx status (503 with Retry-After when
+the queue is full): malformed JSON, a body over the size limit, an unknown field or model, a
+wrong type or a value out of range. A failure of the engine itself is a 500. A request's text prompt is tokenized, and its constraint compiled, on a
 worker thread, so the event loop keeps serving meanwhile.
 """
 
@@ -71,7 +71,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
 
     async def read_json(request: HttpRequest):
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_body_bytes:
+        if length and length.isascii() and length.isdecimal() and int(length) > max_body_bytes:
             raise ApiError(f"the request body is larger than {max_body_bytes} bytes", 413)
         body = bytearray()
         async for part in request.stream():
@@ -107,7 +107,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             with contextlib.suppress(RuntimeError):  # the loop has closed: no one is listening
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job = Job(request, emit, prepared=prepared)
+        job = Job(request, emit, prepared=prepared, wants_text=meta["stream"])
         try:
             engine.submit(job)
         except EngineError as e:
@@ -172,6 +172,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
 
     @app.get("/health")
     async def health():
+        if not engine.alive:
+            return error(ApiError("the engine has stopped", 503, code="engine_stopped"))
         return {"status": "ok", "model": model_name, "slots": engine.slots, "busy_slots": engine.busy_slots,
                 "queued": engine.queued}
 

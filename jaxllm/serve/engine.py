@@ -24,7 +24,9 @@ runs for any mix of requests.
 
 A row's output depends only on its own request: its prefill runs alone, its decode rows read
 only their own cache and values, and its random stream is its own seed folded with its own
-step. The same seed gives the same output whatever else is running.
+step. The same seed gives the same output whatever else is running, up to the floating-point
+differences between the programs of different (rows, view) buckets (the tests, which compare
+every reply with `generate` alone, have found none).
 """
 
 from __future__ import annotations
@@ -235,6 +237,7 @@ class Job:
     prepared: Prepared | None = None
     slots: list[int] = dataclasses.field(default_factory=list)
     cancelled: bool = False
+    wants_text: bool = True  # ("text", ...) events as the text grows; False: only the end
     stream: TextStream | None = None
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     timing: dict = dataclasses.field(default_factory=dict)
@@ -265,13 +268,13 @@ class _Registry:
         if constraint in self.items:
             return None
         moved = None
-        if len(self.items) >= self.limit:
-            old = dict(zip(self.items, self._offsets()))
-            self.items = list(dict.fromkeys(c for c in running if c is not None))
-            moved = {c: old[c] for c in self.items}
-        self.items.append(constraint)
-        self.automaton, rows = constraints.build(self.items, self.tokenizer, self.V)
-        self.start = np.asarray(rows.state).tolist()
+        items = self.items
+        if len(items) >= self.limit:
+            old = dict(zip(items, self._offsets()))
+            items = list(dict.fromkeys(c for c in running if c is not None))
+            moved = {c: old[c] for c in items}
+        automaton, rows = constraints.build(items + [constraint], self.tokenizer, self.V)  # may raise: nothing changed
+        self.items, self.automaton, self.start = items + [constraint], automaton, np.asarray(rows.state).tolist()
         if moved is not None:
             new = dict(zip(self.items, self._offsets()))
             moved = {c: (off, new[c]) for c, off in moved.items()}
@@ -316,6 +319,7 @@ class Engine:
         self._joined = False  # a job joined since the last chunk
         self._thread: threading.Thread | None = None
         self.stats = dict(chunks=0, admitted=0, finished=0, cancelled=0, compile_s=0.0)
+        self._placing: Job | None = None  # the job being admitted, not yet in `jobs`
 
     def _empty(self) -> None:
         """Every slot empty: the shared state and its per-row values as at the start."""
@@ -418,7 +422,7 @@ class Engine:
         the rest and every queued one, and stops the thread."""
         self._accepting = False
         deadline = time.monotonic() + grace
-        while grace and (self.jobs or self.queued) and time.monotonic() < deadline:
+        while grace and self.jobs and time.monotonic() < deadline:
             time.sleep(0.05)
         self._stop.set()
         if self._thread is not None:
@@ -436,22 +440,36 @@ class Engine:
             except queue.Empty:
                 return jobs
 
+    @property
+    def alive(self) -> bool:
+        """Taking requests, with its thread running (once started)."""
+        return self._accepting and (self._thread is None or self._thread.is_alive())
+
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._admit_waiting()
-                if not self.jobs:
-                    continue
-                self._decode()
-            except Exception as e:  # a bug: fail the running jobs, keep serving
-                for job in set(self.jobs.values()):
-                    job.emit(("error", EngineError(f"internal error: {type(e).__name__}: {e}", 500)))
-                self._free(list(self.jobs))
-                self._empty()  # a failed program may have consumed its donated buffers
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._admit_waiting()
+                    if not self.jobs:
+                        continue
+                    self._decode()
+                except Exception as e:  # a bug: fail the running jobs (and one being admitted), keep serving
+                    failed = EngineError(f"internal error: {type(e).__name__}: {e}", 500)
+                    for job in set(self.jobs.values()) | ({self._placing} - {None}):
+                        job.emit(("error", failed))
+                    self._placing = None
+                    self._free(list(self.jobs))
+                    self._empty()  # a failed program may have consumed its donated buffers
+        finally:  # stopped, or the thread itself failed: no request may wait for it
+            self._accepting = False
+            if not self._stop.is_set():
+                for job in set(self.jobs.values()) | set(self._drain()):
+                    job.emit(("error", EngineError("the engine stopped", 500)))
+                self.jobs.clear()
 
     def _admit_waiting(self) -> None:
-        """Moves waiting jobs into free slots (blocks briefly when nothing runs)."""
-        while True:
+        """Moves waiting jobs into free slots (blocks briefly when nothing runs); none once stopping."""
+        while self._accepting:
             job = self._held
             if job is None:
                 try:
@@ -464,12 +482,15 @@ class Engine:
             if len(job.prepared.prompts) > self.slots - len(self.jobs):
                 self._held = job  # first come, first served: later jobs wait behind it
                 return
+            self._placing = job
             try:
                 self._join_constraints(job)
             except JaxllmError as e:  # a constraint the shared automaton cannot take: this job alone fails
                 job.emit(("error", EngineError(str(e))))
+                self._placing = None
                 continue
             self._place(job)
+            self._placing = None
 
     def _place(self, job: Job) -> None:
         prep, r = job.prepared, job.request
@@ -561,7 +582,7 @@ class Engine:
         host = _Rows(self.state, want_logprobs)
         for job in dict.fromkeys(self.jobs.values()):
             rows = host.take(job.slots)
-            for row, piece in job.stream.pieces(rows):
+            for row, piece in job.stream.pieces(rows) if job.wants_text else ():
                 job.emit(("text", row, piece))
             if np.all(rows.finish != RUNNING):
                 job.timing["total_s"] = time.perf_counter() - job.submitted

@@ -209,7 +209,7 @@ def to_request(body: Any, chat: bool, *, model: str, vocab_size: int, max_n: int
         raise ApiError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries", param="logit_bias")
     logit_bias = {}
     for key, value in bias.items():
-        if not (key.isdigit() and int(key) < vocab_size) or not _number(-100, 100)(value):
+        if not (key.isascii() and key.isdecimal() and int(key) < vocab_size) or not _number(-100, 100)(value):
             raise ApiError(f"logit_bias: keys must be token ids in [0, {vocab_size}) and values numbers in [-100, 100], "
                            f"got {key!r}: {_short(value)}", param="logit_bias")
         logit_bias[int(key)] = float(value)
