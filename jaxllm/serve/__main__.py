@@ -17,6 +17,8 @@ import socket
 import sys
 
 from jaxllm.cli import Parser, fail
+from jaxllm.config import ATTENTION_IMPLS  # config.py and loading.py import no JAX: flags are refused at once
+from jaxllm.loading import QUANTIZE
 
 PROG = "python -m jaxllm.serve"
 
@@ -36,11 +38,11 @@ def parser() -> Parser:
     p.add_argument("--max_logprobs", type=int, default=5, help="most alternatives per token (default: 5)")
     p.add_argument("--max_body_bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds running requests may finish after SIGTERM (default: 10)")
-    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization after loading")
+    p.add_argument("--quantize", choices=QUANTIZE, help="weight-only quantization after loading")
     p.add_argument("--group_size", type=int, default=64, help="--quantize int4: input features per scale (default: 64)")
     p.add_argument("--kv_cache_dtype", "--kv_cache", choices=["int8"], help="int8: quantized KV cache")
     p.add_argument("--compute_dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: the model's)")
-    p.add_argument("--attention_impl", choices=["auto", "reference", "xla", "cudnn", "pallas"], help="attention backend")
+    p.add_argument("--attention_impl", choices=ATTENTION_IMPLS, help="attention backend")
     p.add_argument("--warmup", action="store_true", help="compile every program serving needs before taking requests")
     p.add_argument("--no_compile_cache", action="store_true", help="do not keep compiled programs on disk")
     p.add_argument("--log_level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
