@@ -20,11 +20,16 @@ DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALINGS = ("none", "linear", "ntk", "llama3")
 POSITION_ENCODINGS = ("rope", "alibi")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")  # see attention.py
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # the MLP's gate: SwiGLU, GeGLU (exact erf), GeGLU (tanh approximation)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-style decoder: RMSNorm, RoPE (or ALiBi), SwiGLU, grouped-query attention."""
+    """A Llama-style decoder: RMSNorm, RoPE (or ALiBi), SwiGLU, grouped-query attention.
+
+    The other families are options of the same decoder: Qwen2 is `qkv_bias=True`; Gemma is
+    `activation="gelu_tanh"`, `embed_scale=True`, `norm_offset=1.0` (and a head_dim of its own).
+    """
 
     vocab_size: int
     d_model: int
@@ -47,6 +52,10 @@ class ModelConfig:
     sliding_window: int = 0  # > 0: each query sees only the last W keys, its own included (Mistral)
     attention_impl: str = "auto"  # which attention backend runs (a speed choice; the function is the same)
     norm_eps: float = 1e-5
+    norm_offset: float = 0.0  # RMSNorm multiplies by (offset + weight): 1.0 for Gemma's (1 + w), whose weights start at 0
+    activation: str = "silu"  # the MLP's gate nonlinearity, one of ACTIVATIONS (silu: SwiGLU; gelu*: GeGLU)
+    qkv_bias: bool = False  # q/k/v projections add a bias (layers' bq, bk, bv; Qwen2)
+    embed_scale: bool = False  # embeddings are multiplied by sqrt(d_model) (Gemma)
     tie_embeddings: bool = False
     param_dtype: str = "float32"  # how params are stored
     compute_dtype: str = "float32"  # matmul inputs; norms, softmax and logits stay float32
@@ -56,7 +65,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "norm_eps"):
+        for name in ("rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "norm_eps", "norm_offset"):
             value = getattr(self, name)  # from a JSON file any type can arrive; a list here broke hashing in jit
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"{name} must be a finite number, got {value!r}")
@@ -64,8 +73,11 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise ConfigError(f"{name} must be an integer >= {low}{' or null' if name == 'head_dim' else ''}, got {value!r}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ConfigError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        for name in ("tie_embeddings", "qkv_bias", "embed_scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim is None and self.d_model % self.n_heads:

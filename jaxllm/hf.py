@@ -1,6 +1,6 @@
-"""Hugging Face Llama-family checkpoints: load a local model directory, export one back.
+"""Hugging Face checkpoints: load a local model directory, export one back.
 
-    DIR/config.json                          LlamaForCausalLM / MistralForCausalLM
+    DIR/config.json                          Llama, Mistral, Qwen2 or Gemma (…ForCausalLM)
     DIR/model.safetensors                    or model-0000N-of-0000M.safetensors + model.safetensors.index.json
     DIR/tokenizer.model                      SentencePiece (optional: Llama 3's tokenizer.json is not read)
     DIR/generation_config.json               default sampling values (optional)
@@ -8,7 +8,9 @@
 Read with numpy through safetensors: no torch, no network, nothing unpickled. HF stores
 linear weights as [out, in]; jaxllm stores [in, out] and stacks layers on axis 0. HF's q/k
 weights are already in the "rotate half" layout that jaxllm's RoPE uses, so no permutation
-is needed.
+is needed. Qwen2 and Gemma become options of jaxllm's one decoder (config.py): Qwen2's q/k/v
+biases are the layers' bq/bk/bv; Gemma's norm weights are kept as stored (gain - 1) and read
+with norm_offset 1.
 """
 
 from __future__ import annotations
@@ -28,13 +30,20 @@ from jaxllm.devices import as_stored
 from jaxllm.errors import CheckpointError, ConfigError, TokenizerError
 from jaxllm.tokenizer import Tokenizer
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
+# model_type -> the architecture; Qwen2 and Gemma map onto options of jaxllm's one decoder
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "gemma": "GemmaForCausalLM"}
+SUPPORTED = tuple(FAMILIES.values())
+# HF's hidden_act names -> ModelConfig.activation. Gemma reads a plain "gelu" as the tanh form, as
+# transformers does for Gemma's legacy configs.
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 # jaxllm layer weight -> HF module, for weights HF stores as [out, in]
 LAYER_WEIGHTS = {
     "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
     "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj",
 }
 LAYER_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+QKV_BIASES = {"bq": "wq", "bk": "wk", "bv": "wv"}  # cfg.qkv_bias: jaxllm bias -> the weight whose module holds it
 # generation_config.json keys that become generate() defaults (same names in jaxllm)
 GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size", "max_new_tokens")
 INTEGER_KEYS = ("top_k", "no_repeat_ngram_size", "max_new_tokens", "eos_token_id")
@@ -55,7 +64,8 @@ FIELD_TYPES = {
     "num_hidden_layers": int, "num_attention_heads": int, "num_key_value_heads": int, "intermediate_size": int,
     "max_position_embeddings": int, "sliding_window": int, "use_sliding_window": bool, "head_dim": int,
     "rope_theta": "number", "rms_norm_eps": "number", "tie_word_embeddings": bool, "rope_parameters": dict,
-    "rope_scaling": dict,
+    "rope_scaling": dict, "hidden_activation": str, "attention_bias": bool, "mlp_bias": bool, "layer_types": list,
+    "max_window_layers": int, "use_bidirectional_attention": bool,
 }
 ROPE_FIELD_TYPES = {"rope_type": str, "type": str, "rope_theta": "number", "factor": "number", "low_freq_factor": "number",
                     "high_freq_factor": "number", "original_max_position_embeddings": int}
@@ -83,13 +93,16 @@ def config_from_hf(meta: dict, where: str = "config.json") -> ModelConfig:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where} must hold a JSON object")
     meta = _typed(meta, FIELD_TYPES, where)
-    arch = meta.get("architectures") or [meta.get("model_type", "?")]
-    if not any(a in SUPPORTED for a in arch) and meta.get("model_type") not in ("llama", "mistral"):
-        raise CheckpointError(f"{where}: unsupported architecture {arch}; jaxllm loads {', '.join(SUPPORTED)}")
-    if meta.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{where}: hidden_act {meta['hidden_act']!r} is not supported (only silu)")
-    if meta.get("attention_bias") or meta.get("mlp_bias"):
+    family = _family(meta, where)
+    act_key = "hidden_activation" if family == "gemma" and "hidden_activation" in meta else "hidden_act"
+    act = meta.get(act_key, "gelu_pytorch_tanh" if family == "gemma" else "silu")
+    activation = "gelu_tanh" if family == "gemma" and act == "gelu" else ACTIVATIONS.get(act)
+    if activation is None:
+        raise CheckpointError(f"{where}: {act_key} {act!r} is not supported ({', '.join(ACTIVATIONS)})")
+    if meta.get("attention_bias") or meta.get("mlp_bias"):  # Qwen2's q/k/v biases are its layout, not this flag
         raise CheckpointError(f"{where}: attention_bias / mlp_bias are not supported")
+    if meta.get("use_bidirectional_attention"):
+        raise CheckpointError(f"{where}: use_bidirectional_attention is not supported (jaxllm's attention is causal)")
     rope = _typed(meta.get("rope_parameters") or meta.get("rope_scaling") or {}, ROPE_FIELD_TYPES, where)
     theta = rope.get("rope_theta", meta.get("rope_theta", 10000.0))
     kind = rope.get("rope_type", rope.get("type", "default"))
@@ -97,8 +110,8 @@ def config_from_hf(meta: dict, where: str = "config.json") -> ModelConfig:
     if scaling is None:
         raise CheckpointError(f"{where}: rope type {kind!r} is not supported (default, linear, llama3)")
     max_len = meta.get("max_position_embeddings", 2048)
-    window = meta.get("sliding_window") or 0
-    if meta.get("use_sliding_window") is False or window >= max_len:  # a window as long as the context is none
+    window = _sliding_window(meta, family, where)
+    if window >= max_len:  # a window as long as the context is none
         window = 0
     heads, head_dim = meta.get("num_attention_heads"), meta.get("head_dim")
     if heads and head_dim == meta.get("hidden_size", 0) // heads:
@@ -121,12 +134,47 @@ def config_from_hf(meta: dict, where: str = "config.json") -> ModelConfig:
             rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
             rope_original_max_len=int(rope.get("original_max_position_embeddings", 0) or 0),
             norm_eps=float(meta.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(meta.get("tie_word_embeddings", False)),
+            tie_embeddings=bool(meta.get("tie_word_embeddings", family == "gemma")),
+            activation=activation,
+            qkv_bias=family == "qwen2",
+            embed_scale=family == "gemma",
+            norm_offset=1.0 if family == "gemma" else 0.0,
         )
     except KeyError as e:
         raise CheckpointError(f"{where} lacks {e.args[0]!r}") from None
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from None
+
+
+def _family(meta: dict, where: str) -> str:
+    """The model family (a FAMILIES key) config.json names, by model_type or by architecture."""
+    if meta.get("model_type") in FAMILIES:
+        return meta["model_type"]
+    arch = meta.get("architectures") or [meta.get("model_type", "?")]
+    for family, name in FAMILIES.items():
+        if name in arch:
+            return family
+    raise CheckpointError(f"{where}: unsupported architecture {arch}; jaxllm loads {', '.join(SUPPORTED)}")
+
+
+def _sliding_window(meta: dict, family: str, where: str) -> int:
+    """The window every layer uses (0: none). A model whose layers differ (some sliding, some
+    full) is refused: jaxllm's layers share one attention pattern."""
+    window = meta.get("sliding_window") or 0
+    n = meta.get("num_hidden_layers", 0)
+    if "layer_types" in meta:  # transformers 5 writes the per-layer pattern out
+        kinds = set(meta["layer_types"])
+    elif family == "qwen2":  # Qwen2 slides only when asked, and only from layer max_window_layers on
+        on = meta.get("use_sliding_window", False) and window
+        first = meta.get("max_window_layers", 28)
+        kinds = {"full_attention"} if not on or first >= n else {"sliding_attention"} | ({"full_attention"} if first > 0 else set())
+    else:
+        kinds = {"full_attention"} if meta.get("use_sliding_window") is False or not window else {"sliding_attention"}
+    if kinds - {"full_attention", "sliding_attention"}:
+        raise CheckpointError(f"{where}: layer_types {sorted(kinds)} are not supported (full_attention, sliding_attention)")
+    if len(kinds) > 1:
+        raise CheckpointError(f"{where}: some layers use a sliding window and some do not; jaxllm's layers share one")
+    return window if kinds == {"sliding_attention"} else 0
 
 
 def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
@@ -210,6 +258,10 @@ def load_hf(directory: str | os.PathLike, dtype: str | None = None) -> tuple[dic
         layers[ours] = cast(np.stack([take(f"model.layers.{i}.{theirs}.weight", out_in[ours]).T for i in range(L)]))
     for ours, theirs in LAYER_NORMS.items():
         layers[ours] = cast(np.stack([take(f"model.layers.{i}.{theirs}.weight", (D,)) for i in range(L)]))
+    if cfg.qkv_bias:
+        for bias, weight in QKV_BIASES.items():
+            name, size = LAYER_WEIGHTS[weight], out_in[weight][0]
+            layers[bias] = cast(np.stack([take(f"model.layers.{i}.{name}.bias", (size,)) for i in range(L)]))
     params = {"embed": cast(take("model.embed_tokens.weight", (V, D))), "layers": layers,
               "final_norm": cast(take("model.norm.weight", (D,)))}
     if not cfg.tie_embeddings:
@@ -259,11 +311,55 @@ def generation_defaults(directory: str | os.PathLike) -> dict:
     return out
 
 
-def export_hf(directory: str | os.PathLike, params: dict, cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> Path:
-    """Writes a LlamaForCausalLM directory (MistralForCausalLM with a sliding window) that
-    `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+def _hf_config(cfg: ModelConfig) -> dict:
+    """config.json for the transformers architecture that has cfg's options (CheckpointError
+    naming what has none)."""
     if cfg.position_encoding != "rope":
-        raise CheckpointError(f"position_encoding {cfg.position_encoding!r} has no Llama/Mistral equivalent; export is refused")
+        raise CheckpointError(f"position_encoding {cfg.position_encoding!r} has no transformers equivalent; export is refused")
+    if cfg.rope_scaling == "ntk":
+        raise CheckpointError("rope_scaling 'ntk' has no transformers equivalent; export is refused")
+    gemma = (cfg.norm_offset, cfg.embed_scale) == (1.0, True)
+    if not gemma and (cfg.norm_offset, cfg.embed_scale) != (0.0, False):
+        raise CheckpointError(f"norm_offset={cfg.norm_offset} with embed_scale={cfg.embed_scale} matches no transformers "
+                              "architecture (Gemma has 1.0 and true, the others 0.0 and false); export is refused")
+    if gemma and (cfg.qkv_bias or cfg.sliding_window or cfg.activation != "gelu_tanh"):
+        raise CheckpointError("a Gemma-style model (norm_offset 1, embed_scale) exports only with activation gelu_tanh, "
+                              "no qkv_bias and no sliding_window; export is refused")
+    family = "gemma" if gemma else "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
+    rope = {"rope_theta": cfg.rope_theta, "rope_type": {"none": "default"}.get(cfg.rope_scaling, cfg.rope_scaling)}
+    if cfg.rope_scaling in ("linear", "llama3"):
+        rope["factor"] = cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_len or cfg.max_seq_len)
+    act = {v: k for k, v in ACTIVATIONS.items() if k in ("silu", "gelu", "gelu_pytorch_tanh")}[cfg.activation]
+    meta = {
+        "architectures": [FAMILIES[family]], "model_type": family, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.dim_per_head,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": act,
+        "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": cfg.param_dtype, "rope_theta": cfg.rope_theta,
+        # transformers 5 reads rope_parameters, 4.x reads rope_scaling (None when unscaled)
+        "rope_parameters": rope, "rope_scaling": rope if cfg.rope_scaling != "none" else None,
+    }
+    if family in ("llama", "gemma"):
+        meta.update(attention_bias=False)
+    if family == "llama":
+        meta.update(mlp_bias=False)
+    if family == "mistral":
+        meta.update(sliding_window=cfg.sliding_window)
+    if family == "qwen2":  # every layer slides, or none does
+        meta.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window or None,
+                    max_window_layers=0 if cfg.sliding_window else cfg.n_layers)
+    return meta
+
+
+def export_hf(directory: str | os.PathLike, params: dict, cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> Path:
+    """Writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads: Llama
+    (Mistral with a sliding window), Qwen2 (q/k/v biases) or Gemma (GeGLU, scaled embeddings,
+    (1 + w) norms), whichever architecture has cfg's options. A config no transformers
+    architecture matches is refused before anything is written."""
+    meta = _hf_config(cfg)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     params = as_stored(params)  # prepared params are exported as their originals
@@ -275,29 +371,12 @@ def export_hf(directory: str | os.PathLike, params: dict, cfg: ModelConfig, toke
             tensors[f"model.layers.{i}.{theirs}.weight"] = host(np.asarray(layers[ours][i]).T)
         for ours, theirs in LAYER_NORMS.items():
             tensors[f"model.layers.{i}.{theirs}.weight"] = host(layers[ours][i])
+        if cfg.qkv_bias:
+            for bias, weight in QKV_BIASES.items():
+                tensors[f"model.layers.{i}.{LAYER_WEIGHTS[weight]}.bias"] = host(layers[bias][i])
     if not cfg.tie_embeddings:
         tensors["lm_head.weight"] = host(np.asarray(params["lm_head"]).T)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    rope = {"rope_theta": cfg.rope_theta, "rope_type": {"none": "default"}.get(cfg.rope_scaling, cfg.rope_scaling)}
-    if cfg.rope_scaling == "ntk":
-        raise CheckpointError("rope_scaling 'ntk' has no transformers equivalent; export is refused")
-    if cfg.rope_scaling in ("linear", "llama3"):
-        rope["factor"] = cfg.rope_factor
-    if cfg.rope_scaling == "llama3":
-        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
-                    original_max_position_embeddings=cfg.rope_original_max_len or cfg.max_seq_len)
-    meta = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.dim_per_head,
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-        "torch_dtype": cfg.param_dtype, "rope_theta": cfg.rope_theta,
-        # transformers 5 reads rope_parameters, 4.x reads rope_scaling (None when unscaled)
-        "rope_parameters": rope, "rope_scaling": rope if cfg.rope_scaling != "none" else None,
-    }
-    if cfg.sliding_window:
-        meta.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=cfg.sliding_window)
     generation = {}
     if tokenizer is not None:
         tokenizer.save(directory / "tokenizer.model")

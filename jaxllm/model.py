@@ -8,12 +8,16 @@ H query heads, K kv heads, E head dim, F d_ff.
         "layers": {                      # stacked on a leading L axis, run with lax.scan
             "attn_norm": [L, D],
             "wq": [L, D, H*E], "wk": [L, D, K*E], "wv": [L, D, K*E], "wo": [L, H*E, D],
+            "bq": [L, H*E], "bk": [L, K*E], "bv": [L, K*E],   # only with cfg.qkv_bias (Qwen2)
             "mlp_norm":  [L, D],
             "w_gate": [L, D, F], "w_up": [L, D, F], "w_down": [L, F, D],
         },
         "final_norm": [D],
         "lm_head":    [D, V],            # absent when cfg.tie_embeddings
     }
+
+Model families are options of this one decoder (config.py): q/k/v biases (Qwen2); GeGLU,
+embeddings scaled by sqrt(D) and (1 + w) norm gains (Gemma).
 
 One `forward` serves training (no cache), prefill and decode (with a cache). Positions
 are given explicitly per token; -1 marks padding, which no query ever attends to. Queries are
@@ -23,6 +27,7 @@ token-major [B, T, H, E]; keys and values heads-major [B, K, T, E], the cache's 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -51,21 +56,24 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
         return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
 
     out_std = 0.02 / (2 * L) ** 0.5
+    gain = lambda shape: jnp.full(shape, 1.0 - cfg.norm_offset, dtype)  # norms start at a gain of 1
     params = {
         "embed": normal((V, D)),
         "layers": {
-            "attn_norm": jnp.ones((L, D), dtype),
+            "attn_norm": gain((L, D)),
             "wq": normal((L, D, HE)),
             "wk": normal((L, D, KE)),
             "wv": normal((L, D, KE)),
             "wo": normal((L, HE, D), out_std),
-            "mlp_norm": jnp.ones((L, D), dtype),
+            "mlp_norm": gain((L, D)),
             "w_gate": normal((L, D, F)),
             "w_up": normal((L, D, F)),
             "w_down": normal((L, F, D), out_std),
         },
-        "final_norm": jnp.ones((D,), dtype),
+        "final_norm": gain((D,)),
     }
+    if cfg.qkv_bias:
+        params["layers"].update(bq=jnp.zeros((L, HE), dtype), bk=jnp.zeros((L, KE), dtype), bv=jnp.zeros((L, KE), dtype))
     if not cfg.tie_embeddings:
         params["lm_head"] = normal((D, V))
     return params
@@ -107,11 +115,22 @@ def embed_tokens(table: jax.Array | QuantizedWeight, tokens: jax.Array, dtype) -
     return table[tokens].astype(dtype)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """Normalizes in float32 and returns x's dtype (as Llama does)."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+    """Normalizes in float32, multiplies by (offset + weight) in float32 (Gemma stores its gains
+    as weight = gain - 1, so offset 1), and returns x's dtype."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+    w = weight.astype(jnp.float32)
+    return (y * (w + offset if offset else w)).astype(x.dtype)
+
+
+def norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The model's RMSNorm with cfg's epsilon and gain offset."""
+    return rms_norm(x, weight, cfg.norm_eps, cfg.norm_offset)
+
+
+ACTIVATION_FNS = {"silu": jax.nn.silu, "gelu": partial(jax.nn.gelu, approximate=False),
+                  "gelu_tanh": partial(jax.nn.gelu, approximate=True)}
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -149,10 +168,15 @@ def _qkv(x, lp, cfg: ModelConfig, positions, rotate: bool = True):
     uses RoPE and `rotate`). Only this block's keys are transposed to the cache's layout."""
     B, T, _ = x.shape
     dt = cfg.compute_dtype
-    h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
-    q = linear(h, lp["wq"], dt).reshape(B, T, cfg.n_heads, cfg.dim_per_head)
-    k = linear(h, lp["wk"], dt).reshape(B, T, cfg.n_kv_heads, cfg.dim_per_head)
-    v = linear(h, lp["wv"], dt).reshape(B, T, cfg.n_kv_heads, cfg.dim_per_head)
+    h = norm(x, lp["attn_norm"], cfg)
+
+    def project(w, b, heads):
+        y = linear(h, lp[w], dt)
+        if cfg.qkv_bias:  # Qwen2: the bias is added to the product, before RoPE
+            y = y + lp[b].astype(y.dtype)
+        return y.reshape(B, T, heads, cfg.dim_per_head)
+
+    q, k, v = project("wq", "bq", cfg.n_heads), project("wk", "bk", cfg.n_kv_heads), project("wv", "bv", cfg.n_kv_heads)
     if cfg.position_encoding == "rope" and rotate:
         inv_freq = rope_inv_freq(cfg)
         q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
@@ -164,12 +188,12 @@ def _slopes(cfg: ModelConfig):
 
 
 def _finish_block(x, attn, lp, cfg: ModelConfig):
-    """Attention output projection, residual, then the SwiGLU MLP and its residual."""
+    """Attention output projection, residual, then the gated MLP (SwiGLU or GeGLU) and its residual."""
     B, T = x.shape[:2]
     dt = cfg.compute_dtype
     x = x + linear(attn.reshape(B, T, -1), lp["wo"], dt)
-    h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
-    gated = jax.nn.silu(linear(h, lp["w_gate"], dt)) * linear(h, lp["w_up"], dt)
+    h = norm(x, lp["mlp_norm"], cfg)
+    gated = ACTIVATION_FNS[cfg.activation](linear(h, lp["w_gate"], dt)) * linear(h, lp["w_up"], dt)
     return x + linear(gated, lp["w_down"], dt)
 
 
@@ -252,6 +276,8 @@ def hidden_states(
     cursor then moves on by T. cfg.sliding_window and ALiBi apply with or without a cache.
     """
     x = embed_tokens(params["embed"], tokens, cfg.compute_dtype)
+    if cfg.embed_scale:  # Gemma: sqrt(d_model), rounded to the stored dtype as its reference does
+        x = x * jnp.asarray(cfg.d_model**0.5, cfg.param_dtype).astype(x.dtype)
     opts = dict(window=cfg.sliding_window, slopes=_slopes(cfg), impl=cfg.attention_impl)
 
     if cache is None:
@@ -261,7 +287,7 @@ def hidden_states(
             return _finish_block(x, attend(q, k, v, positions, positions, **opts), lp, cfg)
 
         x = _run_layers(layer, x, params["layers"])
-        return rms_norm(x, params["final_norm"], cfg.norm_eps), cache
+        return norm(x, params["final_norm"], cfg), cache
 
     old = cache
     cache = kvcache.write_positions(cache, positions)
@@ -296,7 +322,7 @@ def hidden_states(
     carry = (x, (cache.k, cache.k_scale), (cache.v, cache.v_scale))
     x, (k, k_scale), (v, v_scale) = _run_layers(layer, carry, params["layers"])
     cache = kvcache.advance(dataclasses.replace(cache, k=k, v=v, k_scale=k_scale, v_scale=v_scale), T)
-    return rms_norm(x, params["final_norm"], cfg.norm_eps), cache
+    return norm(x, params["final_norm"], cfg), cache
 
 
 def prefill_length(P: int, chunk: int) -> int:

@@ -5,6 +5,8 @@ Written independently of jaxllm's code: loops over layers and heads, float64.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -65,11 +67,22 @@ def np_int8_round(x):
     return np.round(x / np.where(scale > 0, scale, 1.0)) * scale
 
 
+def np_activation(name, g):
+    """The MLP gate's nonlinearity: SiLU g·σ(g), GELU g·Φ(g) (erf), or GELU's tanh approximation."""
+    if name == "silu":
+        return g / (1 + np.exp(-g))
+    if name == "gelu":
+        return 0.5 * g * (1 + np.vectorize(math.erf)(g / np.sqrt(2)))
+    assert name == "gelu_tanh", name
+    return 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
+
+
 def np_forward(params, cfg, tokens, positions=None, int8_kv=False):
     """Logits [T, V] of one unpadded sequence `tokens: [T]` at `positions` (default 0..T-1).
 
     Follows cfg's position_encoding (RoPE with its scaling, or ALiBi) and sliding_window
-    (query i sees keys j with i - W < j <= i). `int8_kv`: every key (as attention reads it,
+    (query i sees keys j with i - W < j <= i), and the family options: q/k/v biases, the MLP's
+    activation, norm gains stored minus an offset, embeddings scaled by sqrt(d_model). `int8_kv`: every key (as attention reads it,
     after RoPE) and value is rounded to int8 steps per token and kv head first.
     """
     kv_round = np_int8_round if int8_kv else (lambda x: x)
@@ -78,6 +91,10 @@ def np_forward(params, cfg, tokens, positions=None, int8_kv=False):
     H, K = cfg.n_heads, cfg.n_kv_heads
     pos = np.arange(T, dtype=np.float64) if positions is None else np.asarray(positions, np.float64)
     x = p["embed"][np.asarray(tokens)]
+    if cfg.embed_scale:  # Gemma: embeddings times sqrt(d_model)
+        x = x * np.sqrt(cfg.d_model)
+    norm = lambda x, w: np_rms_norm(x, w + cfg.norm_offset, cfg.norm_eps)  # Gemma stores gain - 1
+    bias = lambda name: lp[name] if cfg.qkv_bias else 0.0  # Qwen2's q/k/v biases
     causal = np.tril(np.ones((T, T), bool))
     if cfg.sliding_window:
         causal &= ~np.tril(np.ones((T, T), bool), -cfg.sliding_window)
@@ -86,10 +103,10 @@ def np_forward(params, cfg, tokens, positions=None, int8_kv=False):
     inv_freq = np_inv_freq(cfg)
     for l in range(cfg.n_layers):
         lp = {k: v[l] for k, v in p["layers"].items()}
-        h = np_rms_norm(x, lp["attn_norm"], cfg.norm_eps)
-        q = (h @ lp["wq"]).reshape(T, H, E)
-        k = (h @ lp["wk"]).reshape(T, K, E)
-        v = (h @ lp["wv"]).reshape(T, K, E)
+        h = norm(x, lp["attn_norm"])
+        q = (h @ lp["wq"] + bias("bq")).reshape(T, H, E)
+        k = (h @ lp["wk"] + bias("bk")).reshape(T, K, E)
+        v = (h @ lp["wv"] + bias("bv")).reshape(T, K, E)
         heads = []
         for head in range(H):
             kv = head // (H // K)  # query heads share kv heads in consecutive groups
@@ -102,10 +119,9 @@ def np_forward(params, cfg, tokens, positions=None, int8_kv=False):
             s = np.exp(s - s.max(-1, keepdims=True))
             heads.append((s / s.sum(-1, keepdims=True)) @ kv_round(v[:, kv]))
         x = x + np.concatenate(heads, axis=-1) @ lp["wo"]
-        h = np_rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
-        g = h @ lp["w_gate"]
-        x = x + (g / (1 + np.exp(-g)) * (h @ lp["w_up"])) @ lp["w_down"]
-    x = np_rms_norm(x, p["final_norm"], cfg.norm_eps)
+        h = norm(x, lp["mlp_norm"])
+        x = x + (np_activation(cfg.activation, h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+    x = norm(x, p["final_norm"])
     return x @ (p["embed"].T if cfg.tie_embeddings else p["lm_head"])
 
 
