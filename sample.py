@@ -108,7 +108,7 @@ def parser() -> Parser:
     for old, new in (("kv_cache", "kv_cache_dtype"), ("draft_checkpoint", "draft")):
         _flag(p, old, action=Renamed, const=new, nargs="?", help=argparse.SUPPRESS)
     # not request fields: the model, how it is loaded, and how output is printed
-    _flag(p, "checkpoint", help="a jaxllm checkpoint or a Hugging Face Llama-family directory (default: the bundled model)")
+    _flag(p, "checkpoint", help="a jaxllm checkpoint or a Hugging Face directory (Llama, Mistral, Qwen2, Gemma) (default: the bundled model)")
     _flag(p, "prompt", action="append", help="prompt text; repeat for a batch")
     _flag(p, "prompt_file", action="append", help="a file whose whole text is one prompt; repeatable")
     _flag(p, "format", choices=["text", "jsonl"], help="text (default) or one JSON record per output")

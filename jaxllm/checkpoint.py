@@ -212,7 +212,7 @@ def _quantized_tree(flat: dict, cfg: ModelConfig, quantization: dict) -> dict:
 
 
 def load_any(directory: str | os.PathLike) -> tuple[dict, ModelConfig, Tokenizer | None, dict]:
-    """A jaxllm checkpoint or a Hugging Face Llama-family directory -> (params, cfg, tokenizer, defaults).
+    """A jaxllm checkpoint or a Hugging Face directory (Llama, Mistral, Qwen2, Gemma) -> (params, cfg, tokenizer, defaults).
 
     `defaults` holds generation_config.json's sampling values for HF directories, else {}.
     """

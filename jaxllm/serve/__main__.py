@@ -25,7 +25,7 @@ PROG = "python -m jaxllm.serve"
 
 def parser() -> Parser:
     p = Parser(prog=PROG, description="Serve a jaxllm model over OpenAI's HTTP API.")
-    p.add_argument("--checkpoint", help="a jaxllm checkpoint or a Hugging Face Llama-family directory (default: the bundled model)")
+    p.add_argument("--checkpoint", help="a jaxllm checkpoint or a Hugging Face directory (Llama, Mistral, Qwen2, Gemma) (default: the bundled model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument("--model_name", help="the model's name in the API (default: the checkpoint's folder name)")
