@@ -18,7 +18,7 @@ nnx = pytest.importorskip("flax.nnx")
 import optax  # noqa: E402
 
 from conftest import REPO, tiny_config  # noqa: E402
-from jaxllm import JaxllmError, forward, generate, init_cache, init_params, load_checkpoint, save_checkpoint  # noqa: E402
+from jaxllm import JaxllmError, export_hf, forward, generate, init_cache, init_params, load_checkpoint, save_checkpoint  # noqa: E402
 from jaxllm import training  # noqa: E402
 from jaxllm.nnx import LanguageModel  # noqa: E402
 from jaxllm.quantize import quantize_params  # noqa: E402
@@ -231,6 +231,9 @@ def test_module_to_checkpoint_and_back_gives_identical_logits(params, batch, tmp
     again, tokenizer = LanguageModel.from_checkpoint(tmp_path / "ckpt")
     assert tokenizer is None
     np.testing.assert_array_equal(again(tokens), model(tokens))
+    # and through a Hugging Face directory (export_hf; from_checkpoint reads it with load_any)
+    from_hf, _ = LanguageModel.from_checkpoint(export_hf(tmp_path / "hf", model.params, model.cfg))
+    np.testing.assert_allclose(from_hf(tokens), model(tokens), rtol=1e-6, atol=1e-6)
 
 
 def test_under_nnx_jit_results_equal_the_eager_ones(params, batch):
