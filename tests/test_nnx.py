@@ -67,6 +67,11 @@ def test_the_state_is_the_pure_params_tree_and_the_config_is_static(params):
     assert nnx.graphdef(model) == nnx.graphdef(other) and hash(nnx.graphdef(model)) == hash(nnx.graphdef(other))
     untied = tiny_config(256, tie_embeddings=not CFG.tie_embeddings)
     assert nnx.graphdef(LanguageModel(untied, rngs=nnx.Rngs(0))) != nnx.graphdef(model)
+    # split and merge (what nnx.jit does at its boundary) give the same model back
+    graphdef, state = nnx.split(model)
+    merged = nnx.merge(graphdef, state)
+    assert merged.cfg == CFG
+    assert_same_tree(merged.params, params)
 
 
 def test_fresh_params_are_init_params_from_the_rngs_key():
@@ -240,6 +245,11 @@ def test_under_nnx_jit_results_equal_the_eager_ones(params, batch):
     model = LanguageModel.from_params(params, CFG)
     tokens = batch[:, :-1]
     np.testing.assert_allclose(nnx.jit(lambda m, t: m(t))(model, tokens), model(tokens), rtol=1e-6, atol=1e-6)
+    cache = init_cache(CFG, B, 16)
+    jit_logits, jit_cache = nnx.jit(lambda m, t, c: m(t, cache=c))(model, tokens, cache)
+    eager_logits, eager_cache = model(tokens, cache=cache)
+    np.testing.assert_allclose(jit_logits, eager_logits, rtol=1e-6, atol=1e-6)
+    assert_same_tree(jit_cache, eager_cache, rtol=1e-6, atol=1e-6)
     eager = nnx.grad(lambda m: m.loss(batch))(model)
     jitted = nnx.jit(nnx.grad(lambda m: m.loss(batch)))(model)
     assert_same_tree(nnx.to_pure_dict(jitted), nnx.to_pure_dict(eager), rtol=1e-5, atol=1e-8)
