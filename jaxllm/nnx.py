@@ -50,17 +50,12 @@ from jaxllm import training
 from jaxllm.config import ModelConfig
 from jaxllm.kvcache import KVCache
 
-# Newer Flax refuses a plain attribute that holds Variables unless it is marked as data;
-# older Flax has no such mark and needs none.
-_data = getattr(nnx, "data", lambda value: value)
-
-
 def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
 def _read(variable: nnx.Variable) -> jax.Array:
-    return variable.get_value() if hasattr(variable, "get_value") else variable.value
+    return variable.get_value()
 
 
 def _wrap(tree, path: str = ""):
@@ -106,7 +101,7 @@ class LanguageModel(nnx.Module):
         self.cfg = cfg  # static: hashable, part of the graph definition
         self._param_names = tuple(params)  # static: which attributes are the params' top-level keys
         for name, subtree in params.items():
-            setattr(self, name, _data(_wrap(subtree, name)))
+            setattr(self, name, nnx.data(_wrap(subtree, name)))  # a dict holding Variables must be marked as data
 
     @classmethod
     def from_params(cls, params: dict, cfg: ModelConfig) -> "LanguageModel":
@@ -115,7 +110,7 @@ class LanguageModel(nnx.Module):
 
     @classmethod
     def from_checkpoint(cls, directory) -> tuple["LanguageModel", object]:
-        """A jaxllm checkpoint or Hugging Face Llama-family directory -> (model, tokenizer or None)."""
+        """A jaxllm checkpoint or Hugging Face directory -> (model, tokenizer or None)."""
         from jaxllm.checkpoint import load_any
 
         params, cfg, tokenizer, _ = load_any(directory)
