@@ -2,7 +2,8 @@
 
     DIR/config.json                          LlamaForCausalLM / MistralForCausalLM
     DIR/model.safetensors                    or model-0000N-of-0000M.safetensors + model.safetensors.index.json
-    DIR/tokenizer.model                      SentencePiece (optional: Llama 3's tokenizer.json is not read)
+    DIR/tokenizer.model                      SentencePiece, or (when there is no tokenizer.model) byte-level
+    DIR/tokenizer.json (+ tokenizer_config.json)  BPE as Llama 3 / Qwen2 ship it (optional)
     DIR/generation_config.json               default sampling values (optional)
 
 Read with numpy through safetensors: no torch, no network, nothing unpickled. HF stores
@@ -25,8 +26,8 @@ from safetensors.numpy import load_file, save_file
 
 from jaxllm.config import ModelConfig
 from jaxllm.devices import as_stored
-from jaxllm.errors import CheckpointError, ConfigError, TokenizerError
-from jaxllm.tokenizer import Tokenizer
+from jaxllm.errors import CheckpointError, ConfigError
+from jaxllm.tokenizer import TokenizerBase
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
 # jaxllm layer weight -> HF module, for weights HF stores as [out, in]
@@ -171,7 +172,7 @@ def _plain_file_name(name) -> bool:
     )
 
 
-def load_hf(directory: str | os.PathLike, dtype: str | None = None) -> tuple[dict, ModelConfig, Tokenizer | None, dict]:
+def load_hf(directory: str | os.PathLike, dtype: str | None = None) -> tuple[dict, ModelConfig, TokenizerBase | None, dict]:
     """-> (params, cfg, tokenizer or None, generation defaults) from a local HF model directory.
 
     `dtype` sets cfg.param_dtype (default: the checkpoint's, float32 for float16 ones).
@@ -219,12 +220,9 @@ def load_hf(directory: str | os.PathLike, dtype: str | None = None) -> tuple[dic
     if extra:
         raise CheckpointError(f"{directory}: unexpected weights {extra[:3]}{' ...' if len(extra) > 3 else ''}")
 
-    tokenizer = None
-    if (directory / "tokenizer.model").exists():
-        try:
-            tokenizer = Tokenizer.load(directory / "tokenizer.model")
-        except TokenizerError as e:
-            raise CheckpointError(f"{directory / 'tokenizer.model'}: {e}") from None
+    from jaxllm.checkpoint import load_directory_tokenizer
+
+    tokenizer = load_directory_tokenizer(directory)
     return params, cfg, tokenizer, generation_defaults(directory)
 
 
@@ -259,7 +257,7 @@ def generation_defaults(directory: str | os.PathLike) -> dict:
     return out
 
 
-def export_hf(directory: str | os.PathLike, params: dict, cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> Path:
+def export_hf(directory: str | os.PathLike, params: dict, cfg: ModelConfig, tokenizer: TokenizerBase | None = None) -> Path:
     """Writes a LlamaForCausalLM directory (MistralForCausalLM with a sliding window) that
     `transformers.AutoModelForCausalLM.from_pretrained` loads."""
     if cfg.position_encoding != "rope":
@@ -300,7 +298,7 @@ def export_hf(directory: str | os.PathLike, params: dict, cfg: ModelConfig, toke
         meta.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=cfg.sliding_window)
     generation = {}
     if tokenizer is not None:
-        tokenizer.save(directory / "tokenizer.model")
+        tokenizer.save_to_directory(directory)  # tokenizer.model, or tokenizer.json + tokenizer_config.json
         meta.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
         generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
