@@ -23,7 +23,9 @@ read from its `tokenizer.model` instead.
 
 Exact round trip holds for any text when the file has no normalizer, as in GPT-2's and Llama
 3's. Qwen2's normalizes to NFC (as its model was trained), so there the round trip holds for
-NFC text; other normalizers rewrite text in ways jaxllm does not accept, and are refused.
+NFC text; other normalizers rewrite text in ways jaxllm does not accept, and are refused. One
+more exception is the file's own doing: an added token whose text is also a model piece
+("Ġthe" added again) shares that piece's id, so the typed text "Ġthe" reads back as " the".
 """
 
 from __future__ import annotations
@@ -107,14 +109,15 @@ class JsonTokenizer(TokenizerBase):
         self._plain.encode_special_tokens = True
 
         added = self._plain.get_added_tokens_decoder()  # {id: AddedToken}
-        self._added_text = {i: t.content for i, t in added.items() if not t.special}
-        vocab = self._plain.get_vocab(with_added_tokens=True)  # {piece: id}
-        self.vocab_size = max(vocab.values(), default=-1) + 1
+        model_vocab = self._plain.get_vocab(with_added_tokens=False)  # {piece: id}
+        self.vocab_size = max([*model_vocab.values(), *added], default=-1) + 1
+        # An id is a model piece (byte-level letters), or an added token that is only that: its
+        # text. An added token whose text is also a model piece shares the piece's id, which
+        # ordinary text encodes to as well: it reads as the piece, as the library decodes it.
         self._pieces: list[str | None] = [None] * self.vocab_size
-        for piece, i in vocab.items():
+        for piece, i in model_vocab.items():
             self._pieces[i] = piece
-        for i, t in added.items():
-            self._pieces[i] = t.content
+        self._added_text = {i: t.content for i, t in added.items() if not t.special and self._pieces[i] is None}
         self._set_special_tokens({t.content: i for i, t in added.items() if t.special})
 
         self._special_names = self._read_config(spec)
@@ -222,15 +225,15 @@ class JsonTokenizer(TokenizerBase):
         return ids
 
     def _piece_bytes(self, i: int) -> bytes:
-        """Special tokens and ids the file leaves unused are empty; an added token that is not
-        special is its text's UTF-8 (the text it was matched as, so the round trip holds even
-        for one spelled with byte-level characters, which the library's decoder would map to
-        bytes); a vocabulary piece is the bytes it stands for."""
-        if i in self._special_ids or self._pieces[i] is None:
+        """Special tokens and ids the file leaves unused are empty; a model piece is the bytes
+        it stands for; an added token that is not special (and not also a model piece) is its
+        text's UTF-8: the text it was matched as, so the round trip holds even for one spelled
+        in byte-level letters ("Ġx"), which the library's decoder would read as bytes (" x")."""
+        if i in self._special_ids:
             return b""
         if i in self._added_text:
             return self._added_text[i].encode("utf-8")
-        return piece_bytes(self._pieces[i])
+        return b"" if self._pieces[i] is None else piece_bytes(self._pieces[i])
 
 
 def check_byte_level(spec) -> None:
