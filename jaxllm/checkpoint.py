@@ -5,9 +5,9 @@
     DIR/params.safetensors   the params pytree, keys joined with "." ("layers.wq"); a quantized
                              weight is two tensors, "layers.wq.values" (int8 / packed uint8) and
                              "layers.wq.scales" (float32), laid out as in quantize.py
-    DIR/tokenizer.model      the tokenizer: a SentencePiece model, or for a Hugging Face byte-level
-    (or tokenizer.json +     tokenizer, its tokenizer.json and tokenizer_config.json (jaxllm.tokenizer)
-     tokenizer_config.json)
+    DIR/tokenizer.model      the SentencePiece model; or, for a Hugging Face byte-level tokenizer,
+    DIR/tokenizer.json       its two files (jaxllm.tokenizer_json); saving one kind removes the other
+    DIR/tokenizer_config.json
 
 Loading checks every array against the shapes the config implies, so a directory whose
 parts disagree (or a config that is not the one expected) fails with one clear line.
