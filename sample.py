@@ -230,7 +230,7 @@ def load_model(path: Path, args, flag: str):
         print(f"sample.py: {describe(cfg.attention_impl, cfg.compute_dtype, cfg.dim_per_head, sinks=getattr(args, 'sinks', 0) > 0)}",
               file=sys.stderr)
     if flag == "checkpoint" and tokenizer is None:
-        raise jaxllm.CheckpointError(f"{path} has no tokenizer.model, so text prompts cannot be encoded")
+        raise jaxllm.CheckpointError(f"{path} has no tokenizer (tokenizer.model or tokenizer.json), so text prompts cannot be encoded")
     return params, cfg, tokenizer, model_defaults
 
 

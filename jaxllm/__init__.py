@@ -20,6 +20,7 @@ _EXPORTS = {
     "jaxllm.sampling": ("SamplingParams",),
     "jaxllm.stopping": ("StopParams",),
     "jaxllm.tokenizer": ("Tokenizer",),
+    "jaxllm.tokenizer_json": ("JsonTokenizer",),
 }
 _RENAMED = {"prepare_params": ("jaxllm.devices", "prepare")}
 _WHERE = {name: (module, name) for module, names in _EXPORTS.items() for name in names} | _RENAMED

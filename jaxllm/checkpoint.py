@@ -5,7 +5,9 @@
     DIR/params.safetensors   the params pytree, keys joined with "." ("layers.wq"); a quantized
                              weight is two tensors, "layers.wq.values" (int8 / packed uint8) and
                              "layers.wq.scales" (float32), laid out as in quantize.py
-    DIR/tokenizer.model      the SentencePiece model
+    DIR/tokenizer.model      the SentencePiece model; or, for a Hugging Face byte-level tokenizer,
+    DIR/tokenizer.json       its two files (jaxllm.tokenizer_json); saving one kind removes the other
+    DIR/tokenizer_config.json
 
 Loading checks every array against the shapes the config implies, so a directory whose
 parts disagree (or a config that is not the one expected) fails with one clear line.
@@ -29,10 +31,10 @@ from jaxllm.config import ModelConfig
 from jaxllm.errors import CheckpointError, ConfigError, TokenizerError
 from jaxllm.model import param_shapes
 from jaxllm.quantize import QuantizedWeight, check_options, quantization_of, quantize_params
-from jaxllm.tokenizer import Tokenizer
+from jaxllm.tokenizer import TokenizerBase, load_tokenizer
 
 FORMAT, VERSION = "jaxllm", 1
-CONFIG_FILE, PARAMS_FILE, TOKENIZER_FILE = "config.json", "params.safetensors", "tokenizer.model"
+CONFIG_FILE, PARAMS_FILE = "config.json", "params.safetensors"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -67,8 +69,8 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(directory: str | os.PathLike, params: dict, cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> Path:
-    """Saves params (pulled to host), the config and the tokenizer model into `directory`.
+def save_checkpoint(directory: str | os.PathLike, params: dict, cfg: ModelConfig, tokenizer: TokenizerBase | None = None) -> Path:
+    """Saves params (pulled to host), the config and the tokenizer's files into `directory`.
 
     Prepared params (devices.prepare) are stored as their originals would be (devices.as_stored)."""
     directory = Path(directory)
@@ -76,7 +78,7 @@ def save_checkpoint(directory: str | os.PathLike, params: dict, cfg: ModelConfig
     arrays = {k: np.asarray(v) for k, v in flatten(jax.device_get(devices.as_stored(params))).items()}
     _write_atomic(directory / PARAMS_FILE, lambda p: save_file(arrays, str(p), metadata={"format": FORMAT}))
     if tokenizer is not None:
-        _write_atomic(directory / TOKENIZER_FILE, tokenizer.save)
+        tokenizer.save_to_directory(directory)  # also drops another backend's files left there
     meta = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict()}
     quantization = quantization_of(params)
     if quantization is not None:
@@ -131,7 +133,7 @@ _OLD_INT4 = " (an int4 checkpoint from before groups were padded to the group si
 
 def load_checkpoint(
     directory: str | os.PathLike, expect_config: ModelConfig | None = None
-) -> tuple[dict, ModelConfig, Tokenizer | None]:
+) -> tuple[dict, ModelConfig, TokenizerBase | None]:
     """-> (params, cfg, tokenizer or None). Every array is checked against the config's shapes.
 
     With `expect_config`, a checkpoint saved with any other config is refused, naming the fields.
@@ -183,17 +185,25 @@ def load_checkpoint(
     else:
         params = _quantized_tree(flat, cfg, quantization)
 
-    tokenizer = None
-    if (directory / TOKENIZER_FILE).exists():
-        try:
-            tokenizer = Tokenizer.load(directory / TOKENIZER_FILE)
-        except TokenizerError as e:
-            raise CheckpointError(f"{directory / TOKENIZER_FILE}: {e}") from None
-        if tokenizer.vocab_size > cfg.vocab_size:
-            raise CheckpointError(
-                f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is only {cfg.vocab_size}"
-            )
+    tokenizer = load_directory_tokenizer(directory)
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is only {cfg.vocab_size}"
+        )
     return params, cfg, tokenizer
+
+
+def load_directory_tokenizer(directory: str | os.PathLike) -> TokenizerBase | None:
+    """A model directory's tokenizer: its tokenizer.model, else its tokenizer.json, else None.
+    A file that is there but cannot be read is a CheckpointError naming it."""
+    directory = Path(directory)
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (directory / name).exists():
+            try:
+                return load_tokenizer(directory / name)
+            except TokenizerError as e:
+                raise CheckpointError(f"{directory / name}: {e}") from None
+    return None
 
 
 def _quantized_tree(flat: dict, cfg: ModelConfig, quantization: dict) -> dict:
@@ -211,7 +221,7 @@ def _quantized_tree(flat: dict, cfg: ModelConfig, quantization: dict) -> dict:
     return build(specs, unflatten(flat))
 
 
-def load_any(directory: str | os.PathLike) -> tuple[dict, ModelConfig, Tokenizer | None, dict]:
+def load_any(directory: str | os.PathLike) -> tuple[dict, ModelConfig, TokenizerBase | None, dict]:
     """A jaxllm checkpoint or a Hugging Face directory (Llama, Mistral, Qwen2, Gemma) -> (params, cfg, tokenizer, defaults).
 
     `defaults` holds generation_config.json's sampling values for HF directories, else {}.

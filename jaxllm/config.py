@@ -169,7 +169,7 @@ class TrainConfig:
     data: str = "stdlib"  # "stdlib" (Python's own library source), or comma-separated files/dirs/globs
     data_limit_mb: float = 0.0  # read at most this many MB of the corpus (seeded document order); 0 = all
     data_dir: str = ""  # where token shards go; "" = OUT_DIR/data
-    tokenizer: str = ""  # a tokenizer.model to use; "" = train one on the corpus (vocab = model.vocab_size)
+    tokenizer: str = ""  # a tokenizer.model or tokenizer.json (or a directory with one) to use; "" = train one on the corpus (vocab = model.vocab_size)
     val_fraction: float = 0.02  # share of corpus bytes held out, by whole documents
     seq_len: int = 0  # tokens per training window; 0 = model.max_seq_len
     # optimization

@@ -2,7 +2,8 @@
 
     DIR/config.json                          Llama, Mistral, Qwen2 or Gemma (…ForCausalLM)
     DIR/model.safetensors                    or model-0000N-of-0000M.safetensors + model.safetensors.index.json
-    DIR/tokenizer.model                      SentencePiece (optional: Llama 3's tokenizer.json is not read)
+    DIR/tokenizer.model                      SentencePiece, or (when there is no tokenizer.model) byte-level
+    DIR/tokenizer.json (+ tokenizer_config.json)  BPE as Llama 3 / Qwen2 ship it (optional)
     DIR/generation_config.json               default sampling values (optional)
 
 Read with numpy through safetensors: no torch, no network, nothing unpickled. HF stores
@@ -27,8 +28,8 @@ from safetensors.numpy import load_file, save_file
 
 from jaxllm.config import ModelConfig
 from jaxllm.devices import as_stored
-from jaxllm.errors import CheckpointError, ConfigError, TokenizerError
-from jaxllm.tokenizer import Tokenizer
+from jaxllm.errors import CheckpointError, ConfigError
+from jaxllm.tokenizer import TokenizerBase
 
 # model_type -> the architecture; Qwen2 and Gemma map onto options of jaxllm's one decoder
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -219,7 +220,7 @@ def _plain_file_name(name) -> bool:
     )
 
 
-def load_hf(directory: str | os.PathLike, dtype: str | None = None) -> tuple[dict, ModelConfig, Tokenizer | None, dict]:
+def load_hf(directory: str | os.PathLike, dtype: str | None = None) -> tuple[dict, ModelConfig, TokenizerBase | None, dict]:
     """-> (params, cfg, tokenizer or None, generation defaults) from a local HF model directory.
 
     `dtype` sets cfg.param_dtype (default: the checkpoint's, float32 for float16 ones).
@@ -271,12 +272,9 @@ def load_hf(directory: str | os.PathLike, dtype: str | None = None) -> tuple[dic
     if extra:
         raise CheckpointError(f"{directory}: unexpected weights {extra[:3]}{' ...' if len(extra) > 3 else ''}")
 
-    tokenizer = None
-    if (directory / "tokenizer.model").exists():
-        try:
-            tokenizer = Tokenizer.load(directory / "tokenizer.model")
-        except TokenizerError as e:
-            raise CheckpointError(f"{directory / 'tokenizer.model'}: {e}") from None
+    from jaxllm.checkpoint import load_directory_tokenizer
+
+    tokenizer = load_directory_tokenizer(directory)
     return params, cfg, tokenizer, generation_defaults(directory)
 
 
@@ -354,7 +352,7 @@ def _hf_config(cfg: ModelConfig) -> dict:
     return meta
 
 
-def export_hf(directory: str | os.PathLike, params: dict, cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> Path:
+def export_hf(directory: str | os.PathLike, params: dict, cfg: ModelConfig, tokenizer: TokenizerBase | None = None) -> Path:
     """Writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads: Llama
     (Mistral with a sliding window), Qwen2 (q/k/v biases) or Gemma (GeGLU, scaled embeddings,
     (1 + w) norms), whichever architecture has cfg's options. A config no transformers
@@ -379,7 +377,7 @@ def export_hf(directory: str | os.PathLike, params: dict, cfg: ModelConfig, toke
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     generation = {}
     if tokenizer is not None:
-        tokenizer.save(directory / "tokenizer.model")
+        tokenizer.save_to_directory(directory)  # tokenizer.model, or tokenizer.json + tokenizer_config.json
         meta.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
         generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")

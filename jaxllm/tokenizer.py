@@ -1,4 +1,12 @@
-"""SentencePiece tokenizer: train, load, encode/decode, special tokens, token bytes, streaming.
+"""Tokenizers: train, load, encode/decode, special tokens, token bytes, streaming.
+
+Two backends share one interface (`TokenizerBase`): `Tokenizer`, a SentencePiece model
+(`tokenizer.model`, trained here or loaded), and `jaxllm.tokenizer_json.JsonTokenizer`, a
+Hugging Face byte-level BPE `tokenizer.json` (GPT-2, Llama 3, Qwen2, Mistral-Nemo style).
+`Tokenizer.load(path)` picks the backend by file: a `.model` file is SentencePiece, a `.json`
+file is tokenizer.json, and a directory holds `tokenizer.model` (preferred) or `tokenizer.json`.
+Everything else in jaxllm sees only the interface: ids, special tokens, and each id's exact
+output bytes (`token_bytes`), which decoding, streaming, stop strings and constraints all read.
 
 Two promises hold everything else up:
 
@@ -11,6 +19,9 @@ Two promises hold everything else up:
   special id, unless the caller asks for special tokens to be parsed
   (`encode(..., parse_special=True)`). Special tokens are SentencePiece *control*
   symbols, which SentencePiece itself never matches in raw text.
+
+(The tokenizer.json backend keeps both promises too, with one limit it states: a file whose
+normalizer rewrites text, as Qwen2's NFC does, round-trips only text already in that form.)
 """
 
 from __future__ import annotations
@@ -34,8 +45,154 @@ DEFAULT_SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 META_SPACE = "\u2581"  # SentencePiece's symbol for a space inside pieces
 
 
-class Tokenizer:
-    """A SentencePiece model plus the conventions jaxllm relies on."""
+# The files a tokenizer is saved as, in every backend; a directory holds one backend's files.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
+
+
+def load_tokenizer(path: str | os.PathLike) -> "TokenizerBase":
+    """A tokenizer from a file or a model directory, the backend chosen by file.
+
+    A `.json` file is a Hugging Face tokenizer.json (`JsonTokenizer`, which reads
+    `tokenizer_config.json` beside it for BOS/EOS/PAD); any other file is a SentencePiece model
+    (`Tokenizer`). A directory gives its `tokenizer.model` when it has one, else its
+    `tokenizer.json`. Errors are one-line `TokenizerError`s.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "tokenizer.model").exists() and (path / "tokenizer.json").exists():
+            path = path / "tokenizer.json"
+        elif not (path / "tokenizer.model").exists():
+            raise TokenizerError(f"tokenizer not found: {path} holds neither tokenizer.model nor tokenizer.json")
+        else:
+            path = path / "tokenizer.model"
+    if path.suffix == ".json":
+        from jaxllm.tokenizer_json import JsonTokenizer
+
+        return JsonTokenizer.from_file(path)
+    return Tokenizer.from_file(path)
+
+
+class TokenizerBase:
+    """The interface every backend offers, and the part of it they share.
+
+    A backend sets `vocab_size` (ids are 0..vocab_size-1), `special_tokens` (piece -> id, through
+    `_set_special_tokens`), `strips_dummy_prefix`, and implements `encode`, `encode_batch`,
+    `token_id`, the `bos_id`/`eos_id`/`pad_id`/`unk_id` ids (None when absent), `fingerprint`,
+    `files` and `_piece_bytes` (one id's exact output bytes). Decoding is shared: an id sequence
+    reads as its pieces' bytes joined and decoded as UTF-8, so `decode`, `StreamDecoder`, stop
+    strings and constraints (which read `token_bytes`) always agree.
+    """
+
+    vocab_size: int
+    special_tokens: dict[str, int]
+    strips_dummy_prefix: bool = False
+    _token_bytes: tuple[np.ndarray, np.ndarray] | None = None
+
+    load = staticmethod(load_tokenizer)
+
+    def _set_special_tokens(self, special_tokens: dict[str, int]) -> None:
+        self.special_tokens = dict(special_tokens)
+        self._special_ids = frozenset(self.special_tokens.values())
+        self._special_piece = {i: piece for piece, i in self.special_tokens.items()}
+
+    # ------------------------------------------------------------------ saving
+
+    def files(self) -> dict[str, bytes]:
+        """{file name: bytes}: what `save_to_directory` writes and `load` reads back."""
+        raise NotImplementedError
+
+    def save_to_directory(self, directory: str | os.PathLike) -> None:
+        """Writes `files()` into `directory` (each to a temporary name, then renamed, so a crash
+        never leaves half a file) and removes another backend's tokenizer files there, which
+        `load` (or transformers) would otherwise read instead."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        files = self.files()
+        for name, data in files.items():
+            tmp = directory / f".{name}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, directory / name)
+        for name in TOKENIZER_FILES:
+            if name not in files:
+                (directory / name).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ decode
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True, after: Sequence[int] = ()) -> str:
+        """Ids -> text: each id's bytes (`token_bytes`) joined and read as UTF-8. Special tokens
+        are dropped, or written out with `skip_special=False`.
+
+        `after`: ids this text continues (a prompt). A model with a dummy prefix (Llama's and
+        Mistral's tokenizers) starts every text with a space, which is dropped at the start of
+        the text, as SentencePiece does; after a prompt that holds text, the leading space of
+        the continuation is real and kept, so `decode(prompt) + decode(ids, after=prompt)` reads
+        as the whole text. Bytes that are not UTF-8 become U+FFFD, one per maximal invalid
+        sequence (Python's rule), as in `StreamDecoder`, so streamed and decoded text agree.
+        """
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise TokenizerError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+        strip = self.strips_dummy_prefix and self.starts_text(after)
+        if skip_special:
+            return _utf8(self.bytes_of(ids), strip)
+        parts, run = [], []
+        for i in ids + [None]:  # specials written out split the ids into runs of text
+            if i is not None and i not in self._special_ids:
+                run.append(i)
+                continue
+            data = self.bytes_of(run)
+            parts.append(_utf8(data, strip))
+            strip = strip and not data  # the dummy prefix belongs to the first text
+            if i is not None:
+                parts.append(self._special_piece[i])
+            run = []
+        return "".join(parts)
+
+    def starts_text(self, ids: Sequence[int]) -> bool:
+        """Whether text after `ids` starts the text: they hold no text, only special tokens."""
+        _, lengths = self.token_bytes()
+        return not np.any(lengths[np.asarray(ids, np.int64)])
+
+    def bytes_of(self, ids: Sequence[int]) -> bytes:
+        """The ids' output bytes, joined (special tokens give none)."""
+        table, lengths = self.token_bytes()
+        ids = np.asarray(ids, np.int64)
+        return table[ids][np.arange(table.shape[1]) < lengths[ids][:, None]].tobytes()
+
+    def decode_batch(self, batch: Sequence[Iterable[int]], **kwargs) -> list[str]:
+        return [self.decode(ids, **kwargs) for ids in batch]
+
+    # ------------------------------------------------------------------ bytes
+
+    def token_bytes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each id's exact output bytes: `table: [V, max_len] uint8`, `lengths: [V] int32`.
+
+        Special tokens give none. Used for stop strings and constraints inside the loop.
+        """
+        if self._token_bytes is None:
+            pieces = [self._piece_bytes(i) for i in range(self.vocab_size)]
+            lengths = np.array([len(p) for p in pieces], dtype=np.int32)
+            table = np.zeros((self.vocab_size, max(1, int(lengths.max()))), dtype=np.uint8)
+            for i, p in enumerate(pieces):
+                table[i, : len(p)] = np.frombuffer(p, dtype=np.uint8)
+            self._token_bytes = (table, lengths)
+        return self._token_bytes
+
+    def _piece_bytes(self, i: int) -> bytes:
+        raise NotImplementedError
+
+    def stream_decoder(self, after: Sequence[int] = ()) -> "StreamDecoder":
+        """An incremental `decode(..., after=after)` (see `StreamDecoder`)."""
+        return StreamDecoder(self, after)
+
+
+class Tokenizer(TokenizerBase):
+    """A SentencePiece model plus the conventions jaxllm relies on.
+
+    `Tokenizer.load(path)` is `load_tokenizer`: it returns this class for a SentencePiece model
+    and a `JsonTokenizer` for a tokenizer.json.
+    """
 
     def __init__(self, model_proto: bytes):
         self._proto = bytes(model_proto)
@@ -49,12 +206,11 @@ class Tokenizer:
             self.sp.id_to_piece(list(range(self.vocab_size)))
         except UnicodeDecodeError as e:
             raise TokenizerError(f"not a valid SentencePiece model (a piece is not UTF-8: {e})") from None
-        self.special_tokens = {
+        self._set_special_tokens({
             self.sp.id_to_piece(i): i
             for i in range(self.vocab_size)
             if self.sp.is_control(i) or self.sp.is_unknown(i)
-        }
-        self._special_ids = frozenset(self.special_tokens.values())
+        })
         names = sorted(self.special_tokens, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, names))) if names else None
         # A typed META_SPACE is spelled with byte pieces (when the model has them), and the
@@ -62,16 +218,14 @@ class Tokenizer:
         self.strips_dummy_prefix, self._sp_inner = _dummy_prefix(self._proto, self.sp)
         meta_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in META_SPACE.encode("utf-8")]
         self._meta_ids = meta_ids if all(self.sp.is_byte(i) for i in meta_ids) else None
-        self._token_bytes: tuple[np.ndarray, np.ndarray] | None = None
+        self._token_bytes = None
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Loads a `.model` file, or `tokenizer.model` inside a directory."""
+    def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Loads a SentencePiece `.model` file."""
         path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.model"
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -136,14 +290,22 @@ class Tokenizer:
             )
         except RuntimeError as e:
             raise TokenizerError(f"tokenizer training failed: {str(e).strip().splitlines()[-1]}") from None
-        return cls.load(f"{out_prefix}.model")
+        return cls.from_file(f"{out_prefix}.model")
 
     def serialized(self) -> bytes:
         """The model file's bytes (what `load` reads back)."""
         return self._proto
 
+    def files(self) -> dict[str, bytes]:
+        return {"tokenizer.model": self._proto}
+
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_bytes(self._proto)
+        """Writes the model file to `path`, or `tokenizer.model` into `path` when it is a directory."""
+        path = Path(path)
+        if path.is_dir():
+            self.save_to_directory(path)
+        else:
+            path.write_bytes(self._proto)
 
     @property
     def fingerprint(self) -> str:
@@ -211,84 +373,20 @@ class Tokenizer:
                 ids += (self._sp_inner if k else self.sp).encode(part)
         return ids
 
-    def decode(self, ids: Iterable[int], skip_special: bool = True, after: Sequence[int] = ()) -> str:
-        """Ids -> text: each id's bytes (`token_bytes`) joined and read as UTF-8. Special tokens
-        are dropped, or written out with `skip_special=False`.
-
-        `after`: ids this text continues (a prompt). A model with a dummy prefix (Llama's and
-        Mistral's tokenizers) starts every text with a space, which is dropped at the start of
-        the text, as SentencePiece does; after a prompt that holds text, the leading space of
-        the continuation is real and kept, so `decode(prompt) + decode(ids, after=prompt)` reads
-        as the whole text. Bytes that are not UTF-8 become U+FFFD, one per maximal invalid
-        sequence (Python's rule), as in `StreamDecoder`, so streamed and decoded text agree.
-        """
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise TokenizerError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
-        strip = self.strips_dummy_prefix and self.starts_text(after)
-        if skip_special:
-            return _utf8(self.bytes_of(ids), strip)
-        parts, run = [], []
-        for i in ids + [None]:  # specials written out split the ids into runs of text
-            if i is not None and i not in self._special_ids:
-                run.append(i)
-                continue
-            data = self.bytes_of(run)
-            parts.append(_utf8(data, strip))
-            strip = strip and not data  # the dummy prefix belongs to the first text
-            if i is not None:
-                parts.append(self.sp.id_to_piece(i))
-            run = []
-        return "".join(parts)
-
-    def starts_text(self, ids: Sequence[int]) -> bool:
-        """Whether text after `ids` starts the text: they hold no text, only special tokens."""
-        _, lengths = self.token_bytes()
-        return not np.any(lengths[np.asarray(ids, np.int64)])
-
-    def bytes_of(self, ids: Sequence[int]) -> bytes:
-        """The ids' output bytes, joined (special tokens give none)."""
-        table, lengths = self.token_bytes()
-        ids = np.asarray(ids, np.int64)
-        return table[ids][np.arange(table.shape[1]) < lengths[ids][:, None]].tobytes()
-
     def encode_batch(self, texts: Sequence[str], **kwargs) -> list[list[int]]:
         """Many texts at once; plain texts go through SentencePiece's threaded batch encoder."""
         if kwargs or self._meta_ids is not None and any(META_SPACE in t for t in texts):
             return [self.encode(t, **kwargs) for t in texts]
         return self.sp.encode(list(texts), num_threads=os.cpu_count() or 1)
 
-    def decode_batch(self, batch: Sequence[Iterable[int]], **kwargs) -> list[str]:
-        return [self.decode(ids, **kwargs) for ids in batch]
-
-    # ------------------------------------------------------------------ bytes
-
-    def token_bytes(self) -> tuple[np.ndarray, np.ndarray]:
-        """Each id's exact output bytes: `table: [V, max_len] uint8`, `lengths: [V] int32`.
-
-        "▁" is a space, a byte-fallback piece "<0xAB>" is that one byte, and control and
-        unknown pieces are empty. Used for stop strings and constraints inside the loop.
-        """
-        if self._token_bytes is None:
-            pieces = [self._piece_bytes(i) for i in range(self.vocab_size)]
-            lengths = np.array([len(p) for p in pieces], dtype=np.int32)
-            table = np.zeros((self.vocab_size, max(1, int(lengths.max()))), dtype=np.uint8)
-            for i, p in enumerate(pieces):
-                table[i, : len(p)] = np.frombuffer(p, dtype=np.uint8)
-            self._token_bytes = (table, lengths)
-        return self._token_bytes
-
     def _piece_bytes(self, i: int) -> bytes:
+        """"▁" is a space, a byte-fallback piece "<0xAB>" is that one byte, and control, unknown
+        and unused pieces are empty."""
         if self.sp.is_byte(i):
             return bytes([int(self.sp.id_to_piece(i)[3:5], 16)])
         if self.sp.is_control(i) or self.sp.is_unknown(i) or self.sp.is_unused(i):
             return b""
         return self.sp.id_to_piece(i).replace(META_SPACE, " ").encode("utf-8")
-
-    def stream_decoder(self, after: Sequence[int] = ()) -> "StreamDecoder":
-        """An incremental `decode(..., after=after)` (see `StreamDecoder`)."""
-        return StreamDecoder(self, after)
 
 
 class StreamDecoder:
@@ -299,7 +397,7 @@ class StreamDecoder:
     UTF-8 decoder, whose replacement of invalid bytes does not depend on where input ends.
     """
 
-    def __init__(self, tokenizer: Tokenizer, after: Sequence[int] = ()):
+    def __init__(self, tokenizer: TokenizerBase, after: Sequence[int] = ()):
         self._tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._strip_first_space = tokenizer.strips_dummy_prefix and tokenizer.starts_text(after)

@@ -8,7 +8,7 @@
       data/                          token shards (+ tokenizer.model when trained here)
       state/<step>/                  Orbax checkpoints (TrainState + meta): the last `keep`
                                      and the best by val loss
-      config.json params.safetensors tokenizer.model
+      config.json params.safetensors tokenizer.model (or tokenizer.json + tokenizer_config.json)
                                      the model directory: `sample.py --checkpoint OUT_DIR`
       metrics.jsonl                  one JSON object per logged step
       loss.png                       the loss curves, written at the end (with matplotlib)
