@@ -21,6 +21,10 @@ ROPE_SCALINGS = ("none", "linear", "ntk", "llama3")
 POSITION_ENCODINGS = ("rope", "alibi")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")  # see attention.py
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # the MLP's gate: SwiGLU, GeGLU (exact erf), GeGLU (tanh approximation)
+# layer matrices LoRA can adapt (lora.py); biases, norms and embeddings are never adapted
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+# model fields a fine-tune (`init_from`) may change: none alters the weights' shapes or meaning
+FINETUNE_FIELDS = ("compute_dtype", "attention_impl", "max_seq_len")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +174,11 @@ class TrainConfig:
     data_limit_mb: float = 0.0  # read at most this many MB of the corpus (seeded document order); 0 = all
     data_dir: str = ""  # where token shards go; "" = OUT_DIR/data
     tokenizer: str = ""  # a tokenizer.model or tokenizer.json (or a directory with one) to use; "" = train one on the corpus (vocab = model.vocab_size)
+    # fine-tuning
+    init_from: str = ""  # a jaxllm checkpoint or HF directory to start from (its config and tokenizer); "" = random init
+    lora_rank: int = 0  # > 0: train rank-R LoRA adapters on the frozen init_from model; 0 = train every weight
+    lora_alpha: float = 0.0  # adapters are scaled by lora_alpha / lora_rank; 0 = 2 * lora_rank (a scale of 2)
+    lora_targets: str = ",".join(LORA_TARGETS)  # comma-separated layer matrices the adapters apply to
     val_fraction: float = 0.02  # share of corpus bytes held out, by whole documents
     seq_len: int = 0  # tokens per training window; 0 = model.max_seq_len
     # optimization
@@ -197,7 +206,7 @@ class TrainConfig:
 
     def __post_init__(self):
         positive = ("batch_size", "grad_accum", "max_steps", "eval_batches", "log_every", "keep", "fsdp")
-        non_negative = ("seq_len", "warmup_steps", "seed", "eval_every", "save_every")
+        non_negative = ("seq_len", "warmup_steps", "seed", "eval_every", "save_every", "lora_rank")
         for name in positive + non_negative:
             value = getattr(self, name)
             low = 1 if name in positive else 0
@@ -215,6 +224,7 @@ class TrainConfig:
             ("grad_clip", 0.0, float("inf")),
             ("data_limit_mb", 0.0, float("inf")),
             ("max_minutes", 0.0, float("inf")),
+            ("lora_alpha", 0.0, float("inf")),
         ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
@@ -227,6 +237,27 @@ class TrainConfig:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
         if not self.data:
             raise ConfigError('data must name a corpus ("stdlib", or files/dirs/globs)')
+        for name in ("init_from", "lora_targets"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if self.init_from and self.tokenizer:
+            raise ConfigError("tokenizer cannot be combined with init_from: a fine-tune uses the tokenizer of its init_from model")
+        if self.lora_rank and not self.init_from:
+            raise ConfigError("lora_rank needs init_from: LoRA adapts an existing model (a jaxllm checkpoint or HF directory)")
+        targets = self.lora_target_names
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not targets or len(set(targets)) != len(targets):
+            what = f"unknown target(s) {_names(unknown)}" if unknown else "no target" if not targets else "a target named twice"
+            raise ConfigError(f"lora_targets: {what} in {self.lora_targets!r} (choose from {', '.join(LORA_TARGETS)})")
+
+    @property
+    def lora_target_names(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+    @property
+    def lora_scale(self) -> float:
+        """alpha / rank, the factor on the adapters' product A @ B (alpha 0 means 2 * rank)."""
+        return (self.lora_alpha or 2.0 * self.lora_rank) / self.lora_rank if self.lora_rank else 0.0
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -259,6 +290,21 @@ def load_preset(path: str | Path) -> tuple[ModelConfig, TrainConfig, str]:
 
     {"description": "...", "model": {...ModelConfig...}, "train": {...TrainConfig...}}
     """
+    model, train, description = read_preset(path)
+    if model is None:
+        raise ConfigError(f'config {path} must be a JSON object with a "model" section')
+    try:
+        return ModelConfig.from_dict(model), TrainConfig.from_dict(train), description
+    except ConfigError as e:
+        raise ConfigError(f"config {path}: {e}") from None
+
+
+def read_preset(path: str | Path) -> tuple[dict | None, dict, str]:
+    """A preset file -> (its "model" section, or None without one; its "train" section; the
+    description), the sections as dicts still to be checked: a fine-tune (`init_from`) takes
+    its model from elsewhere, so there the model section is optional and checked against that
+    model (`finetune_config`), and train fields may depend on ones the command line adds
+    (`preset_train_config`)."""
     path = Path(path)
     try:
         values = json.loads(path.read_text())
@@ -266,7 +312,7 @@ def load_preset(path: str | Path) -> tuple[ModelConfig, TrainConfig, str]:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from None
-    if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
+    if not isinstance(values, dict) or not isinstance(values.get("model", {}), dict):
         raise ConfigError(f'config {path} must be a JSON object with a "model" section')
     unknown = sorted(set(values) - set(PRESET_KEYS))
     if unknown:
@@ -274,10 +320,44 @@ def load_preset(path: str | Path) -> tuple[ModelConfig, TrainConfig, str]:
     train = values.get("train", {})
     if not isinstance(train, dict):
         raise ConfigError(f'config {path}: "train" must be a JSON object')
+    return values.get("model"), train, values.get("description", "")
+
+
+def preset_train_config(path: str | Path, values: dict, changes: dict[str, Any]) -> TrainConfig:
+    """A preset's train section with `changes` (from `split_overrides`) applied. An error the
+    section has on its own names the file; one only the changes bring is the command line's."""
     try:
-        return ModelConfig.from_dict(values["model"]), TrainConfig.from_dict(train), values.get("description", "")
+        return TrainConfig.from_dict({**values, **changes})
     except ConfigError as e:
-        raise ConfigError(f"config {path}: {e}") from None
+        try:
+            TrainConfig.from_dict(values)
+        except ConfigError:
+            raise ConfigError(f"config {path}: {e}") from None
+        raise
+
+
+def finetune_config(base: ModelConfig, changes: dict[str, Any] | ModelConfig | None, where: str = "init_from") -> ModelConfig:
+    """The config a fine-tune of a model with config `base` trains: `base`, with `changes` (model
+    fields from a preset's "model" section or the command line, or a whole ModelConfig) applied
+    where they are among FINETUNE_FIELDS. Any other field that differs from `base` would change
+    the weights' shapes or meaning: it is refused by name (`where` says what fixed it)."""
+    if changes is None:
+        return base
+    if isinstance(changes, ModelConfig):
+        changes = changes.to_dict()
+    _object(changes, "model config")
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise ConfigError(f"unknown model config field(s): {_names(unknown)}")
+    out = base.replace(**{k: v for k, v in changes.items() if k in FINETUNE_FIELDS})
+    if out.rope_scaling == "llama3" and not base.rope_original_max_len and out.max_seq_len != base.max_seq_len:
+        out = out.replace(rope_original_max_len=base.max_seq_len)  # llama3 frequencies depend on it: keep them
+    fixed = out.to_dict()
+    clash = [k for k, v in changes.items() if k not in FINETUNE_FIELDS and v != fixed[k]]
+    if clash:
+        said = ", ".join(f"{k}={changes[k]!r} (the model has {fixed[k]!r})" for k in clash)
+        raise ConfigError(f"{where} fixes the model config: {said}; a fine-tune may change only {', '.join(FINETUNE_FIELDS)}")
+    return out
 
 
 # ---------------------------------------------------------------------------- command-line overrides
@@ -315,6 +395,13 @@ def apply_overrides(
     Values are parsed by each field's declared type; an unknown field, a missing value or
     a value of the wrong type raises ConfigError naming it.
     """
+    model_changes, train_changes = split_overrides(args)
+    return model.replace(**model_changes), train.replace(**train_changes)
+
+
+def split_overrides(args: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`--field=value` / `--field value` pairs -> ({model field: value}, {train field: value}),
+    each value parsed by its field's type (see `apply_overrides`)."""
     model_types, train_types = typing.get_type_hints(ModelConfig), typing.get_type_hints(TrainConfig)
     model_changes: dict[str, Any] = {}
     train_changes: dict[str, Any] = {}
@@ -336,4 +423,4 @@ def apply_overrides(
             train_changes[name] = _parse(name, value, train_types[name])
         else:
             raise ConfigError(f"unknown config field {_names(['--' + name])}")
-    return model.replace(**model_changes), train.replace(**train_changes)
+    return model_changes, train_changes

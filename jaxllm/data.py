@@ -4,6 +4,7 @@ Legend: B batch (sequences), T tokens per training window, N tokens in a split.
 
     files ──read_documents──▶ documents ──split_documents──▶ train / val documents
           ──Tokenizer (trained on the train documents when none is given)──▶ <s> ids </s> each
+            (ids </s> with a tokenizer that has no <s>, such as Qwen2's)
           ──▶ DIR/train.bin, DIR/val.bin  (flat uint16/uint32 memmaps)  +  DIR/meta.json
 
 A batch is a pure function of (seed, step): a resumed run draws exactly the windows an
@@ -161,15 +162,18 @@ def encode_documents(tokenizer: Tokenizer, docs: Sequence[Document]) -> np.ndarr
     """Documents -> one flat id stream [N], each document as <s> ids </s>.
 
     BOS/EOS frame every document because generation prepends BOS to prompts: the model
-    must have seen "start of a document" as a token to continue from.
+    must have seen "start of a document" as a token to continue from. A tokenizer without a
+    BOS (Qwen2's has none, and its prompts start without one) gives ids </s> per document:
+    documents are separated by EOS alone. An EOS is always needed.
     """
-    if tokenizer.bos_id is None or tokenizer.eos_id is None:
-        raise DataError("the tokenizer needs <s> and </s> tokens to frame documents")
+    if tokenizer.eos_id is None:
+        raise DataError("the tokenizer needs an end-of-text token (</s>) to separate documents")
     ids = tokenizer.encode_batch([d.text for d in docs])
     dtype = token_dtype(tokenizer.vocab_size)
+    start = [np.array([tokenizer.bos_id], dtype)] if tokenizer.bos_id is not None else []
     parts = []
     for row in ids:
-        parts += [np.array([tokenizer.bos_id], dtype), np.asarray(row, dtype), np.array([tokenizer.eos_id], dtype)]
+        parts += [*start, np.asarray(row, dtype), np.array([tokenizer.eos_id], dtype)]
     return np.concatenate(parts)
 
 

@@ -1,17 +1,29 @@
 """A training run on the host: data, state, the step loop, evals, checkpoints, metrics.
 
-    run: start_run ─▶ prepare_corpus ─▶ init_or_restore ─▶ train_steps ─▶ keep_best ─▶ write_plot
+    run: load_base ─▶ start_run ─▶ prepare_corpus ─▶ init_or_restore ─▶ train_steps ─▶ keep_best ─▶ write_plot
+         load_base: only for a fine-tune (tcfg.init_from): the model, its config and tokenizer
          train_steps: a step per batch; at log points flush, at eval/save points evaluate, save
 
     OUT_DIR/
       run.json                       the model and train configs the run was started with
       data/                          token shards (+ tokenizer.model when trained here)
       state/<step>/                  Orbax checkpoints (TrainState + meta): the last `keep`
-                                     and the best by val loss
+                                     and the best by val loss; a LoRA run's hold only the
+                                     adapters and their optimizer state (the base is read
+                                     again from init_from on --resume, checked by fingerprint)
       config.json params.safetensors tokenizer.model (or tokenizer.json + tokenizer_config.json)
                                      the model directory: `sample.py --checkpoint OUT_DIR`
+                                     (a LoRA run's: the base merged with the adapters)
+      adapters.safetensors adapters.json
+                                     a LoRA run's adapters alone, with rank, alpha, targets,
+                                     init_from and the base's fingerprint (lora.py)
       metrics.jsonl                  one JSON object per logged step
       loss.png                       the loss curves, written at the end (with matplotlib)
+
+A fine-tune (`init_from`: a jaxllm checkpoint or Hugging Face directory) starts from that
+model's weights, trains with its tokenizer, and keeps its config except for the fields
+config.FINETUNE_FIELDS allows to change. With `lora_rank`, the model stays frozen (on the
+devices once, sharded like trained params) and only low-rank adapters train (training.py).
 
 The loop never waits on the device between log points: metrics stay on device until a
 flush, which is also where a NaN/inf loss is caught. Orbax writes each checkpoint under a
@@ -35,11 +47,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from jaxllm import data, training
-from jaxllm.checkpoint import save_checkpoint
-from jaxllm.config import ModelConfig, TrainConfig
+from jaxllm import data, lora, training
+from jaxllm.checkpoint import load_any, save_checkpoint
+from jaxllm.config import ModelConfig, TrainConfig, finetune_config
 from jaxllm.errors import CheckpointError, ConfigError, TrainingError
 from jaxllm.plot import INSTALL_HINT, loss_curve
+from jaxllm.quantize import quantization_of
 from jaxllm.tokenizer import Tokenizer
 
 RUN_FILE, METRICS_FILE, PLOT_FILE, STATE_DIR = "run.json", "metrics.jsonl", "loss.png", "state"
@@ -140,6 +153,37 @@ def write_plot(out_dir: str | os.PathLike) -> Path | None:
 
 
 @dataclasses.dataclass
+class Base:
+    """A fine-tune's starting model (tcfg.init_from): host params as stored, the config the run
+    trains (its own, with the allowed changes), its tokenizer, and (for LoRA) its fingerprint."""
+
+    params: dict | None  # None once the run has put them on the devices
+    cfg: ModelConfig
+    tokenizer: Tokenizer
+    fingerprint: str  # lora.fingerprint of params; "" for a full fine-tune (which does not need it)
+
+
+def load_base(tcfg: TrainConfig, changes: ModelConfig | dict | None) -> Base:
+    """Reads `tcfg.init_from` and checks it can be fine-tuned: float weights, a tokenizer, and
+    `changes` (model fields asked for) within config.FINETUNE_FIELDS (config.finetune_config)."""
+    where = tcfg.init_from
+    try:
+        params, base_cfg, tokenizer, _ = load_any(where)
+    except CheckpointError as e:
+        raise CheckpointError(f"init_from: {e}") from None
+    quantization = quantization_of(params)
+    if quantization is not None:
+        raise CheckpointError(
+            f"init_from {where} holds {quantization['bits']}-bit quantized weights: fine-tune its float checkpoint instead"
+        )
+    if tokenizer is None:
+        raise CheckpointError(f"init_from {where} has no tokenizer.model: a fine-tune needs the model's own tokenizer")
+    cfg = finetune_config(base_cfg, changes, where=f"init_from {where}")
+    params = jax.device_get(params)
+    return Base(params, cfg, tokenizer, lora.fingerprint(params) if tcfg.lora_rank else "")
+
+
+@dataclasses.dataclass
 class Run:
     """What every step of a run shares: its configs, where it writes, and this host's place."""
 
@@ -153,6 +197,9 @@ class Run:
     hosts: int
     say: Callable[[str], None]  # progress lines; silent on all but the lead host
     started: float  # time.monotonic() when the run began
+    base: Base | None = None  # a fine-tune's starting model
+    frozen: dict | None = None  # a LoRA run's base on the devices (global arrays)
+    frozen_shardings: dict | None = None
 
     @property
     def lead(self) -> bool:
@@ -196,8 +243,20 @@ class Meter:
     losses: dict[int, float] = dataclasses.field(default_factory=dict)  # step -> train loss, once flushed
 
 
+def _finetune_diff(run: TrainConfig, now: TrainConfig) -> str:
+    """The fine-tuning settings that differ between a run and its resume ("" if none may not)."""
+    fields = [("init_from given", bool(run.init_from), bool(now.init_from)), ("lora_rank", run.lora_rank, now.lora_rank),
+              ("lora_targets", run.lora_target_names, now.lora_target_names), ("lora_scale", run.lora_scale, now.lora_scale)]
+    return ", ".join(f"{k}={b!r} (run has {a!r})" for k, a, b in fields if a != b)
+
+
 def start_run(
-    cfg: ModelConfig, tcfg: TrainConfig, out_dir: str | os.PathLike, resume: bool, log: Callable[[str], None] | None
+    cfg: ModelConfig,
+    tcfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    resume: bool,
+    log: Callable[[str], None] | None,
+    base: Base | None = None,
 ) -> Run:
     """Checks the request before any heavy work (sequence length, the batch over devices and
     hosts, `resume` against what `out_dir` holds) and writes run.json; starts `jax.distributed`
@@ -222,9 +281,11 @@ def start_run(
         )
     has_state = state_dir.is_dir() and any(p.name.isdigit() for p in state_dir.iterdir())
     if resume:
-        run_cfg, _ = read_run(out_dir)
+        run_cfg, run_tcfg = read_run(out_dir)
         if run_cfg != cfg:
             raise ConfigError(f"--resume: the model config differs from the run in {out_dir}: {_config_diff(run_cfg, cfg)}")
+        if _finetune_diff(run_tcfg, tcfg):
+            raise ConfigError(f"--resume: the fine-tuning settings differ from the run in {out_dir}: {_finetune_diff(run_tcfg, tcfg)}")
         if not has_state:
             raise CheckpointError(f"--resume: no checkpoint in {state_dir}")
     elif has_state:
@@ -232,7 +293,7 @@ def start_run(
     if pid == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / RUN_FILE).write_text(json.dumps({"model": cfg.to_dict(), "train": tcfg.to_dict()}, indent=2) + "\n")
-    return Run(cfg, tcfg, out_dir, seq_len, mesh, micro, pid, hosts, say, started)
+    return Run(cfg, tcfg, out_dir, seq_len, mesh, micro, pid, hosts, say, started, base)
 
 
 def prepare_corpus(run: Run) -> Corpus:
@@ -240,7 +301,7 @@ def prepare_corpus(run: Run) -> Corpus:
     host prepares them; the others then read what it wrote (OUT_DIR is shared)."""
     cfg, tcfg = run.cfg, run.tcfg
     data_dir = Path(tcfg.data_dir) if tcfg.data_dir else run.out_dir / "data"
-    given = Tokenizer.load(tcfg.tokenizer) if tcfg.tokenizer else None
+    given = run.base.tokenizer if run.base else Tokenizer.load(tcfg.tokenizer) if tcfg.tokenizer else None
 
     def prepare():
         return data.prepare(
@@ -279,12 +340,23 @@ def init_or_restore(run: Run, corpus: Corpus, ckpts: Checkpoints, resume: bool) 
         state, meta = _restore(ckpts.mngr, start, ckpts.abstract)
         if meta.get("tokenizer") != corpus.tokenizer.fingerprint:
             raise CheckpointError(f"--resume: the tokenizer in {corpus.data_dir} is not the one the checkpoint was trained with")
+        if run.frozen is not None and meta.get("base") != run.base.fingerprint:
+            raise CheckpointError(
+                f"--resume: the model in init_from {run.tcfg.init_from} is not the base the adapters in {run.state_dir} were trained on"
+            )
         ckpts.best_val, ckpts.best_step, ckpts.last_saved = meta.get("best_val_loss", math.inf), meta.get("best_step"), start
         run.say(f"resumed from step {start}")
         return state, start
     shardings = jax.tree_util.tree_map(lambda a: a.sharding, ckpts.abstract)
+    key = jax.random.key(run.tcfg.seed)
+    if run.base is not None and run.frozen is None:  # a full fine-tune: the base's weights, float32
+        start = training.place(
+            jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), run.base.params), shardings.params
+        )
+        init = jax.jit(lambda k, p: training.init_state(run.cfg, run.tcfg, k, p), out_shardings=shardings)
+        return init(key, start), 0
     init = jax.jit(lambda k: training.init_state(run.cfg, run.tcfg, k), out_shardings=shardings)
-    return init(jax.random.key(run.tcfg.seed)), 0
+    return init(key), 0
 
 
 def evaluate(run: Run, corpus: Corpus, eval_fn: Callable, params: dict) -> dict:
@@ -317,12 +389,36 @@ def save(run: Run, corpus: Corpus, ckpts: Checkpoints, state: training.TrainStat
         "best_val_loss": ckpts.best_val,
         "best_step": ckpts.best_step,
     }
+    if run.base is not None:
+        meta.update(init_from=run.tcfg.init_from, base=run.base.fingerprint)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     ckpts.mngr.save(step, args=args, metrics={"val_loss": val_loss}, force=True)
-    params = host_params(state.params)
-    if run.lead:
-        write_model_dir(run.out_dir, params, run.cfg, corpus.tokenizer)
+    write_outputs(run, corpus, state.params, step)
     ckpts.last_saved = step
+
+
+def write_outputs(run: Run, corpus: Corpus, params: dict, step: int) -> None:
+    """The model directory from the trained `params`; for a LoRA run, `params` are the adapters:
+    the directory gets the base merged with them, and adapters.safetensors/.json the adapters."""
+    if run.frozen is None:
+        host = host_params(params)
+        if run.lead:
+            write_model_dir(run.out_dir, host, run.cfg, corpus.tokenizer)
+        return
+    merged = host_params(_merge(params, run.frozen, run.tcfg))
+    adapters = host_params(params)
+    if run.lead:
+        write_model_dir(run.out_dir, merged, run.cfg, corpus.tokenizer)
+        tcfg = run.tcfg
+        info = {
+            "rank": tcfg.lora_rank, "alpha": tcfg.lora_scale * tcfg.lora_rank, "scale": tcfg.lora_scale,
+            "targets": list(tcfg.lora_target_names), "init_from": tcfg.init_from,
+            "base_fingerprint": run.base.fingerprint, "step": step, "model": run.cfg.to_dict(),
+        }  # fmt: skip
+        lora.save_adapters(run.out_dir, adapters, info)
+
+
+_merge = jax.jit(training.model_params, static_argnums=2)  # (adapters, base, tcfg) -> merged params
 
 
 def flush(run: Run, meter: Meter, ckpts: Checkpoints, step: int) -> dict:
@@ -366,8 +462,9 @@ def train_steps(
     -> (last step, stop reason, {step: train loss}, {step: eval metrics})."""
     cfg, tcfg = run.cfg, run.tcfg
     shardings = jax.tree_util.tree_map(lambda a: a.sharding, ckpts.abstract)
-    step_fn = training.compile_step(cfg, tcfg, run.mesh, shardings)
-    eval_fn = training.compile_eval(cfg, run.mesh, shardings.params)
+    step_fn = training.compile_step(cfg, tcfg, run.mesh, shardings, run.frozen_shardings)
+    eval_fn = training.compile_eval(cfg, run.mesh, shardings.params, run.frozen_shardings, tcfg)
+    frozen = () if run.frozen is None else (run.frozen,)  # a LoRA run's steps take the base too
     batch_sh = training.batch_sharding(run.mesh)
     metrics_path = run.out_dir / METRICS_FILE
     if run.lead:
@@ -381,7 +478,7 @@ def train_steps(
             local = data.train_batch(
                 corpus.train_tokens, tcfg.seed, step, run.seq_len, tcfg.batch_size, tcfg.grad_accum, run.pid, run.hosts
             )
-            state, m = step_fn(state, training.global_batch(local, batch_sh))
+            state, m = step_fn(state, training.global_batch(local, batch_sh), *frozen)
             step += 1
             meter.pending.append((step, m))
             bar.update(1)
@@ -398,7 +495,7 @@ def train_steps(
             record = flush(run, meter, ckpts, step)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.3g}", refresh=False)
             if do_eval:
-                record.update(evaluate(run, corpus, eval_fn, state.params))
+                record.update(evaluate(run, corpus, lambda p, b: eval_fn(p, b, *frozen), state.params))
                 evals[step] = {k: record[k] for k in ("val_loss", "val_ppl", "val_bpb")}
                 run.say(
                     f"step {step}: loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}, "
@@ -423,9 +520,7 @@ def keep_best(run: Run, corpus: Corpus, ckpts: Checkpoints, step: int) -> None:
     if ckpts.best_step is None or ckpts.best_step == step:
         return
     best_state, _ = _restore(ckpts.mngr, ckpts.best_step, ckpts.abstract)
-    params = host_params(best_state.params)
-    if run.lead:
-        write_model_dir(run.out_dir, params, run.cfg, corpus.tokenizer)
+    write_outputs(run, corpus, best_state.params, ckpts.best_step)
     run.say(f"the model directory holds step {ckpts.best_step} (best val loss {ckpts.best_val:.4f})")
 
 
@@ -433,7 +528,7 @@ def keep_best(run: Run, corpus: Corpus, ckpts: Checkpoints, step: int) -> None:
 
 
 def run(
-    cfg: ModelConfig,
+    cfg: ModelConfig | dict | None,
     tcfg: TrainConfig,
     out_dir: str | os.PathLike,
     *,
@@ -447,16 +542,39 @@ def run(
     `resume` continues from the latest checkpoint with the same batches an uninterrupted
     run would have seen. `stop_at` ends the run after that step (evaluated and saved) as if
     it had been interrupted, without changing the schedule.
+
+    With `tcfg.init_from` (a fine-tune) the model config is that model's: `cfg` may be None,
+    a dict of model fields to change, or a whole ModelConfig, and may differ from it only in
+    config.FINETUNE_FIELDS (anything else is refused by name).
     """
-    r = start_run(cfg, tcfg, out_dir, resume, log)
+    base = load_base(tcfg, cfg) if tcfg.init_from else None
+    if base is not None:
+        cfg = base.cfg
+    elif not isinstance(cfg, ModelConfig):
+        raise ConfigError("a model config is needed (a preset's \"model\" section), unless the run starts from init_from")
+    r = start_run(cfg, tcfg, out_dir, resume, log, base)
     corpus = prepare_corpus(r)
-    shapes = jax.eval_shape(lambda k: training.init_state(cfg, tcfg, k), jax.random.key(tcfg.seed))
+    start_params = base.params if base is not None and not tcfg.lora_rank else None
+    shapes = jax.eval_shape(lambda k, p: training.init_state(cfg, tcfg, k, p), jax.random.key(tcfg.seed), start_params)
     shardings = training.state_shardings(shapes, r.mesh)
     abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    if base is not None and tcfg.lora_rank:  # the frozen base, on the devices once
+        r.frozen_shardings = training.param_shardings(base.params, r.mesh)
+        r.frozen = training.place(base.params, r.frozen_shardings)
     ckpts = Checkpoints(_manager(r.state_dir, tcfg.keep), abstract)
     try:
         state, start = init_or_restore(r, corpus, ckpts, resume)
-        r.say(f"model: {training.count_params(state.params):,} params; training steps {start}..{tcfg.max_steps}")
+        if base is not None:
+            base.params = None  # on the devices now: the host copy can go
+        if r.frozen is not None:
+            r.say(
+                f"model: {training.count_params(r.frozen):,} params from {tcfg.init_from}, frozen; "
+                f"LoRA rank {tcfg.lora_rank} on {','.join(tcfg.lora_target_names)}: "
+                f"{training.count_params(state.params):,} trained params; training steps {start}..{tcfg.max_steps}"
+            )
+        else:
+            source = f" from {tcfg.init_from}" if base is not None else ""
+            r.say(f"model: {training.count_params(state.params):,} params{source}; training steps {start}..{tcfg.max_steps}")
         step, reason, losses, evals = train_steps(r, corpus, ckpts, state, start, stop_at, progress)
         keep_best(r, corpus, ckpts, step)
     finally:

@@ -11,6 +11,11 @@ Master weights are float32 whatever the model's `param_dtype` (that is how a fin
 model is *stored*); `compute_dtype="bfloat16"` casts them to bf16 at each matmul, so
 gradients and the optimizer stay in float32.
 
+A fine-tune starts from given params (`init_state(..., params=)`). With `tcfg.lora_rank`,
+the trained params are LoRA adapters instead (lora.py): the frozen base is an argument of
+the step, merged with the adapters inside the loss, so gradients and the optimizer state
+cover only the adapters, and the base is never donated or changed.
+
 Scale-out is JAX's own: a `Mesh` with a "data" and an "fsdp" axis. Batches are split
 over both axes (FSDP is data parallel too); each param is sharded over "fsdp" along its
 largest divisible axis, and the optimizer state follows its param. XLA inserts the
@@ -30,9 +35,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxllm import lora
 from jaxllm.config import ModelConfig, TrainConfig
 from jaxllm.errors import ConfigError
-from jaxllm.model import forward, init_params
+from jaxllm.model import forward, init_params, param_shapes
 
 AXES = ("data", "fsdp")
 BATCH_AXES = AXES  # batch rows are split over every device
@@ -111,8 +117,8 @@ def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
 class TrainState:
     """Everything a resumed run needs besides the data, which is a function of `step`.
 
-    step: int32 [] optimizer steps taken (= batches consumed); params: float32 pytree;
-    opt_state: optax state whose moments mirror params.
+    step: int32 [] optimizer steps taken (= batches consumed); params: float32 pytree (the
+    model's params, or a LoRA run's adapters); opt_state: optax state whose moments mirror params.
     """
 
     step: jax.Array
@@ -125,24 +131,42 @@ def master_config(cfg: ModelConfig) -> ModelConfig:
     return cfg.replace(param_dtype="float32")
 
 
-def init_state(cfg: ModelConfig, tcfg: TrainConfig, key: jax.Array) -> TrainState:
-    params = init_params(master_config(cfg), key)
+def init_state(cfg: ModelConfig, tcfg: TrainConfig, key: jax.Array, params: dict | None = None) -> TrainState:
+    """A step-0 state: params drawn from `key` (init_params), or `params` (a fine-tune's start)
+    as float32 master weights. With `tcfg.lora_rank`, the state's params are LoRA adapters for
+    cfg's layer matrices drawn from `key`, and `params` (the frozen base) is not part of it."""
+    if tcfg.lora_rank:
+        params = lora.init_adapters(param_shapes(cfg), tcfg.lora_target_names, tcfg.lora_rank, key)
+    elif params is not None:
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    else:
+        params = init_params(master_config(cfg), key)
     return TrainState(jnp.zeros((), jnp.int32), params, make_optimizer(tcfg).init(params))
 
 
-def train_step(state: TrainState, batch: jax.Array, cfg: ModelConfig, tcfg: TrainConfig) -> tuple[TrainState, dict]:
+def model_params(params: dict, base: dict | None, tcfg: TrainConfig) -> dict:
+    """The params the model runs with: `params` itself, or with a frozen `base`, the base merged
+    with the adapters `params` (lora.merge at tcfg's scale)."""
+    return params if base is None else lora.merge(base, params, tcfg.lora_scale)
+
+
+def train_step(
+    state: TrainState, batch: jax.Array, cfg: ModelConfig, tcfg: TrainConfig, base: dict | None = None
+) -> tuple[TrainState, dict]:
     """One optimizer step over batch [A, b, T+1] -> (new state, {loss, grad_norm, lr}).
 
     Gradients are averaged over the A micro-batches with a `scan`, so memory holds one
     micro-batch's activations. A non-finite loss or gradient leaves params and optimizer
-    state unchanged (the host sees the loss and stops the run).
+    state unchanged (the host sees the loss and stops the run). With a frozen `base`, the
+    state's params are LoRA adapters: the loss runs on their merge with it, and only they
+    get gradients.
     """
     cfg = master_config(cfg)
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(lambda p, mb: loss_fn(model_params(p, base, tcfg), cfg, mb))
 
     def micro(carry, mb):
         loss_sum, grad_sum = carry
-        loss, grads = grad_fn(state.params, cfg, mb)
+        loss, grads = grad_fn(state.params, mb)
         return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
@@ -200,6 +224,24 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
     return Mesh(devices.reshape(n // fsdp, fsdp), AXES)
 
 
+def param_shardings(params: dict, mesh: Mesh) -> dict:
+    """NamedShardings for a params tree (a frozen base, say) laid out as `state_shardings` lays
+    out trained params: each over "fsdp" along its largest divisible axis, or replicated."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(mesh, param_spec(path, x.shape, fsdp)), params)
+
+
+def place(tree, shardings):
+    """Host arrays (the same on every host) -> global arrays laid out as `shardings` say; each
+    device gets only its part (works across hosts, unlike a plain device_put)."""
+
+    def one(x, sharding):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(one, tree, shardings)
+
+
 def param_spec(path, shape: tuple[int, ...], fsdp: int) -> P:
     """Shards a param's largest axis divisible by the fsdp size (never the stacked layer
     axis, which the layer scan walks through); replicated if none divides."""
@@ -248,22 +290,37 @@ def batch_sharding(mesh: Mesh, accumulated: bool = True) -> NamedSharding:
     return NamedSharding(mesh, P(None, BATCH_AXES, None) if accumulated else P(BATCH_AXES, None))
 
 
-def compile_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh, shardings: TrainState):
-    """train_step jitted for this mesh, the state donated (updated in place)."""
+def compile_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh, shardings: TrainState, base_shardings: dict | None = None):
+    """train_step jitted for this mesh, the state donated (updated in place): step(state, batch),
+    or with `base_shardings` (a LoRA run) step(state, batch, base), the frozen base not donated."""
     replicated = NamedSharding(mesh, P())
+    metrics = {"loss": replicated, "grad_norm": replicated, "lr": replicated}
+    if base_shardings is None:
+        return jax.jit(
+            lambda state, batch: train_step(state, batch, cfg, tcfg),
+            in_shardings=(shardings, batch_sharding(mesh)),
+            out_shardings=(shardings, metrics),
+            donate_argnums=0,
+        )
     return jax.jit(
-        lambda state, batch: train_step(state, batch, cfg, tcfg),
-        in_shardings=(shardings, batch_sharding(mesh)),
-        out_shardings=(shardings, {"loss": replicated, "grad_norm": replicated, "lr": replicated}),
+        lambda state, batch, base: train_step(state, batch, cfg, tcfg, base),
+        in_shardings=(shardings, batch_sharding(mesh), base_shardings),
+        out_shardings=(shardings, metrics),
         donate_argnums=0,
     )
 
 
-def compile_eval(cfg: ModelConfig, mesh: Mesh, param_shardings: dict):
+def compile_eval(cfg: ModelConfig, mesh: Mesh, param_shardings: dict, base_shardings: dict | None = None, tcfg: TrainConfig | None = None):
+    """eval_step jitted for this mesh: eval(params, batch), or with `base_shardings` (a LoRA run,
+    `tcfg` giving its scale) eval(adapters, batch, base) on their merge."""
+    out = NamedSharding(mesh, P())
+    batch = batch_sharding(mesh, accumulated=False)
+    if base_shardings is None:
+        return jax.jit(lambda params, b: eval_step(params, cfg, b), in_shardings=(param_shardings, batch), out_shardings=out)
     return jax.jit(
-        lambda params, batch: eval_step(params, cfg, batch),
-        in_shardings=(param_shardings, batch_sharding(mesh, accumulated=False)),
-        out_shardings=NamedSharding(mesh, P()),
+        lambda params, b, base: eval_step(model_params(params, base, tcfg), cfg, b),
+        in_shardings=(param_shardings, batch, base_shardings),
+        out_shardings=out,
     )
 
 

@@ -77,13 +77,15 @@ def np_activation(name, g):
     return 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
 
 
-def np_forward(params, cfg, tokens, positions=None, int8_kv=False):
+def np_forward(params, cfg, tokens, positions=None, int8_kv=False, adapters=None, scale=0.0):
     """Logits [T, V] of one unpadded sequence `tokens: [T]` at `positions` (default 0..T-1).
 
     Follows cfg's position_encoding (RoPE with its scaling, or ALiBi) and sliding_window
     (query i sees keys j with i - W < j <= i), and the family options: q/k/v biases, the MLP's
     activation, norm gains stored minus an offset, embeddings scaled by sqrt(d_model). `int8_kv`: every key (as attention reads it,
     after RoPE) and value is rounded to int8 steps per token and kv head first.
+    `adapters` ({"layers": {name: {"lora_a": [L, I, R], "lora_b": [L, R, O]}}}): each such matrix's
+    product is h @ W + scale * (h @ A) @ B, the low-rank path applied beside W, never merged into it.
     """
     kv_round = np_int8_round if int8_kv else (lambda x: x)
     p = {k: (np.asarray(v, np.float64) if not isinstance(v, dict) else {kk: np.asarray(vv, np.float64) for kk, vv in v.items()}) for k, v in params.items()}
@@ -101,12 +103,21 @@ def np_forward(params, cfg, tokens, positions=None, int8_kv=False):
     alibi = cfg.position_encoding == "alibi"
     slopes = np_alibi_slopes(H) if alibi else None
     inv_freq = np_inv_freq(cfg)
+    low_rank = {} if adapters is None else adapters["layers"]
     for l in range(cfg.n_layers):
         lp = {k: v[l] for k, v in p["layers"].items()}
+
+        def mm(h, name):
+            out = h @ lp[name]
+            if name in low_rank:
+                a, b = (np.asarray(low_rank[name][k][l], np.float64) for k in ("lora_a", "lora_b"))
+                out = out + scale * ((h @ a) @ b)
+            return out
+
         h = norm(x, lp["attn_norm"])
-        q = (h @ lp["wq"] + bias("bq")).reshape(T, H, E)
-        k = (h @ lp["wk"] + bias("bk")).reshape(T, K, E)
-        v = (h @ lp["wv"] + bias("bv")).reshape(T, K, E)
+        q = (mm(h, "wq") + bias("bq")).reshape(T, H, E)
+        k = (mm(h, "wk") + bias("bk")).reshape(T, K, E)
+        v = (mm(h, "wv") + bias("bv")).reshape(T, K, E)
         heads = []
         for head in range(H):
             kv = head // (H // K)  # query heads share kv heads in consecutive groups
@@ -118,9 +129,9 @@ def np_forward(params, cfg, tokens, positions=None, int8_kv=False):
             s = np.where(causal, s, -np.inf)
             s = np.exp(s - s.max(-1, keepdims=True))
             heads.append((s / s.sum(-1, keepdims=True)) @ kv_round(v[:, kv]))
-        x = x + np.concatenate(heads, axis=-1) @ lp["wo"]
+        x = x + mm(np.concatenate(heads, axis=-1), "wo")
         h = norm(x, lp["mlp_norm"])
-        x = x + (np_activation(cfg.activation, h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+        x = x + mm(np_activation(cfg.activation, mm(h, "w_gate")) * mm(h, "w_up"), "w_down")
     x = norm(x, p["final_norm"])
     return x @ (p["embed"].T if cfg.tie_embeddings else p["lm_head"])
 

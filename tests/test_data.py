@@ -174,3 +174,42 @@ def test_bad_corpus_specs_fail_clearly(spec, message):
 def test_a_split_shorter_than_one_window_is_refused(prepared):
     with pytest.raises(DataError, match="fewer than one window"):
         data.train_batch(prepared[3]["val"].tokens, 0, 0, seq_len=10**6, batch_size=2)
+
+
+def tokenizer_without(tmp_path, docs, **ids):
+    """A small SentencePiece model trained on `docs` with some special ids switched off (-1)."""
+    import sentencepiece as spm
+
+    from jaxllm import Tokenizer
+
+    text = tmp_path / "text.txt"
+    text.write_text("".join(p.read_text() for p in sorted(docs.iterdir())))
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(tmp_path / "tok"), vocab_size=300, model_type="bpe", byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2, **ids,
+    )  # fmt: skip
+    return Tokenizer.load(tmp_path / "tok.model")
+
+
+def test_a_tokenizer_without_bos_separates_documents_by_eos_alone(tmp_path, prepared):
+    docs = make_docs(tmp_path / "corpus", n=20)
+    tok = tokenizer_without(tmp_path, docs, bos_id=-1)
+    assert tok.bos_id is None and tok.eos_id is not None
+    _, splits = data.prepare(str(docs), tmp_path / "shards", tokenizer=tok, val_fraction=0.2)
+    texts = []
+    for split in splits.values():
+        ids = np.asarray(split.tokens).tolist()
+        assert ids[-1] == tok.eos_id  # every document, the last included, ends with </s>
+        ends = [i for i, t in enumerate(ids) if t == tok.eos_id]
+        texts += [tok.decode(ids[a + 1 : b]) for a, b in zip([-1] + ends[:-1], ends)]
+    assert sorted(texts) == sorted(p.read_text() for p in docs.iterdir())
+    # a tokenizer with a BOS keeps framing every document with it (the shared fixture's shards)
+    with_bos = np.asarray(prepared[3]["train"].tokens)
+    assert with_bos[0] == prepared[2].bos_id and (with_bos == prepared[2].bos_id).sum() == (with_bos == prepared[2].eos_id).sum()
+
+
+def test_a_tokenizer_without_eos_is_refused_by_name(tmp_path):
+    docs = make_docs(tmp_path / "corpus", n=10)
+    tok = tokenizer_without(tmp_path, docs, eos_id=-1)
+    with pytest.raises(DataError, match=r"end-of-text token \(</s>\)"):
+        data.prepare(str(docs), tmp_path / "shards", tokenizer=tok, val_fraction=0.2)
