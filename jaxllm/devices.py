@@ -171,8 +171,8 @@ def prepare(params: dict, cfg=None) -> dict:
     if out is params:
         return params
 
-    def forget(_ref, key=key):
-        _cache.pop(key, None)
+    def forget(_ref, key=key, cache=_cache):  # bound now: at interpreter exit the module's globals may already be None
+        cache.pop(key, None)
 
     _cache[key] = ([weakref.ref(x, forget) for x in leaves], out)
     while len(_cache) > _CACHE_SIZE:

@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import sentencepiece as spm
 
-from jaxllm import CheckpointError, ConfigError, Tokenizer, TrainConfig, data, export_hf, lora, load_checkpoint, train_loop, training
+from jaxllm import CheckpointError, ConfigError, JsonTokenizer, Tokenizer, TrainConfig, data, export_hf, lora, load_checkpoint, train_loop, training
 from jaxllm.checkpoint import flatten, save_checkpoint
 from jaxllm.model import forward
 from conftest import REPO, reference_stack, tiny_config
@@ -70,21 +69,22 @@ def jaxllm_base(cfg, params, tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen_like(corpus, tmp_path_factory):
-    """(HF directory, params, cfg, tokenizer): q/k/v biases and a tokenizer without BOS, as Qwen2's."""
+    """(HF directory, params, cfg, tokenizer): q/k/v biases and a Qwen2-style tokenizer.json
+    (byte-level BPE, NFC, no BOS, EOS <|im_end|>), as Qwen2 ships."""
+    from test_tokenizer_json import build
+
     root = tmp_path_factory.mktemp("qwen")
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(root / "tok"), vocab_size=512, model_type="bpe", byte_fallback=True,
-        bos_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
-    )  # fmt: skip
-    tok = Tokenizer.load(root / "tok.model")
-    assert tok.bos_id is None and tok.eos_id is not None
-    cfg = tiny_config(512, qkv_bias=True)
+    tok = Tokenizer.load(build(root / "tok", corpus, "qwen2"))
+    assert isinstance(tok, JsonTokenizer) and tok.bos_id is None and tok.eos_id is not None
+    cfg = tiny_config(tok.vocab_size, qkv_bias=True)
     from jaxllm import init_params
 
     p = jax.tree_util.tree_map(lambda x: x * 5 if x.ndim > 1 else x, init_params(cfg, jax.random.key(3)))
     for name in ("bq", "bk", "bv"):  # biases that are not zero, so that passing them through is checked
         p["layers"][name] = 0.1 * jax.random.normal(jax.random.key(len(name) + ord(name[1])), p["layers"][name].shape)
-    return export_hf(root / "hf", p, cfg, tok), jax.device_get(p), cfg, tok
+    hf_dir = export_hf(root / "hf", p, cfg, tok)
+    assert (hf_dir / "tokenizer.json").exists() and not (hf_dir / "tokenizer.model").exists()
+    return hf_dir, jax.device_get(p), cfg, tok
 
 
 def quiet(msg):
@@ -225,6 +225,24 @@ def test_the_merged_export_loads_in_transformers_with_equal_logits(lora_run, tmp
         want = model(torch.from_numpy(ids)).logits.numpy()
     got = np.asarray(forward(params, cfg, jnp.asarray(ids), jnp.broadcast_to(jnp.arange(40), (2, 40)))[0])
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_sample_py_reads_the_run_and_the_hf_directory_with_their_tokenizer_json(lora_run, qwen_like):
+    """Both directories hold tokenizer.json (no tokenizer.model); sample.py's greedy text equals
+    `generate` on the same params with the tokenizer loaded from the original directory."""
+    from jaxllm import generate
+
+    env = {**os.environ, "JAXLLM_CACHE_DIR": str(REPO / ".jax_cache")}
+    assert (lora_run / "tokenizer.json").exists() and not (lora_run / "tokenizer.model").exists()
+    tok = qwen_like[3]
+    for directory in (qwen_like[0], lora_run):
+        params, cfg, saved = load_checkpoint(directory) if directory == lora_run else (qwen_like[1], qwen_like[2], tok)
+        assert saved.fingerprint == tok.fingerprint
+        proc = subprocess.run([sys.executable, str(REPO / "sample.py"), "--checkpoint", str(directory), "--prompt", "key 3 holds",
+                               "--max_new_tokens", "8", "--temperature", "0"], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        want = generate(params, cfg, ["key 3 holds"], tokenizer=tok, max_new_tokens=8, temperature=0.0).texts[0]
+        assert proc.stdout == "key 3 holds" + want + "\n"
 
 
 def test_resume_continues_from_the_adapters_and_refuses_a_changed_base(lora_run, qwen_like, tmp_path):
