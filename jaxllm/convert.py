@@ -1,9 +1,13 @@
 """Command line conversions: `python -m jaxllm.convert export --checkpoint DIR --out HF_DIR`.
 
-Turns a jaxllm checkpoint (a train.py output) into a Hugging Face LlamaForCausalLM directory.
+Turns a jaxllm checkpoint (a train.py output) into a Hugging Face directory: Llama, Mistral,
+Qwen2 or Gemma, whichever architecture has the model's options (`hf.export_hf`).
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from jaxllm.cli import Parser, fail
 from jaxllm.errors import JaxllmError
@@ -25,7 +29,8 @@ def main(argv=None) -> int:
         export_hf(args.out, params, cfg, tokenizer)
     except JaxllmError as e:
         return fail(parser.prog, str(e))
-    print(f"wrote {args.out} (LlamaForCausalLM)")
+    architecture = json.loads((Path(args.out) / "config.json").read_text())["architectures"][0]
+    print(f"wrote {args.out} ({architecture})")
     return 0
 
 
