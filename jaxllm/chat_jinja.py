@@ -4,7 +4,7 @@ Instruct models ship their chat format as a Jinja template (the tokenizer's `cha
 It is rendered here the way Hugging Face renders it: a sandboxed, immutable Jinja environment
 (a template from a downloaded directory is untrusted: attribute access such as `__class__`
 is refused), `trim_blocks` and `lstrip_blocks` on, the `loopcontrols` extension (break,
-continue), the names `messages`, `add_generation_prompt`, `tools` and `documents` (both None),
+continue), `{% generation %}` blocks (rendered as their body), the names `messages`, `add_generation_prompt`, `tools` and `documents` (both None),
 the tokenizer's special-token texts (`bos_token`, `eos_token`, `unk_token`, `pad_token`, those
 it has), `raise_exception(message)`, `strftime_now(format)` and a `tojson` filter that writes
 non-ASCII text as it is.
@@ -63,10 +63,22 @@ def compile_template(source: str):
     try:
         import jinja2
         import jinja2.ext
+        import jinja2.nodes
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
         raise GenerationError("the model's chat template needs jinja2 (pip install jinja2)") from None
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    class Generation(jinja2.ext.Extension):
+        """{% generation %}...{% endgeneration %} (marks assistant text for training masks): its body, as is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, Generation])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
     try:

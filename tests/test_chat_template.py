@@ -306,6 +306,16 @@ def test_the_sandbox_gives_no_attributes(dirs, tmp_path):
     assert tok.decode(apply_chat_template(tok, [{"role": "user", "content": "hi"}], "model")) == "||"
 
 
+def test_generation_blocks_and_loop_controls(dirs, tmp_path):
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}<|im_start|>{{ m['role'] }}\n"
+                "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+                "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}")
+    d = _with_template(dirs["chatml"], tmp_path, template)
+    tok = Tokenizer.load(d)
+    for messages in CONVERSATIONS:
+        assert apply_chat_template(tok, messages, "model") == their_ids(d, messages)
+
+
 def test_model_without_a_template_is_one_line(tokenizer):
     with pytest.raises(GenerationError, match="no chat_template|has none"):
         resolve_template(tokenizer, "model")
