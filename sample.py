@@ -85,7 +85,7 @@ READ = {
     "num_speculative_tokens": dict(type=int),
     "prompt_lookup_max": dict(type=int, metavar="N"),
     "kv_cache_dtype": dict(choices=["int8"]),
-    "chat": dict(nargs="?", const="auto", choices=["auto", "jaxllm", "llama2", "plain"]),
+    "chat": dict(nargs="?", const="auto", choices=["auto", "jaxllm", "llama2", "plain", "model"]),
     "few_shot": dict(metavar="FILE.jsonl"),
 }
 CLI_ONLY = ("checkpoint", "prompt", "prompt_file", "format", "quantize", "group_size", "attention_impl", "warmup",

@@ -2,11 +2,18 @@
 
 Templates are built as ids, not as one string to encode: the role markers are inserted as
 their special ids, and the users' text is encoded as plain text, so a user who types
-"<|user|>" or "[/INST]" cannot forge a turn.
+"<|user|>" or "[/INST]" cannot forge a turn. The model's own Jinja template ("model") keeps that
+promise too: its rendered text is split into the template's part and the messages' (see
+jaxllm.chat_jinja).
 
     jaxllm   <s><|system|>S<|end|>\\n<|user|>U<|end|>\\n<|assistant|>A<|end|>\\n … <|assistant|>
     llama2   <s>[INST] <<SYS>>\\nS\\n<</SYS>>\\n\\nU [/INST] A </s><s>[INST] U [/INST]
+    model    the model's own Jinja `chat_template` (tokenizer_config.json or chat_template.jinja),
+             as Qwen2, Llama 3, Gemma, Mistral and TinyLlama chat models ship it (jaxllm.chat_jinja)
     plain    S\\n\\nUser: U\\nAssistant: A\\n\\nUser: U\\nAssistant:       (models without chat tokens)
+
+"auto" picks jaxllm when the tokenizer has jaxllm's markers, else model when it carries a
+chat_template, else plain.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from typing import Mapping, Sequence
 from jaxllm.errors import GenerationError
 from jaxllm.tokenizer import Tokenizer
 
-TEMPLATES = ("auto", "jaxllm", "llama2", "plain")
+# The --chat choices: "auto" picks one of the others for the tokenizer (resolve_template); "model"
+# is the tokenizer's own chat_template, rendered to ids in jaxllm.chat_jinja.
+TEMPLATES = ("auto", "jaxllm", "llama2", "plain", "model")
 JAXLLM_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 ROLES = ("system", "user", "assistant")
 # Keys accepted for one few-shot example in a JSONL file (first match wins).
@@ -26,11 +35,17 @@ FEW_SHOT_KEYS = (("input", "output"), ("user", "assistant"), ("prompt", "complet
 
 
 def resolve_template(tokenizer: Tokenizer, template: str = "auto") -> str:
-    """'auto' is the jaxllm template when the tokenizer has its markers, else plain text."""
+    """'auto' is the jaxllm template when the tokenizer has its markers, else the model's own
+    (its chat_template) when it has one, else plain text."""
     if template not in TEMPLATES:
         raise GenerationError(f"chat template must be one of {', '.join(TEMPLATES)}, got {template!r}")
     if template == "auto":
-        return "jaxllm" if all(m in tokenizer.special_tokens for m in JAXLLM_MARKERS) else "plain"
+        if all(m in tokenizer.special_tokens for m in JAXLLM_MARKERS):
+            return "jaxllm"
+        return "model" if getattr(tokenizer, "chat_template", None) else "plain"
+    if template == "model" and not getattr(tokenizer, "chat_template", None):
+        raise GenerationError("the model chat template needs a tokenizer with a chat_template "
+                              "(tokenizer_config.json or chat_template.jinja); this one has none")
     if template == "jaxllm":
         missing = [m for m in JAXLLM_MARKERS if m not in tokenizer.special_tokens]
         if missing:
@@ -63,7 +78,11 @@ def apply_chat_template(
     turns = _check(messages)
     text = lambda s: tokenizer.encode(s)
     ids: list[int] = []
-    if template == "jaxllm":
+    if template == "model":
+        from jaxllm import chat_jinja
+
+        ids = chat_jinja.encode(tokenizer, [{"role": r, "content": c} for r, c in turns], add_generation_prompt)
+    elif template == "jaxllm":
         special = tokenizer.special_tokens
         ids += [tokenizer.bos_id] if tokenizer.bos_id is not None else []
         for role, content in turns:
@@ -95,6 +114,10 @@ def apply_chat_template(
 def end_of_turn(tokenizer: Tokenizer, template: str) -> tuple[list[int], list[str]]:
     """The ids and stop strings that end an assistant's turn in this template."""
     template = resolve_template(tokenizer, template)
+    if template == "model":
+        from jaxllm import chat_jinja
+
+        return chat_jinja.end_of_turn(tokenizer), []
     if template == "jaxllm":
         return [tokenizer.special_tokens["<|end|>"]], []
     if template == "llama2":

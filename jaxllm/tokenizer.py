@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -46,7 +47,8 @@ META_SPACE = "\u2581"  # SentencePiece's symbol for a space inside pieces
 
 
 # The files a tokenizer is saved as, in every backend; a directory holds one backend's files.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+CONFIG_FILE, CHAT_TEMPLATE_FILE = "tokenizer_config.json", "chat_template.jinja"
 
 
 def load_tokenizer(path: str | os.PathLike) -> "TokenizerBase":
@@ -56,6 +58,12 @@ def load_tokenizer(path: str | os.PathLike) -> "TokenizerBase":
     `tokenizer_config.json` beside it for BOS/EOS/PAD); any other file is a SentencePiece model
     (`Tokenizer`). A directory gives its `tokenizer.model` when it has one, else its
     `tokenizer.json`. Errors are one-line `TokenizerError`s.
+
+    Either way the model's chat format comes along (`chat_template`, None when there is none):
+    a `chat_template.jinja` beside the file, else tokenizer_config.json's "chat_template". A
+    SentencePiece model reads those only when it is a directory's `tokenizer.model` (as Hugging
+    Face directories of Llama 2, Mistral and Gemma ship it), and keeps that tokenizer_config.json
+    to save it back.
     """
     path = Path(path)
     if path.is_dir():
@@ -68,8 +76,50 @@ def load_tokenizer(path: str | os.PathLike) -> "TokenizerBase":
     if path.suffix == ".json":
         from jaxllm.tokenizer_json import JsonTokenizer
 
-        return JsonTokenizer.from_file(path)
-    return Tokenizer.from_file(path)
+        tok = JsonTokenizer.from_file(path)
+    else:
+        tok = Tokenizer.from_file(path)
+    template_file = path.parent / CHAT_TEMPLATE_FILE
+    if template_file.is_file() and (path.suffix == ".json" or path.name == "tokenizer.model"):
+        try:
+            tok.chat_template = template_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"cannot read {template_file}: {getattr(e, 'strerror', None) or e}") from None
+    return tok
+
+
+def read_config(data: bytes | None) -> dict:
+    """tokenizer_config.json's bytes -> its object ({} for None); one-line TokenizerError if it is not one."""
+    if data is None:
+        return {}
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise TokenizerError(f"{CONFIG_FILE} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{CONFIG_FILE} must hold a JSON object")
+    return config
+
+
+def config_chat_template(config: dict) -> str | None:
+    """The chat template a tokenizer_config.json object names: its "chat_template" string, or, for
+    a list of {"name", "template"} entries, the one named "default" (None when none is)."""
+    value = config.get("chat_template")
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                       and isinstance(t.get("template"), str) for t in value):
+        return next((t["template"] for t in value if t["name"] == "default"), None)
+    raise TokenizerError(f"{CONFIG_FILE}: chat_template must be a string or a list of {{\"name\", \"template\"}} objects")
+
+
+def special_token_name(value, key: str) -> str | None:
+    """A tokenizer_config.json special-token entry (a string, a {"content": ...} object, or null) -> its text."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is not None and not isinstance(value, str):
+        raise TokenizerError(f"{CONFIG_FILE}: {key} must be a string, an object with \"content\", or null; got {value!r}")
+    return value
 
 
 class TokenizerBase:
@@ -87,6 +137,25 @@ class TokenizerBase:
     special_tokens: dict[str, int]
     strips_dummy_prefix: bool = False
     _token_bytes: tuple[np.ndarray, np.ndarray] | None = None
+    # The model's own chat format, a Jinja template as Hugging Face ships it (jaxllm.chat's "model"
+    # template), or None. It is saved with the tokenizer's files, but is not part of `fingerprint`:
+    # it does not change how text and ids map, which is what fingerprints key (tokenized data,
+    # resumed runs), so attaching one never invalidates them.
+    chat_template: str | None = None
+
+    def template_tokens(self) -> dict[str, str]:
+        """The special-token texts a chat template sees ({"bos_token": "<s>", ...}, only those set)."""
+        raise NotImplementedError
+
+    def _chat_files(self, config: bytes | None) -> dict[str, bytes]:
+        """chat_template.jinja, when the template is not the one `config` (tokenizer_config.json) holds."""
+        if self.chat_template is None:
+            return {}
+        try:
+            same = config_chat_template(read_config(config)) == self.chat_template
+        except TokenizerError:
+            same = False
+        return {} if same else {CHAT_TEMPLATE_FILE: self.chat_template.encode("utf-8")}
 
     load = staticmethod(load_tokenizer)
 
@@ -194,8 +263,14 @@ class Tokenizer(TokenizerBase):
     and a `JsonTokenizer` for a tokenizer.json.
     """
 
-    def __init__(self, model_proto: bytes):
+    def __init__(self, model_proto: bytes, config_json: bytes | str | None = None):
+        """`config_json`: the tokenizer_config.json of a Hugging Face directory, kept (and saved
+        back) for its chat template and the special-token texts that template sees."""
         self._proto = bytes(model_proto)
+        self._config = config_json.encode("utf-8") if isinstance(config_json, str) else config_json
+        config = read_config(self._config)
+        self.chat_template = config_chat_template(config)
+        self._config_names = {k: special_token_name(config.get(k), k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.load_from_serialized_proto(self._proto)
@@ -224,15 +299,18 @@ class Tokenizer(TokenizerBase):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Loads a SentencePiece `.model` file."""
+        """Loads a SentencePiece `.model` file; a directory's `tokenizer.model` with the
+        tokenizer_config.json beside it, if any."""
         path = Path(path)
+        config_path = path.parent / CONFIG_FILE
         try:
             data = path.read_bytes()
+            config = config_path.read_bytes() if path.name == "tokenizer.model" and config_path.is_file() else None
         except FileNotFoundError:
             raise TokenizerError(f"tokenizer model not found: {path}") from None
         except OSError as e:
-            raise TokenizerError(f"cannot read tokenizer model {path}: {e}") from None
-        return cls(data)
+            raise TokenizerError(f"cannot read tokenizer model {e.filename or path}: {e.strerror or e}") from None
+        return cls(data, config)
 
     @classmethod
     def train(
@@ -297,7 +375,22 @@ class Tokenizer(TokenizerBase):
         return self._proto
 
     def files(self) -> dict[str, bytes]:
-        return {"tokenizer.model": self._proto}
+        """tokenizer.model, the tokenizer_config.json it was loaded with (if any), and
+        chat_template.jinja when the chat template is not the one that config holds."""
+        files = {"tokenizer.model": self._proto}
+        if self._config is not None:
+            files[CONFIG_FILE] = self._config
+        return files | self._chat_files(self._config)
+
+    def template_tokens(self) -> dict[str, str]:
+        """Special-token texts as tokenizer_config.json names them, else the model's own pieces."""
+        ids = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self.unk_id, "pad_token": self.pad_id}
+        out = {}
+        for key, i in ids.items():
+            name = self._config_names[key] or (self.sp.id_to_piece(i) if i is not None else None)
+            if name is not None:
+                out[key] = name
+        return out
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the model file to `path`, or `tokenizer.model` into `path` when it is a directory."""

@@ -17,7 +17,8 @@ transformers does; `JsonTokenizer` adds jaxllm's conventions on top (see jaxllm.
 
 `tokenizer_config.json` beside the tokenizer.json gives `bos_token`, `eos_token`,
 `pad_token` and `unk_token` (a string, a {"content": ...} object, or null for none); without
-it they are all None. A tokenizer.json that is not byte-level BPE is refused with one line
+it they are all None. Its `chat_template` (or a `chat_template.jinja` beside it) is the model's
+chat format (`chat_template`; see jaxllm.chat). A tokenizer.json that is not byte-level BPE is refused with one line
 naming what it holds: a SentencePiece-converted one (Metaspace pieces, byte fallback) is
 read from its `tokenizer.model` instead.
 
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Sequence
 
 from jaxllm.errors import TokenizerError
-from jaxllm.tokenizer import TokenizerBase
+from jaxllm.tokenizer import TokenizerBase, config_chat_template, read_config, special_token_name
 
 JSON_FILE, CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -126,25 +127,16 @@ class JsonTokenizer(TokenizerBase):
         self._token_bytes = None
 
     def _read_config(self, spec: dict) -> dict[str, str | None]:
-        """tokenizer_config.json -> {"bos_token": name or None, ...}, each name a token of the file.
-        Without a config the BPE model's own unk_token (if any) is the only one."""
+        """tokenizer_config.json -> {"bos_token": name or None, ...}, each name a token of the file
+        (and `chat_template` set from it). Without a config the BPE model's own unk_token (if any)
+        is the only one."""
         names: dict[str, str | None] = {key: None for key in SPECIAL_KEYS}
         if self._config is None:
             names["unk_token"] = spec["model"].get("unk_token")
         else:
-            try:
-                config = json.loads(self._config.decode("utf-8"))
-            except ValueError as e:
-                raise TokenizerError(f"{CONFIG_FILE} is not valid JSON ({e})") from None
-            if not isinstance(config, dict):
-                raise TokenizerError(f"{CONFIG_FILE} must hold a JSON object")
-            for key in SPECIAL_KEYS:
-                value = config.get(key)
-                if isinstance(value, dict):
-                    value = value.get("content")
-                if value is not None and not isinstance(value, str):
-                    raise TokenizerError(f"{CONFIG_FILE}: {key} must be a string, an object with \"content\", or null; got {value!r}")
-                names[key] = value
+            config = read_config(self._config)
+            names = {key: special_token_name(config.get(key), key) for key in SPECIAL_KEYS}
+            self.chat_template = config_chat_template(config)
         for key, name in names.items():
             if name is not None and self._parse.token_to_id(name) is None:
                 raise TokenizerError(f"{CONFIG_FILE}: {key} {name!r} is not a token of {JSON_FILE}")
@@ -172,11 +164,16 @@ class JsonTokenizer(TokenizerBase):
 
     def files(self) -> dict[str, bytes]:
         """tokenizer.json as loaded, and tokenizer_config.json: as loaded, or (when there was
-        none) one naming the special tokens and the class transformers reads the file with."""
+        none) one naming the special tokens and the class transformers reads the file with; and
+        chat_template.jinja when the chat template is not the one that config holds."""
         config = self._config
         if config is None:
             config = json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **self._special_names}, indent=2).encode() + b"\n"
-        return {JSON_FILE: self._json, CONFIG_FILE: config}
+        return {JSON_FILE: self._json, CONFIG_FILE: config} | self._chat_files(config)
+
+    def template_tokens(self) -> dict[str, str]:
+        """The special-token texts tokenizer_config.json names (those set)."""
+        return {key: name for key, name in self._special_names.items() if name is not None}
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes both files into `path` when it is a directory; else tokenizer.json to `path`
