@@ -413,6 +413,7 @@ def prepare(request: Request, cfg: ModelConfig, tokenizer, mode: str | None = No
         B, cfg.vocab_size, **values, logit_bias=r.per_row("logit_bias", index), allowed_token_ids=r.allowed_token_ids,
         bad_words_ids=list(r.bad_words_ids) + _bad_words_ids(r.bad_words, tokenizer),
         sample_index=[row % copies for row in range(B)],
+        vocab_limit=tokenizer.vocab_size if tokenizer is not None else None,  # ids past the tokenizer are no tokens
     )
     stops = StopParams.make(B, r.max_new_tokens, eos, stop, tokenizer.token_bytes() if stop else None, r.stop_on_repetition)
     per_prompt = _constraints(r)

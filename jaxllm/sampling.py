@@ -103,8 +103,13 @@ class SamplingParams:
         bad_words_ids: Sequence[Sequence[int]] = (),
         seed: int | Sequence[int] | None = None,
         sample_index: Sequence[int] | None = None,
+        vocab_limit: int | None = None,
     ) -> "SamplingParams":
         """Broadcasts scalars (or checks per-row lists) to [batch] arrays and validates every value.
+
+        `vocab_limit`: ids from this one on are never generated. A model whose embedding table
+        is padded past its tokenizer (Qwen2's 151,936 rows for 151,665 tokens) has logits for
+        ids that are no token at all; decoding one would fail.
 
         `seed=None` draws a random seed for each row. Rows with the same seed and different
         `sample_index` get independent streams (num_return_sequences).
@@ -143,6 +148,8 @@ class SamplingParams:
             keep = np.zeros(vocab_size, bool)
             keep[allowed] = True
             bias[:, ~keep] = -np.inf
+        if vocab_limit is not None and vocab_limit < vocab_size:
+            bias[:, vocab_limit:] = -np.inf
         longer = []
         for seq in bad_words_ids:
             seq = list(seq)

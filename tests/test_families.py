@@ -236,3 +236,30 @@ def test_old_configs_without_the_new_fields_load_as_llama(tmp_path):
     for name in ("qkv_bias", "activation", "embed_scale", "norm_offset"):
         values.pop(name)
     assert ModelConfig.from_dict(values) == tiny_config(64)
+
+
+def test_ids_past_the_tokenizer_are_never_generated(tokenizer):
+    """Qwen2 pads its embedding table past its tokenizer; those ids are no token. With the
+    tokenizer they are never generated (greedy, sampled, beam), whatever their logits; greedy is
+    then the numpy argmax over the tokenizer's ids. Without a tokenizer every id is fair."""
+    V = tokenizer.vocab_size
+    cfg = tiny_config(V + 16, qkv_bias=True)
+    params = random_params(cfg, 10)
+    params["lm_head"] = params["lm_head"].at[:, V:].set(params["lm_head"][:, :16] * 3)  # padded rows that often win
+    prompt = tokenizer.encode("def f(x):", add_bos=True)
+
+    def np_greedy_in_vocab(steps):
+        ids, out = list(prompt), []
+        for _ in range(steps):
+            out.append(int(np.argmax(np_forward(params, cfg, ids)[-1][:V])))
+            ids.append(out[-1])
+        return out
+
+    free = generate(params, cfg, [prompt], max_new_tokens=12, temperature=0.0, eos_token_id=[])
+    assert any(t >= V for t in free.token_ids[0])  # the padded ids do win without a tokenizer
+    greedy = generate(params, cfg, [prompt], tokenizer=tokenizer, max_new_tokens=12, temperature=0.0, eos_token_id=[])
+    assert greedy.token_ids[0] == np_greedy_in_vocab(12)
+    sampled = generate(params, cfg, [prompt] * 4, tokenizer=tokenizer, max_new_tokens=12, temperature=1.5, seed=1, eos_token_id=[])
+    beams = beam_generate(params, cfg, [prompt], tokenizer=tokenizer, num_beams=4, num_return_sequences=4, max_new_tokens=8, eos_token_id=[])
+    assert all(t < V for ids in sampled.token_ids + beams.token_ids for t in ids)
+    assert sampled.texts == [tokenizer.decode(ids) for ids in sampled.token_ids]
