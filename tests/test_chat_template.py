@@ -22,8 +22,8 @@ from jaxllm.chat import apply_chat_template, end_of_turn, resolve_template
 from jaxllm.checkpoint import load_checkpoint
 from jaxllm.hf import export_hf, load_hf
 from jaxllm.tokenizer_json import JsonTokenizer
-from conftest import REPO, make_corpus, reference_stack, tiny_config
-from test_tokenizer_json import EXTRA, build
+from conftest import REPO, reference_stack, tiny_config
+from test_tokenizer_json import build, tokenizer_corpus
 
 # ChatML: a default system turn when the conversation has none.
 CHATML = """{%- for message in messages %}
@@ -160,9 +160,7 @@ def _with_template(directory, tmp_path, template, name="tok"):
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat_template")
-    corpus = make_corpus(root / "corpus.txt", lines=1500)
-    with open(corpus, "a", encoding="utf-8") as f:
-        f.write("\n".join(EXTRA * 20) + "\n")
+    corpus = tokenizer_corpus(root)
     out = {"chatml": build(root / "chatml", corpus, "qwen2"), "llama3": build(root / "llama3", corpus, "llama3"),
            "llama2": build(root / "llama2", corpus, "gpt2"), "gemma": _sentencepiece_gemma(root / "gemma", corpus)}
     _config(out["chatml"], chat_template=CHATML)

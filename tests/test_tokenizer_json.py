@@ -88,12 +88,18 @@ def build(directory, corpus, style: str):
     return directory
 
 
-@pytest.fixture(scope="session")
-def json_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tokenizer_json")
+def tokenizer_corpus(root):
+    """The suite's code corpus plus Japanese, emoji and code lines: what the tokenizers here train on."""
     corpus = make_corpus(root / "corpus.txt", lines=1500)
     with open(corpus, "a", encoding="utf-8") as f:
         f.write("\n".join(EXTRA * 20) + "\n")
+    return corpus
+
+
+@pytest.fixture(scope="session")
+def json_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokenizer_json")
+    corpus = tokenizer_corpus(root)
     return {style: build(root / style, corpus, style) for style in STYLES}
 
 
