@@ -16,6 +16,7 @@ from jaxllm import generate, init_params, save_checkpoint
 from jaxllm.chat import build_prompt
 from jaxllm.warmup import warmup_lengths
 from conftest import REPO, tiny_config
+from fuzzing import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,15 @@ def checkpoint(cfg, params, tokenizer, tmp_path_factory):
 def run(*args, cache_dir=None):
     env = {**os.environ, "JAXLLM_CACHE_DIR": str(cache_dir or REPO / ".jax_cache")}
     return subprocess.run([sys.executable, str(REPO / "sample.py"), *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+
+
+def run_here(capsys, *args):
+    """sample.py's `main` in this process (no interpreter or JAX start-up: for refusals, which
+    happen before anything runs) -> (exit code, stdout, stderr)."""
+    sys.path.insert(0, str(REPO))
+    import sample
+
+    return run_cli(sample.main, [*map(str, args), "--no_compile_cache"], capsys)
 
 
 def test_prints_the_same_completion_as_the_library(checkpoint, cfg, params, tokenizer):
@@ -172,11 +182,19 @@ def test_the_draft_gets_quantize_and_attention_impl_too(draft_checkpoint, tokeni
         (["--bo\ngus"], "--bo\\ngus"),  # a line break the user typed is shown escaped (found by fuzzing)
     ],
 )
-def test_bad_flags_exit_2_with_one_line(checkpoint, args, named):
+def test_bad_flags_exit_2_with_one_line(checkpoint, args, named, capsys):
+    rc, out, err = run_here(capsys, "--checkpoint", checkpoint, "--prompt", "x", *args)
+    assert rc == 2
+    assert err.count("\n") == 1 and named in err and "Traceback" not in err
+    assert out == ""
+
+
+@pytest.mark.parametrize("args,named", [(["--temperature", "-1"], "--temperature"), (["--bogus"], "--bogus")])
+def test_bad_flags_end_the_process_with_exit_2_and_one_line(checkpoint, args, named):
+    """The same refusal as a real process sees it (the cases above run `main` in this process)."""
     proc = run("--checkpoint", checkpoint, "--prompt", "x", *args)
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and named in proc.stderr and "Traceback" not in proc.stderr
-    assert proc.stdout == ""
 
 
 def test_missing_checkpoint_and_too_long_prompt_exit_2(checkpoint, tmp_path):
@@ -223,18 +241,18 @@ def test_constrained_output_flags_match_the_library_and_report_validity(checkpoi
     (["--retries", "2"], "needs a constraint"),
     (["--json", "--max_json_depth", "0"], "--max_json_depth"),
 ])
-def test_bad_constraint_flags_exit_2_with_one_line(checkpoint, flags, needle):
-    proc = run("--checkpoint", checkpoint, "--prompt", "x", *flags)
-    assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+def test_bad_constraint_flags_exit_2_with_one_line(checkpoint, flags, needle, capsys):
+    rc, _, err = run_here(capsys, "--checkpoint", checkpoint, "--prompt", "x", *flags)
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("text, why", [('{"type": 5}', "invalid JSON Schema"), ("not json", "not valid JSON")])
-def test_a_bad_json_schema_file_is_named_in_its_error(checkpoint, tmp_path, text, why):
+def test_a_bad_json_schema_file_is_named_in_its_error(checkpoint, tmp_path, text, why, capsys):
     schema = tmp_path / "user.json"
     schema.write_text(text)
-    proc = run("--checkpoint", checkpoint, "--prompt", "x", "--json_schema", schema)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith(f"sample.py: error: --json_schema {schema}: ") and why in proc.stderr, proc.stderr
+    rc, _, err = run_here(capsys, "--checkpoint", checkpoint, "--prompt", "x", "--json_schema", schema)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"sample.py: error: --json_schema {schema}: ") and why in err, err
 
 
 def test_window_and_sinks_flags_match_the_library_past_the_context(checkpoint, cfg, params, tokenizer):
