@@ -113,6 +113,24 @@ def config_chat_template(config: dict) -> str | None:
     raise TokenizerError(f"{CONFIG_FILE}: chat_template must be a string or a list of {{\"name\", \"template\"}} objects")
 
 
+def _config_special_pieces(config: dict, sp) -> dict[str, int]:
+    """{piece: id} of the ordinary (user-defined) SentencePiece pieces that tokenizer_config.json's
+    `added_tokens_decoder` marks special (an entry whose id holds that very piece); control
+    pieces are special anyway."""
+    entries = config.get("added_tokens_decoder") or {}
+    if not isinstance(entries, dict):
+        raise TokenizerError(f"{CONFIG_FILE}: added_tokens_decoder must be an object of id -> token")
+    out = {}
+    for key, entry in entries.items():
+        if not (isinstance(entry, dict) and entry.get("special") is True and isinstance(entry.get("content"), str)):
+            continue
+        i = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else -1
+        if 0 <= i < sp.get_piece_size() and sp.id_to_piece(i) == entry["content"] and not (
+                sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i)):
+            out[entry["content"]] = i
+    return out
+
+
 def special_token_name(value, key: str) -> str | None:
     """A tokenizer_config.json special-token entry (a string, a {"content": ...} object, or null) -> its text."""
     if isinstance(value, dict):
@@ -281,11 +299,16 @@ class Tokenizer(TokenizerBase):
             self.sp.id_to_piece(list(range(self.vocab_size)))
         except UnicodeDecodeError as e:
             raise TokenizerError(f"not a valid SentencePiece model (a piece is not UTF-8: {e})") from None
+        # Special: control and unknown pieces, and the user-defined pieces tokenizer_config.json
+        # marks special (Gemma's turn markers are user-defined pieces, which SentencePiece matches
+        # in any text: `_encode_plain` spells a typed one otherwise, so it stays text).
+        self._guarded = _config_special_pieces(config, self.sp)
         self._set_special_tokens({
-            self.sp.id_to_piece(i): i
-            for i in range(self.vocab_size)
-            if self.sp.is_control(i) or self.sp.is_unknown(i)
+            **{self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)},
+            **self._guarded,
         })
+        self._guarded_re = re.compile("(" + "|".join(map(re.escape, sorted(self._guarded, key=len, reverse=True))) + ")") \
+            if self._guarded else None
         names = sorted(self.special_tokens, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, names))) if names else None
         # A typed META_SPACE is spelled with byte pieces (when the model has them), and the
@@ -403,7 +426,10 @@ class Tokenizer(TokenizerBase):
     @property
     def fingerprint(self) -> str:
         """A short hash of the model, for caches keyed by tokenizer."""
-        return hashlib.sha256(self._proto).hexdigest()[:16]
+        digest = hashlib.sha256(self._proto)
+        if self._guarded:  # they change which ids typed text gets
+            digest.update(repr(sorted(self._guarded)).encode())
+        return digest.hexdigest()[:16]
 
     # ------------------------------------------------------------------ special ids
 
@@ -456,19 +482,43 @@ class Tokenizer(TokenizerBase):
         return ids
 
     def _encode_plain(self, text: str) -> list[int]:
+        """Text -> ids, no special token matched. A typed special user-defined piece (which
+        SentencePiece itself would match) is spelled with byte pieces; the text after it, as
+        after a typed META_SPACE, continues the sentence (no second dummy prefix)."""
+        if self._guarded_re is None or not self._guarded_re.search(text):
+            return self._encode_text(text, continuing=False)
+        ids: list[int] = []
+        for j, part in enumerate(self._guarded_re.split(text)):  # text, marker, text, ...
+            if j % 2:
+                ids += self._spelled(part, continuing=j > 1 or bool(ids))
+            elif part:
+                ids += self._encode_text(part, continuing=j > 0)
+        return ids
+
+    def _encode_text(self, text: str, continuing: bool) -> list[int]:
+        first = self._sp_inner if continuing else self.sp
         if self._meta_ids is None or META_SPACE not in text:
-            return self.sp.encode(text) if text else []
+            return first.encode(text) if text else []
         ids: list[int] = []
         for k, part in enumerate(text.split(META_SPACE)):
             if k:
                 ids += self._meta_ids
             if part:
-                ids += (self._sp_inner if k else self.sp).encode(part)
+                ids += (self._sp_inner if k else first).encode(part)
         return ids
+
+    def _spelled(self, piece: str, continuing: bool) -> list[int]:
+        """A special piece's text as plain text: its UTF-8 bytes' byte pieces, or (a model
+        without them) its first character and the rest encoded apart, which no longer match it."""
+        byte_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in piece.encode("utf-8")]
+        if all(self.sp.is_byte(i) for i in byte_ids):
+            return byte_ids
+        return self._encode_text(piece[0], continuing) + self._sp_inner.encode(piece[1:])
 
     def encode_batch(self, texts: Sequence[str], **kwargs) -> list[list[int]]:
         """Many texts at once; plain texts go through SentencePiece's threaded batch encoder."""
-        if kwargs or self._meta_ids is not None and any(META_SPACE in t for t in texts):
+        if kwargs or any(self._meta_ids is not None and META_SPACE in t or self._guarded_re is not None
+                         and self._guarded_re.search(t) for t in texts):
             return [self.encode(t, **kwargs) for t in texts]
         return self.sp.encode(list(texts), num_threads=os.cpu_count() or 1)
 
@@ -477,7 +527,7 @@ class Tokenizer(TokenizerBase):
         and unused pieces are empty."""
         if self.sp.is_byte(i):
             return bytes([int(self.sp.id_to_piece(i)[3:5], 16)])
-        if self.sp.is_control(i) or self.sp.is_unknown(i) or self.sp.is_unused(i):
+        if self.sp.is_control(i) or self.sp.is_unknown(i) or self.sp.is_unused(i) or i in self._guarded.values():
             return b""
         return self.sp.id_to_piece(i).replace(META_SPACE, " ").encode("utf-8")
 
