@@ -275,6 +275,8 @@ def load_hf(directory: str | os.PathLike, dtype: str | None = None) -> tuple[dic
     from jaxllm.checkpoint import load_directory_tokenizer
 
     tokenizer = load_directory_tokenizer(directory)
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:  # its last ids would have no embedding row
+        raise CheckpointError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's vocab_size is {cfg.vocab_size}")
     return params, cfg, tokenizer, generation_defaults(directory)
 
 

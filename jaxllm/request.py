@@ -390,11 +390,13 @@ def prepare(request: Request, cfg: ModelConfig, tokenizer, mode: str | None = No
     prompts, eos, stop = _encode(r, tokenizer)
     if any(not 0 <= e < cfg.vocab_size for e in eos):
         raise GenerationError(f"eos_token_id {eos} is outside the vocabulary (size {cfg.vocab_size})")
+    # with a tokenizer, ids past its vocabulary (a padded embedding table's) are no tokens to decode after
+    vocab = min(cfg.vocab_size, tokenizer.vocab_size) if tokenizer is not None else cfg.vocab_size
     for i, p in enumerate(prompts):
         if not p:
             raise GenerationError(f"prompt {i} is empty (no tokens to condition on)")
-        if min(p) < 0 or max(p) >= cfg.vocab_size:
-            raise GenerationError(f"prompt {i} has token ids outside the vocabulary (size {cfg.vocab_size})")
+        if min(p) < 0 or max(p) >= vocab:
+            raise GenerationError(f"prompt {i} has token ids outside the vocabulary (size {vocab})")
         spec = CacheSpec(window=r.window, sinks=r.sinks, prefill_chunk=r.prefill_chunk, dtype=r.kv_cache_dtype or "")
         if len(p) + r.max_new_tokens > cfg.max_seq_len and not spec.ring_size(cfg):  # a ring never fills
             raise GenerationError(

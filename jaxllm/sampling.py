@@ -150,6 +150,8 @@ class SamplingParams:
             bias[:, ~keep] = -np.inf
         if vocab_limit is not None and vocab_limit < vocab_size:
             bias[:, vocab_limit:] = -np.inf
+            if allowed_token_ids is not None and all(int(t) >= vocab_limit for t in allowed_token_ids):
+                raise GenerationError(f"allowed_token_ids: every id is past the tokenizer's vocabulary (size {vocab_limit})")
         longer = []
         for seq in bad_words_ids:
             seq = list(seq)

@@ -177,7 +177,7 @@ def load_base(tcfg: TrainConfig, changes: ModelConfig | dict | None) -> Base:
             f"init_from {where} holds {quantization['bits']}-bit quantized weights: fine-tune its float checkpoint instead"
         )
     if tokenizer is None:
-        raise CheckpointError(f"init_from {where} has no tokenizer.model: a fine-tune needs the model's own tokenizer")
+        raise CheckpointError(f"init_from {where} has no tokenizer (tokenizer.model or tokenizer.json): a fine-tune needs the model's own")
     cfg = finetune_config(base_cfg, changes, where=f"init_from {where}")
     params = jax.device_get(params)
     return Base(params, cfg, tokenizer, lora.fingerprint(params) if tcfg.lora_rank else "")
@@ -407,8 +407,7 @@ def write_outputs(run: Run, corpus: Corpus, params: dict, step: int) -> None:
         return
     merged = host_params(_merge(params, run.frozen, run.tcfg))
     adapters = host_params(params)
-    if run.lead:
-        write_model_dir(run.out_dir, merged, run.cfg, corpus.tokenizer)
+    if run.lead:  # the adapters first: a crash between the two leaves the merged model the older one
         tcfg = run.tcfg
         info = {
             "rank": tcfg.lora_rank, "alpha": tcfg.lora_scale * tcfg.lora_rank, "scale": tcfg.lora_scale,
@@ -416,6 +415,7 @@ def write_outputs(run: Run, corpus: Corpus, params: dict, step: int) -> None:
             "base_fingerprint": run.base.fingerprint, "step": step, "model": run.cfg.to_dict(),
         }  # fmt: skip
         lora.save_adapters(run.out_dir, adapters, info)
+        write_model_dir(run.out_dir, merged, run.cfg, corpus.tokenizer)
 
 
 _merge = jax.jit(training.model_params, static_argnums=2)  # (adapters, base, tcfg) -> merged params
@@ -547,6 +547,8 @@ def run(
     a dict of model fields to change, or a whole ModelConfig, and may differ from it only in
     config.FINETUNE_FIELDS (anything else is refused by name).
     """
+    if tcfg.init_from and not resume:  # run.json records where the base is from any working directory
+        tcfg = tcfg.replace(init_from=str(Path(tcfg.init_from).resolve()))
     base = load_base(tcfg, cfg) if tcfg.init_from else None
     if base is not None:
         cfg = base.cfg

@@ -263,3 +263,17 @@ def test_ids_past_the_tokenizer_are_never_generated(tokenizer):
     beams = beam_generate(params, cfg, [prompt], tokenizer=tokenizer, num_beams=4, num_return_sequences=4, max_new_tokens=8, eos_token_id=[])
     assert all(t < V for ids in sampled.token_ids + beams.token_ids for t in ids)
     assert sampled.texts == [tokenizer.decode(ids) for ids in sampled.token_ids]
+    # a prompt id past the tokenizer, or an allow-list of nothing but such ids, is refused by name
+    from jaxllm import GenerationError
+
+    with pytest.raises(GenerationError, match=f"outside the vocabulary \\(size {V}\\)"):
+        generate(params, cfg, [prompt + [V + 3]], tokenizer=tokenizer, max_new_tokens=2)
+    with pytest.raises(GenerationError, match="allowed_token_ids: every id is past"):
+        generate(params, cfg, [prompt], tokenizer=tokenizer, max_new_tokens=2, allowed_token_ids=[V + 1])
+
+
+def test_a_tokenizer_larger_than_the_embedding_table_is_refused(tokenizer, tmp_path):
+    cfg = tiny_config(tokenizer.vocab_size - 10)
+    export_hf(tmp_path, init_params(cfg, jax.random.key(0)), cfg, tokenizer)
+    with pytest.raises(CheckpointError, match=f"the tokenizer has {tokenizer.vocab_size} tokens but config.json's vocab_size"):
+        load_hf(tmp_path)

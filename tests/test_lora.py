@@ -309,7 +309,7 @@ def odd_dirs(cfg, params, tokenizer, tmp_path_factory):
         (["--init_from", "BASE", "--config", "PRESET"], ["fixes the model config: d_ff=128 (the model has 64)"]),
         (["--init_from", "ODD/missing"], ["init_from", "not found", "missing"]),
         (["--init_from", "ODD/quantized"], ["8-bit quantized", "float checkpoint"]),
-        (["--init_from", "ODD/no_tokenizer", "--lora_rank", 2], ["no tokenizer.model"]),
+        (["--init_from", "ODD/no_tokenizer", "--lora_rank", 2], ["has no tokenizer (tokenizer.model or tokenizer.json)"]),
     ],
 )
 def test_bad_combinations_exit_2_with_one_line(args, words, jaxllm_base, odd_dirs, texts, tmp_path, capsys, monkeypatch):
