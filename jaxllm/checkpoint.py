@@ -62,6 +62,16 @@ def unflatten(flat: dict[str, object]) -> dict:
     return tree
 
 
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file's arrays (numpy); CheckpointError naming the file if it is missing or corrupt."""
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt ({e})") from None
+
+
 def _write_atomic(path: Path, write) -> None:
     """Writes to a temporary name and renames, so a crash never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -148,12 +158,7 @@ def load_checkpoint(
         ]
         raise CheckpointError(f"checkpoint {directory} was made for a different config: {', '.join(diffs)}")
 
-    try:
-        flat = load_file(str(directory / PARAMS_FILE))
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory / PARAMS_FILE} is missing") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{directory / PARAMS_FILE} is corrupt ({e})") from None
+    flat = read_safetensors(directory / PARAMS_FILE)
 
     expected = expected_shapes(cfg, quantization)
     missing, unexpected = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))

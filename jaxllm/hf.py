@@ -23,9 +23,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
+from jaxllm.checkpoint import read_safetensors
 from jaxllm.config import ModelConfig
 from jaxllm.devices import as_stored
 from jaxllm.errors import CheckpointError, ConfigError
@@ -198,12 +198,7 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     found_in: dict[str, str] = {}
     for name in files:
-        try:
-            shard = load_file(str(directory / name))
-        except FileNotFoundError:
-            raise CheckpointError(f"{directory / name} is missing") from None
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{directory / name} is corrupt ({e})") from None
+        shard = read_safetensors(directory / name)
         for key in shard:
             if key in found_in:
                 raise CheckpointError(f"{directory}: tensor {key!r} is in two shards, {found_in[key]} and {name}")

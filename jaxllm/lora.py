@@ -29,10 +29,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from jaxllm.checkpoint import _write_atomic, flatten, unflatten
+from jaxllm.checkpoint import _write_atomic, flatten, read_safetensors, unflatten
 from jaxllm.config import LORA_TARGETS
 from jaxllm.errors import CheckpointError, ConfigError
 
@@ -107,10 +106,5 @@ def load_adapters(directory: str | os.PathLike) -> tuple[dict, dict]:
         raise CheckpointError(f"{directory / ADAPTERS_CONFIG} is unreadable or corrupt ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{directory / ADAPTERS_CONFIG} is not a jaxllm LoRA record")
-    try:
-        adapters = unflatten(load_file(str(directory / ADAPTERS_FILE)))
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory / ADAPTERS_FILE} is missing") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{directory / ADAPTERS_FILE} is corrupt ({e})") from None
+    adapters = unflatten(read_safetensors(directory / ADAPTERS_FILE))
     return adapters, meta
