@@ -42,8 +42,8 @@ def resolve_template(tokenizer: Tokenizer, template: str = "auto") -> str:
     if template == "auto":
         if all(m in tokenizer.special_tokens for m in JAXLLM_MARKERS):
             return "jaxllm"
-        return "model" if getattr(tokenizer, "chat_template", None) else "plain"
-    if template == "model" and not getattr(tokenizer, "chat_template", None):
+        return "model" if tokenizer.chat_template else "plain"
+    if template == "model" and not tokenizer.chat_template:
         raise GenerationError("the model chat template needs a tokenizer with a chat_template "
                               "(tokenizer_config.json or chat_template.jinja); this one has none")
     if template == "jaxllm":

@@ -25,7 +25,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxllm.checkpoint import read_safetensors
+from jaxllm.checkpoint import load_directory_tokenizer, read_safetensors
 from jaxllm.config import ModelConfig
 from jaxllm.devices import as_stored
 from jaxllm.errors import CheckpointError, ConfigError
@@ -266,8 +266,6 @@ def load_hf(directory: str | os.PathLike, dtype: str | None = None) -> tuple[dic
     extra = sorted(k for k in tensors if "rotary_emb" not in k)
     if extra:
         raise CheckpointError(f"{directory}: unexpected weights {extra[:3]}{' ...' if len(extra) > 3 else ''}")
-
-    from jaxllm.checkpoint import load_directory_tokenizer
 
     tokenizer = load_directory_tokenizer(directory)
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:  # its last ids would have no embedding row
