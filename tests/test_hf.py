@@ -239,7 +239,7 @@ def test_export_command_writes_a_loadable_directory(cfg, params, tokenizer, tmp_
     save_checkpoint(tmp_path / "ckpt", params, cfg, tokenizer)
     proc = subprocess.run([sys.executable, "-m", "jaxllm.convert", "export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("(LlamaForCausalLM)"), proc.stderr
     loaded, loaded_cfg, tok, defaults = load_hf(tmp_path / "hf")
     assert loaded_cfg == cfg and tok.fingerprint == tokenizer.fingerprint
     assert defaults == {"eos_token_id": [tokenizer.eos_id]}
